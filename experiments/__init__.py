@@ -1,0 +1,1 @@
+"""experiments: one script per experiment of the paper; results land under experiments/results."""

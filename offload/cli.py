@@ -1,0 +1,20 @@
+"""The `offload` command: one subcommand per module, listed here in the order `--help` shows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from allocators.cli_app import run_subcommands
+
+SUBCOMMANDS = ("offload.cli_topology", "offload.cli_demo")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``offload SUBCOMMAND ...``; e.g. ``main(["topology"])`` prints this machine's tiers."""
+    return run_subcommands(
+        "offload", "Tiered memory offload for long-context LLM training", SUBCOMMANDS, argv
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""The `offload-profile` command: one subcommand per measurement, each in its own module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from allocators.cli_app import run_subcommands
+
+SUBCOMMANDS = ("profilers.cli_topology",)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``offload-profile SUBCOMMAND ...``; e.g. ``main(["topology"])``."""
+    return run_subcommands(
+        "offload-profile", "Measure this machine's memory tiers", SUBCOMMANDS, argv
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
