@@ -1,0 +1,371 @@
+"""Placement policies: pure functions from host tensor groups, tiers and budgets to a placement per
+group (local_only, naive_interleave, and the paper's latency-first greedy cxl_aware). No memory is
+touched here and no machine is read: callers pass the tiers and budgets in.
+
+Accounting (how a placement is charged to the budgets): a group's bytes are split over its nodes
+by :func:`split_nbytes` (exact integers that add up to the group). For ``cxl_aware`` the paper's
+rule is applied literally: a group *fits* when its whole size is at most what is left of the local
+budget. In the "some local left but not enough" branch the group is interleaved round-robin (0/1
+weights) over local + all k CXL nodes, so each node is charged nbytes/(k+1); when that local share
+is more than what is left of local, local is charged exactly what is left and the rest is split
+evenly over the k CXL nodes. That is the accounting of the authors' public implementation
+(``min(local_left, n // (1 + k))`` on local, the remainder on CXL), where the kernel's interleave
+policy spills pages off the capped local node; our buffers bind every chunk strictly, so the
+placement returned for such a group carries those byte weights instead of claiming an even split
+that would overrun local DRAM. After it, no local is left and later groups are striped over CXL.
+No policy ever returns a plan that passes a node's budget: it raises BudgetExceededError instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import pandas as pd
+
+from allocators.errors import BudgetExceededError, PlacementError
+from allocators.placement import Placement, as_placement, interleave
+from allocators.tensor_classes import TensorClass, TensorGroup
+from allocators.topology import Tiers
+from allocators.units import format_bytes, parse_size
+
+TierName = Literal["dram", "remote_dram", "cxl"]
+BUDGET_KEYS: tuple[TierName, ...] = ("dram", "cxl", "remote_dram")
+Rule = Literal["local", "interleave", "cxl_stripe"]
+
+BudgetValue = int | float | str
+BudgetSpec = Mapping[str, BudgetValue | Mapping[int, BudgetValue]]
+
+
+def split_nbytes(nbytes: int, placement: Placement) -> dict[int, int]:
+    """Split ``nbytes`` over a placement's nodes into exact integers that add up to ``nbytes``.
+
+    Boundaries are rounded from the exact cumulative fractions, so each node is within one byte
+    of its share and equal shares of a divisible size are exact.
+
+    >>> split_nbytes(10, interleave([0, 1, 2]))
+    {0: 3, 1: 4, 2: 3}
+    >>> split_nbytes(3_000_000_000, interleave([0, 2, 3]))
+    {0: 1000000000, 2: 1000000000, 3: 1000000000}
+    """
+    per_node: dict[int, int] = {}
+    cumulative = Fraction(0)
+    previous = 0
+    for i, (node, fraction) in enumerate(placement.shares):
+        cumulative += Fraction(fraction)
+        boundary = nbytes if i == len(placement.shares) - 1 else round(nbytes * cumulative)
+        per_node[node] = boundary - previous
+        previous = boundary
+    return per_node
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes each node may hold, and the tier each budgeted node belongs to.
+
+    ``declared`` keeps the tier totals as the user wrote them (in bytes), for messages and tables;
+    a tier with no node on this machine keeps its declared total but budgets no node.
+
+    >>> from allocators.topology import NumaNode, Tiers
+    >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> cxl = [NumaNode(id=i, kind="cxl", cpus=(), total_bytes=1 << 40, free_bytes=1 << 40)
+    ...        for i in (1, 2)]
+    >>> tiers = Tiers(hbm=(), local_dram=(dram,), remote_dram=(), cxl=tuple(cxl))
+    >>> parse_budgets({"dram": "64GiB", "cxl": "10GB"}, tiers).node_nbytes
+    {0: 68719476736, 1: 5000000000, 2: 5000000000}
+    """
+
+    node_nbytes: dict[int, int]
+    node_tier: dict[int, TierName]
+    declared: dict[TierName, int]
+
+    def tier_nbytes(self, tier: TierName) -> int:
+        """Total budget of the nodes of ``tier`` on this machine."""
+        return sum(n for node, n in self.node_nbytes.items() if self.node_tier[node] == tier)
+
+    def describe(self) -> str:
+        """One line naming every tier's budget and its per-node split, for error messages."""
+        parts = []
+        for tier, total in self.declared.items():
+            nodes = [node for node, t in self.node_tier.items() if t == tier]
+            split = ", ".join(f"node {n}: {format_bytes(self.node_nbytes[n])}" for n in nodes)
+            parts.append(f"{tier} = {format_bytes(total)} ({split or 'no such node here'})")
+        return "; ".join(parts)
+
+
+def _tier_nodes(tiers: Tiers) -> dict[TierName, tuple[int, ...]]:
+    return {
+        "dram": tuple(n.id for n in tiers.local_dram),
+        "cxl": tuple(n.id for n in tiers.cxl),
+        "remote_dram": tuple(n.id for n in tiers.remote_dram),
+    }
+
+
+def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
+    """Read budgets per tier, e.g. ``{"dram": "64GiB", "cxl": "256GiB"}``, into bytes per node.
+
+    ``"dram"`` is local DRAM, ``"cxl"`` the total over all CXL nodes, ``"remote_dram"`` (optional)
+    DRAM on other sockets. A total is split evenly over the tier's nodes; a dict such as
+    ``{"cxl": {2: "64GiB", 3: "32GiB"}}`` gives each node its own budget (nodes left out get 0).
+    A tier that is not named gets no bytes: nothing may be placed there.
+
+    >>> from allocators.topology import NumaNode, Tiers
+    >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> parse_budgets({"dram": "1GiB"}, Tiers((), (dram,), (), ())).node_nbytes
+    {0: 1073741824}
+    """
+    if isinstance(budgets, Budgets):
+        return budgets
+    if not isinstance(budgets, Mapping):
+        raise ValueError(
+            f"budgets = {budgets!r} is not a mapping; write {{'dram': '64GiB', 'cxl': '256GiB'}}"
+        )
+    if "dram" not in budgets:
+        raise ValueError(
+            f"budgets {dict(budgets)!r} have no 'dram' entry; add one, e.g. 'dram': '64GiB'"
+        )
+    tier_nodes = _tier_nodes(tiers)
+    node_nbytes: dict[int, int] = {}
+    node_tier: dict[int, TierName] = {}
+    declared: dict[TierName, int] = {}
+    for key, value in budgets.items():
+        if key not in BUDGET_KEYS:
+            raise ValueError(
+                f"budget key {key!r} is not a tier; write one of {', '.join(map(repr, BUDGET_KEYS))}"
+            )
+        nodes = tier_nodes[key]
+        if isinstance(value, Mapping):
+            per_node = {}
+            for node, size in value.items():
+                if node not in nodes:
+                    raise ValueError(
+                        f"budget {key!r} names node {node!r}, which is not a {key} node here; "
+                        f"{key} nodes: {list(nodes)}"
+                    )
+                per_node[node] = parse_size(size, what=f"budget {key!r} for node {node}")
+            per_node = {node: per_node.get(node, 0) for node in nodes}
+            declared[key] = sum(per_node.values())
+        else:
+            declared[key] = parse_size(value, what=f"budget {key!r}")
+            per_node = split_nbytes(declared[key], interleave(nodes)) if nodes else {}
+        node_nbytes.update(per_node)
+        node_tier.update({node: key for node in nodes})
+    return Budgets(node_nbytes=node_nbytes, node_tier=node_tier, declared=declared)
+
+
+@dataclass(frozen=True)
+class GroupPlacement:
+    """Where one group goes: its placement, the exact bytes per node, and which rule chose it."""
+
+    group: TensorGroup
+    placement: Placement
+    nbytes_per_node: dict[int, int]
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """A policy's plan: one GroupPlacement per group, in the order the groups were given.
+
+    >>> from allocators.tensor_classes import host_tensor_groups
+    >>> from allocators.topology import NumaNode, Tiers
+    >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> plan = local_only(host_tensor_groups(1000, 1, 8, 4, 2), Tiers((), (dram,), (), ()),
+    ...                   {"dram": "1MiB"})
+    >>> plan.placements["compute_params"].nodes, plan.by_class()["params"].nodes
+    ((0,), (0,))
+    """
+
+    policy: str
+    groups: tuple[GroupPlacement, ...]
+    budgets: Budgets
+
+    @property
+    def placements(self) -> dict[str, Placement]:
+        return {g.group.name: g.placement for g in self.groups}
+
+    @property
+    def nbytes_per_node(self) -> dict[str, dict[int, int]]:
+        return {g.group.name: dict(g.nbytes_per_node) for g in self.groups}
+
+    def by_class(self) -> dict[TensorClass, Placement]:
+        """The placement of every tensor class a group holds, as TieredAllocator takes it."""
+        return {cls: g.placement for g in self.groups for cls in g.group.tensor_classes}
+
+    def table(self) -> pd.DataFrame:
+        """Bytes per group (rows) and node (columns, ``"node 2 (cxl)"``), with a total row."""
+        nodes = sorted(
+            {n for g in self.groups for n in g.nbytes_per_node} | set(self.budgets.node_nbytes)
+        )
+        columns = [f"node {n} ({self.budgets.node_tier.get(n, 'unbudgeted')})" for n in nodes]
+        rows = [[g.nbytes_per_node.get(n, 0) for n in nodes] for g in self.groups]
+        frame = pd.DataFrame(rows, index=[g.group.name for g in self.groups], columns=columns)
+        frame.loc["total"] = frame.sum()
+        frame.loc["budget"] = [self.budgets.node_nbytes.get(n, 0) for n in nodes]
+        return frame
+
+
+class _Ledger:
+    """What is left on each node while a policy walks the groups; refuses any overrun."""
+
+    def __init__(self, policy: str, budgets: Budgets):
+        self.policy = policy
+        self.budgets = budgets
+        self.left = dict(budgets.node_nbytes)
+
+    def take(self, group: TensorGroup, per_node: Mapping[int, int]) -> None:
+        for node, nbytes in per_node.items():
+            left = self.left.get(node, 0)
+            if nbytes > left:
+                tier = self.budgets.node_tier.get(node)
+                budget = self.budgets.node_nbytes.get(node, 0)
+                raise BudgetExceededError(
+                    f"{self.policy}: group {group.name!r} ({format_bytes(group.nbytes)}, "
+                    f"{group.nbytes} bytes) needs {format_bytes(nbytes)} on node {node} "
+                    f"({tier or 'no budget'}), but only {format_bytes(left)} of that node's "
+                    f"{format_bytes(budget)} is left; budgets: {self.budgets.describe()}. "
+                    f"Raise budget {tier or 'for that tier'!r}, shorten the sequence or batch, "
+                    "or choose another policy"
+                )
+        for node, nbytes in per_node.items():
+            self.left[node] -= nbytes
+
+
+def _local_node(tiers: Tiers) -> int:
+    # The paper has one local node; with several equally near ones the first is the local one.
+    if not tiers.local_dram:
+        raise PlacementError(
+            "these tiers have no local DRAM node; a policy needs one (check the topology)"
+        )
+    return tiers.local_dram[0].id
+
+
+def _result(policy: str, budgets: Budgets, items: list[GroupPlacement]) -> PolicyResult:
+    return PolicyResult(policy=policy, groups=tuple(items), budgets=budgets)
+
+
+def local_only(
+    groups: Sequence[TensorGroup], tiers: Tiers, budgets: BudgetSpec | Budgets
+) -> PolicyResult:
+    """Every group on local DRAM (the paper's reference); raises if local DRAM is too small.
+
+    >>> from allocators.topology import NumaNode, Tiers
+    >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> g = TensorGroup("compute_params", ("params",), 100, False, ())
+    >>> local_only([g], Tiers((), (dram,), (), ()), {"dram": 100}).nbytes_per_node
+    {'compute_params': {0: 100}}
+    """
+    budget = parse_budgets(budgets, tiers)
+    local = _local_node(tiers)
+    ledger = _Ledger("local_only", budget)
+    items = []
+    for group in groups:
+        per_node = {local: group.nbytes}
+        ledger.take(group, per_node)
+        items.append(GroupPlacement(group, as_placement(local), per_node, "local"))
+    return _result("local_only", budget, items)
+
+
+def naive_interleave(
+    groups: Sequence[TensorGroup], tiers: Tiers, budgets: BudgetSpec | Budgets
+) -> PolicyResult:
+    """Every group round-robin over local + all CXL nodes (the paper's baseline).
+
+    >>> from allocators.topology import NumaNode, Tiers
+    >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> cxl = NumaNode(id=1, kind="cxl", cpus=(), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> g = TensorGroup("compute_params", ("params",), 100, False, ())
+    >>> naive_interleave([g], Tiers((), (dram,), (), (cxl,)), {"dram": 50, "cxl": 50}).nbytes_per_node
+    {'compute_params': {0: 50, 1: 50}}
+    """
+    budget = parse_budgets(budgets, tiers)
+    placement = interleave([_local_node(tiers), *(n.id for n in tiers.cxl)])
+    ledger = _Ledger("naive_interleave", budget)
+    items = []
+    for group in groups:
+        per_node = split_nbytes(group.nbytes, placement)
+        ledger.take(group, per_node)
+        items.append(GroupPlacement(group, placement, per_node, "interleave"))
+    return _result("naive_interleave", budget, items)
+
+
+def _no_cxl(group: TensorGroup, local_left: int, budgets: Budgets) -> BudgetExceededError:
+    return BudgetExceededError(
+        f"cxl_aware: group {group.name!r} ({format_bytes(group.nbytes)}, {group.nbytes} bytes) "
+        f"does not fit in the {format_bytes(local_left)} of local DRAM left and this machine has "
+        f"no CXL node to take the rest; budgets: {budgets.describe()}. Raise budget 'dram' or "
+        "use a topology with CXL nodes"
+    )
+
+
+def cxl_aware(
+    groups: Sequence[TensorGroup], tiers: Tiers, budgets: BudgetSpec | Budgets
+) -> PolicyResult:
+    """The paper's latency-first greedy: visit groups in priority order and, for each,
+
+    - it fits in what is left of local: all on local;
+    - some local is left but not enough: interleave (0/1) over local + all k CXL nodes, the local
+      share capped at what is left (see the module docstring for the accounting);
+    - no local left: stripe evenly over the k CXL nodes.
+
+    Raises BudgetExceededError naming the group, the request and the budgets when a CXL node's
+    budget would be passed.
+
+    >>> from allocators.topology import NumaNode, Tiers
+    >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> cxl = NumaNode(id=1, kind="cxl", cpus=(), total_bytes=1 << 40, free_bytes=1 << 40)
+    >>> groups = [TensorGroup(name, (), 100, False, ()) for name in ("a", "b", "c")]
+    >>> plan = cxl_aware(groups, Tiers((), (dram,), (), (cxl,)), {"dram": 130, "cxl": 200})
+    >>> [(g.rule, g.nbytes_per_node) for g in plan.groups]
+    [('local', {0: 100}), ('interleave', {0: 30, 1: 70}), ('cxl_stripe', {1: 100})]
+    """
+    budget = parse_budgets(budgets, tiers)
+    local = _local_node(tiers)
+    cxl = [n.id for n in tiers.cxl]
+    ledger = _Ledger("cxl_aware", budget)
+    items = []
+    for group in groups:
+        local_left = ledger.left.get(local, 0)
+        rule: Rule
+        if group.nbytes <= local_left:
+            rule, placement = "local", as_placement(local)
+            per_node = {local: group.nbytes}
+        elif not cxl:
+            raise _no_cxl(group, local_left, budget)
+        elif local_left > 0:
+            rule, placement = "interleave", interleave([local, *cxl])
+            per_node = split_nbytes(group.nbytes, placement)
+            if per_node[local] > local_left:
+                per_node = {
+                    local: local_left,
+                    **split_nbytes(group.nbytes - local_left, interleave(cxl)),
+                }
+                placement = as_placement([(n, b) for n, b in per_node.items() if b > 0])
+        else:
+            rule, placement = "cxl_stripe", interleave(cxl)
+            per_node = split_nbytes(group.nbytes, placement)
+        ledger.take(group, per_node)
+        items.append(GroupPlacement(group, placement, per_node, rule))
+    return _result("cxl_aware", budget, items)
+
+
+Policy = Callable[[Sequence[TensorGroup], Tiers, "BudgetSpec | Budgets"], PolicyResult]
+
+POLICIES: dict[str, Policy] = {
+    "local_only": local_only,
+    "naive_interleave": naive_interleave,
+    "cxl_aware": cxl_aware,
+}
+
+
+def get_policy(name: str) -> Policy:
+    """Return the policy called ``name``; the error lists the valid names.
+
+    >>> get_policy("cxl_aware").__name__
+    'cxl_aware'
+    """
+    if name not in POLICIES:
+        raise ValueError(f"policy {name!r} is not known; write one of {', '.join(POLICIES)}")
+    return POLICIES[name]

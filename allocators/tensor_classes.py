@@ -1,0 +1,133 @@
+"""Tensor classes an offloaded training step keeps in host memory, and the paper's groups of them
+in priority order with their sizes in bytes. Sizes only: no placement, no allocation here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+TensorClass = Literal[
+    "optimizer_state",
+    "master_params",
+    "master_grads",
+    "grads",
+    "params",
+    "activations",
+    "kv_cache",
+]
+TENSOR_CLASSES: tuple[TensorClass, ...] = get_args(TensorClass)
+
+OptimizerName = Literal["adam", "adamw", "lion"]
+# Bytes of fp32 optimizer state per parameter: Adam(W) keeps momentum and variance, Lion momentum.
+_STATE_NBYTES_PER_PARAM = {"adam": 8, "adamw": 8, "lion": 4}
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """One of the paper's host tensor groups: its tensor classes, size and who touches it.
+
+    ``parts`` lists the named pieces that add up to ``nbytes`` (e.g. Adam momentum 4P), so a
+    table can show where the bytes come from. ``cpu_touched`` marks data the CPU optimizer reads
+    and writes every step (latency- and bandwidth-critical); the rest is streamed by DMA.
+
+    >>> g = TensorGroup("compute_params", ("params",), 2000, False, (("bf16 weights", 2000),))
+    >>> g.nbytes, g.cpu_touched
+    (2000, False)
+    """
+
+    name: str
+    tensor_classes: tuple[TensorClass, ...]
+    nbytes: int
+    cpu_touched: bool
+    parts: tuple[tuple[str, int], ...]
+
+
+def check_tensor_class(name: object) -> TensorClass:
+    """Return ``name`` as a TensorClass, or raise a ValueError listing the valid ones.
+
+    >>> check_tensor_class("activations")
+    'activations'
+    """
+    if name not in TENSOR_CLASSES:
+        raise ValueError(
+            f"tensor class {name!r} is not known; write one of {', '.join(TENSOR_CLASSES)}"
+        )
+    return name  # type: ignore[return-value]
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} = {value!r} must be a positive integer (e.g. {what}=4096)")
+    return value
+
+
+def host_tensor_groups(
+    n_params: int,
+    batch: int,
+    seq: int,
+    hidden: int,
+    layers: int,
+    optimizer: OptimizerName = "adam",
+) -> tuple[TensorGroup, ...]:
+    """The paper's four host tensor groups for a model and micro-batch, in priority order.
+
+    1. ``latency_critical`` (CPU-touched): optimizer state (Adam 8P, Lion 4P), fp32 master grads
+       4P, fp32 master weights 4P; 2. ``compute_params``: bf16 weights 2P; 3.
+       ``activation_checkpoints``: one bf16 [b, s, h] checkpoint per layer, 2bshL; 4.
+       ``compute_grads``: bf16 grads 2P. ``kv_cache`` belongs to inference and to no group.
+
+    >>> [(g.name, g.nbytes) for g in host_tensor_groups(1000, 1, 8, 4, 2)]
+    [('latency_critical', 16000), ('compute_params', 2000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
+    >>> host_tensor_groups(1000, 1, 8, 4, 2, optimizer="lion")[0].nbytes
+    12000
+    """
+    p = _positive_int(n_params, "n_params")
+    b = _positive_int(batch, "batch")
+    s = _positive_int(seq, "seq")
+    h = _positive_int(hidden, "hidden")
+    n_layers = _positive_int(layers, "layers")
+    if optimizer not in _STATE_NBYTES_PER_PARAM:
+        raise ValueError(
+            f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
+        )
+    if optimizer == "lion":
+        state_parts = (("lion momentum (fp32)", 4 * p),)
+    else:
+        state_parts = (("adam momentum (fp32)", 4 * p), ("adam variance (fp32)", 4 * p))
+    critical_parts = (
+        *state_parts,
+        ("master grads (fp32)", 4 * p),
+        ("master weights (fp32)", 4 * p),
+    )
+    activation_nbytes = 2 * b * s * h * n_layers
+    return (
+        TensorGroup(
+            name="latency_critical",
+            tensor_classes=("optimizer_state", "master_grads", "master_params"),
+            nbytes=sum(n for _, n in critical_parts),
+            cpu_touched=True,
+            parts=critical_parts,
+        ),
+        TensorGroup(
+            name="compute_params",
+            tensor_classes=("params",),
+            nbytes=2 * p,
+            cpu_touched=False,
+            parts=(("compute weights (bf16)", 2 * p),),
+        ),
+        TensorGroup(
+            name="activation_checkpoints",
+            tensor_classes=("activations",),
+            nbytes=activation_nbytes,
+            cpu_touched=False,
+            parts=(("layer-input checkpoints (bf16)", activation_nbytes),),
+        ),
+        TensorGroup(
+            name="compute_grads",
+            tensor_classes=("grads",),
+            nbytes=2 * p,
+            cpu_touched=False,
+            parts=(("compute grads (bf16)", 2 * p),),
+        ),
+    )

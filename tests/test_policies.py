@@ -1,0 +1,298 @@
+"""Policies against plans worked out by hand from the paper's algorithm.
+
+Shape used throughout (see test_tensor_classes): P = 7.2e9, b=3, s=4096, h=4096, L=32, Adam:
+  G1 latency_critical       16P = 115_200_000_000
+  G2 compute_params          2P =  14_400_000_000
+  G3 activation_checkpoints 2bshL =  3_221_225_472 (3 GiB)
+  G4 compute_grads           2P =  14_400_000_000
+Node 0 is local DRAM; nodes 1 (and 2) are CXL.
+"""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from allocators.errors import BudgetExceededError, PlacementError
+from allocators.placement import as_placement, interleave
+from allocators.policies import (
+    POLICIES,
+    Budgets,
+    cxl_aware,
+    get_policy,
+    local_only,
+    naive_interleave,
+    parse_budgets,
+    split_nbytes,
+)
+from allocators.tensor_classes import TensorGroup, host_tensor_groups
+from allocators.topology import NumaNode, Topology
+
+P = 7_200_000_000
+ACT = 3_221_225_472
+GROUPS = host_tensor_groups(n_params=P, batch=3, seq=4096, hidden=4096, layers=32)
+TIB = 1 << 40
+
+
+def tiers_with(n_cxl: int):
+    dram = NumaNode(id=0, kind="dram", cpus=(0, 1), total_bytes=TIB, free_bytes=TIB)
+    cxl = [
+        NumaNode(id=i, kind="cxl", cpus=(), total_bytes=TIB, free_bytes=TIB)
+        for i in range(1, n_cxl + 1)
+    ]
+    nodes = (dram, *cxl)
+    distances = {a.id: {b.id: 10 if a.id == b.id else 14 + b.id for b in nodes} for a in nodes}
+    return Topology(nodes=nodes, distances=distances, gpus=(), source="test").tiers
+
+
+def plan_rows(plan):
+    return [(g.group.name, g.rule, g.nbytes_per_node) for g in plan.groups]
+
+
+def test_cxl_aware_one_cxl_node_group2_partial_then_cxl_only():
+    # dram = 16P + 4e9 = 119_200_000_000; cxl = 64e9 all on node 1.
+    # G1 115.2e9 <= 119.2e9: local; local left 4e9.
+    # G2 14.4e9 > 4e9, left > 0: interleave over {0, 1}; even share 7.2e9 > 4e9 left, so
+    #    local takes 4e9 and node 1 the rest 10.4e9; local left 0.
+    # G3, G4: no local left: all on node 1. Node 1 total 10.4e9 + 3_221_225_472 + 14.4e9.
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 119_200_000_000, "cxl": 64_000_000_000})
+    assert plan_rows(plan) == [
+        ("latency_critical", "local", {0: 115_200_000_000}),
+        ("compute_params", "interleave", {0: 4_000_000_000, 1: 10_400_000_000}),
+        ("activation_checkpoints", "cxl_stripe", {1: ACT}),
+        ("compute_grads", "cxl_stripe", {1: 14_400_000_000}),
+    ]
+    assert plan.placements["compute_params"].nodes == (0, 1)
+    assert plan.placements["compute_params"].fraction(0) == pytest.approx(4 / 14.4)
+    table = plan.table()
+    assert table.loc["total", "node 1 (cxl)"] == 28_021_225_472
+    assert table.loc["budget", "node 0 (dram)"] == 119_200_000_000
+
+
+def test_cxl_aware_two_cxl_nodes_same_budget():
+    # dram = 119.2e9; cxl = 64e9 -> 32e9 on each of nodes 1, 2.
+    # G1 local, left 4e9. G2: even share 14.4e9 / 3 = 4.8e9 > 4e9 left, so local 4e9 and the
+    #    rest 10.4e9 split over {1, 2}: 5.2e9 each; left 0.
+    # G3: striped over {1, 2}: 3 GiB / 2 = 1_610_612_736 each. G4: 7.2e9 each.
+    plan = cxl_aware(GROUPS, tiers_with(2), {"dram": 119_200_000_000, "cxl": 64_000_000_000})
+    assert plan_rows(plan) == [
+        ("latency_critical", "local", {0: 115_200_000_000}),
+        ("compute_params", "interleave", {0: 4_000_000_000, 1: 5_200_000_000, 2: 5_200_000_000}),
+        ("activation_checkpoints", "cxl_stripe", {1: 1_610_612_736, 2: 1_610_612_736}),
+        ("compute_grads", "cxl_stripe", {1: 7_200_000_000, 2: 7_200_000_000}),
+    ]
+    assert plan.placements["compute_grads"] == interleave([1, 2])
+
+
+def test_cxl_aware_even_interleave_when_the_local_share_fits():
+    # dram = 16P + 6e9 = 121.2e9; two CXL nodes with 32e9 each.
+    # G1 local, left 6e9. G2 14.4e9 > 6e9: interleave over {0, 1, 2}, 4.8e9 each (<= 6e9 left,
+    #    so the plain 0/1 round-robin); left 1.2e9.
+    # G3 3 GiB > 1.2e9: interleave, share 3 GiB / 3 = 1_073_741_824 <= 1.2e9: even; left
+    #    1.2e9 - 1_073_741_824 = 126_258_176.
+    # G4 14.4e9: interleave, share 4.8e9 > 126_258_176: local 126_258_176, rest
+    #    14.4e9 - 126_258_176 = 14_273_741_824 -> 7_136_870_912 on each CXL node.
+    plan = cxl_aware(GROUPS, tiers_with(2), {"dram": 121_200_000_000, "cxl": 64_000_000_000})
+    assert plan_rows(plan)[1:] == [
+        ("compute_params", "interleave", {0: 4_800_000_000, 1: 4_800_000_000, 2: 4_800_000_000}),
+        ("activation_checkpoints", "interleave", {0: ACT // 3, 1: ACT // 3, 2: ACT // 3}),
+        ("compute_grads", "interleave", {0: 126_258_176, 1: 7_136_870_912, 2: 7_136_870_912}),
+    ]
+    assert plan.placements["compute_params"] == interleave([0, 1, 2])
+    assert plan.placements["activation_checkpoints"] == interleave([0, 1, 2])
+
+
+def test_cxl_aware_everything_local_when_local_is_large():
+    # 16P + 2P + 3 GiB + 2P = 144e9 + 3_221_225_472 fits in 150e9.
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 150_000_000_000, "cxl": 0})
+    assert [g.rule for g in plan.groups] == ["local"] * 4
+
+
+def test_cxl_aware_group_that_fits_exactly_is_local_and_leaves_no_local():
+    # dram = 16P exactly: G1 fits (<=), left 0, so G2..G4 are striped over CXL only.
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 16 * P, "cxl": 64_000_000_000})
+    assert [g.rule for g in plan.groups] == ["local", "cxl_stripe", "cxl_stripe", "cxl_stripe"]
+
+
+def test_cxl_aware_lion_leaves_room_that_adam_does_not():
+    # dram = 100e9. Adam G1 = 115.2e9 does not fit: interleave over {0, 1}, share 57.6e9 <=
+    #   100e9 left, so an even 57.6e9 on each; left 42.4e9; G2 14.4e9 fits: local.
+    # Lion G1 = 12P = 86.4e9 fits: local; left 13.6e9; G2 14.4e9 > 13.6e9: interleave, share
+    #   7.2e9 <= 13.6e9: even; left 6.4e9.
+    budgets = {"dram": 100_000_000_000, "cxl": 200_000_000_000}
+    adam = cxl_aware(GROUPS, tiers_with(1), budgets)
+    lion_groups = host_tensor_groups(
+        n_params=P, batch=3, seq=4096, hidden=4096, layers=32, optimizer="lion"
+    )
+    lion = cxl_aware(lion_groups, tiers_with(1), budgets)
+    assert adam.nbytes_per_node["latency_critical"] == {0: 57_600_000_000, 1: 57_600_000_000}
+    assert adam.groups[1].rule == "local"
+    assert lion.nbytes_per_node["latency_critical"] == {0: 86_400_000_000}
+    assert lion.nbytes_per_node["compute_params"] == {0: 7_200_000_000, 1: 7_200_000_000}
+
+
+def test_cxl_aware_raises_when_the_cxl_budget_is_exceeded():
+    # As in the one-node case, node 1 holds 10.4e9 + 3_221_225_472 = 13_621_225_472 after G3;
+    # G4 needs 14.4e9 more but a 20e9 budget leaves 6_378_774_528.
+    with pytest.raises(BudgetExceededError) as info:
+        cxl_aware(GROUPS, tiers_with(1), {"dram": 119_200_000_000, "cxl": "20GB"})
+    message = str(info.value)
+    assert "group 'compute_grads'" in message
+    assert "14400000000 bytes" in message
+    assert "node 1 (cxl)" in message
+    assert "5.94 GiB" in message  # 6_378_774_528 bytes left
+    assert "cxl = 18.63 GiB" in message  # the budget as given, 20e9 bytes
+    assert "Raise budget 'cxl'" in message
+
+
+def test_cxl_aware_without_cxl_nodes_fails_when_local_is_too_small():
+    with pytest.raises(BudgetExceededError, match="'compute_params'.*no CXL node"):
+        cxl_aware(GROUPS, tiers_with(0), {"dram": 119_200_000_000, "cxl": "64GB"})
+
+
+def test_naive_interleave_splits_every_group_evenly():
+    # Each group over {0, 1, 2}: G1 38.4e9, G2 4.8e9, G3 1_073_741_824, G4 4.8e9 per node;
+    # node 0 total 48e9 + 1_073_741_824 within 50e9; each CXL node likewise within 100e9 / 2.
+    plan = naive_interleave(GROUPS, tiers_with(2), {"dram": 50_000_000_000, "cxl": 100_000_000_000})
+    assert plan.nbytes_per_node == {
+        "latency_critical": {0: 38_400_000_000, 1: 38_400_000_000, 2: 38_400_000_000},
+        "compute_params": {0: 4_800_000_000, 1: 4_800_000_000, 2: 4_800_000_000},
+        "activation_checkpoints": {0: ACT // 3, 1: ACT // 3, 2: ACT // 3},
+        "compute_grads": {0: 4_800_000_000, 1: 4_800_000_000, 2: 4_800_000_000},
+    }
+    assert set(plan.placements.values()) == {interleave([0, 1, 2])}
+
+
+def test_naive_interleave_respects_the_local_budget():
+    # Node 0 needs 48e9 + 1_073_741_824 in total; with 45e9 it overflows at G4
+    # (38.4e9 + 4.8e9 + 1_073_741_824 = 44_273_741_824 used, 4.8e9 more does not fit).
+    with pytest.raises(BudgetExceededError, match="'compute_grads'.*node 0 \\(dram\\)"):
+        naive_interleave(GROUPS, tiers_with(2), {"dram": 45_000_000_000, "cxl": "1TB"})
+
+
+def test_local_only_puts_everything_on_local_dram():
+    plan = local_only(GROUPS, tiers_with(2), {"dram": "150GB", "cxl": "64GB"})
+    assert [g.nbytes_per_node for g in plan.groups] == [
+        {0: 115_200_000_000},
+        {0: 14_400_000_000},
+        {0: ACT},
+        {0: 14_400_000_000},
+    ]
+    assert plan.by_class()["optimizer_state"].nodes == (0,)
+
+
+def test_local_only_refuses_when_local_is_too_small():
+    # 121.2e9: G1 fits, G2 needs 14.4e9 with 6e9 left.
+    with pytest.raises(BudgetExceededError, match="'compute_params'.*Raise budget 'dram'"):
+        local_only(GROUPS, tiers_with(1), {"dram": 121_200_000_000, "cxl": "64GB"})
+
+
+def test_by_class_maps_each_tensor_class_to_its_groups_placement():
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 119_200_000_000, "cxl": "64GB"})
+    placements = plan.by_class()
+    assert placements["master_params"] == placements["optimizer_state"] == interleave([0])
+    assert placements["grads"] == interleave([1])
+    assert "kv_cache" not in placements
+
+
+def test_cxl_budget_total_is_split_evenly_and_dicts_give_per_node_budgets():
+    tiers = tiers_with(2)
+    assert parse_budgets({"dram": 1, "cxl": "3GB"}, tiers).node_nbytes == {
+        0: 1,
+        1: 1_500_000_000,
+        2: 1_500_000_000,
+    }
+    per_node = parse_budgets({"dram": 1, "cxl": {2: "1GB"}}, tiers)
+    assert per_node.node_nbytes == {0: 1, 1: 0, 2: 1_000_000_000}
+    assert per_node.declared == {"dram": 1, "cxl": 1_000_000_000}
+
+
+def test_per_node_cxl_budget_is_enforced_per_node():
+    # dram = 16P: G1 local, nothing left. G2 striped: 7.2e9 on each of nodes 1, 2; node 1 (8e9)
+    # keeps 0.8e9, too little for its 1_610_612_736 share of G3 although node 2 has room.
+    with pytest.raises(BudgetExceededError, match="'activation_checkpoints'.*node 1"):
+        cxl_aware(GROUPS[:3], tiers_with(2), {"dram": 16 * P, "cxl": {1: "8GB", 2: "20GB"}})
+
+
+@pytest.mark.parametrize(
+    ("budgets", "fragment"),
+    [
+        ({"dram": "64 gigs"}, "budget 'dram' = '64 gigs' is not a size"),
+        ({"dram": "1GB", "cxl": -5}, "budget 'cxl' = -5 is negative"),
+        ({"dram": "1GB", "hbm": "80GB"}, "budget key 'hbm' is not a tier; write one of 'dram'"),
+        ({"cxl": "1GB"}, "no 'dram' entry"),
+        ({"dram": "1GB", "cxl": {0: "1GB"}}, "names node 0, which is not a cxl node here"),
+        ({"dram": "1GB", "cxl": {1: "lots"}}, "budget 'cxl' for node 1 = 'lots' is not a size"),
+        ("64GiB", "not a mapping"),
+    ],
+)
+def test_bad_budgets_name_the_key_and_say_what_to_write(budgets, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        parse_budgets(budgets, tiers_with(2))
+
+
+def test_parsed_budgets_pass_through():
+    parsed = parse_budgets({"dram": "1GB"}, tiers_with(1))
+    assert isinstance(parsed, Budgets)
+    assert parse_budgets(parsed, tiers_with(1)) is parsed
+
+
+def test_policies_need_a_local_dram_node():
+    cxl = NumaNode(id=1, kind="cxl", cpus=(), total_bytes=TIB, free_bytes=TIB)
+    tiers = Topology(nodes=(cxl,), distances={}, gpus=(), source="test").tiers
+    with pytest.raises(PlacementError, match="no local DRAM node"):
+        local_only(GROUPS, tiers, {"dram": "1GB", "cxl": "1TB"})
+
+
+def test_registry_and_its_error_list_every_policy():
+    assert get_policy("naive_interleave") is naive_interleave
+    assert set(POLICIES) == {"local_only", "naive_interleave", "cxl_aware"}
+    with pytest.raises(ValueError, match="'greedy' is not known; write one of local_only, "):
+        get_policy("greedy")
+
+
+def test_split_nbytes_handles_indivisible_sizes():
+    assert split_nbytes(7, interleave([3, 5])) == {3: 4, 5: 3}
+    assert sum(split_nbytes(10**12 + 1, interleave([0, 1, 2])).values()) == 10**12 + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 10**12), min_size=1, max_size=6),
+    dram=st.integers(0, 2 * 10**12),
+    cxl=st.integers(0, 4 * 10**12),
+    n_cxl=st.integers(1, 3),
+)
+def test_cxl_aware_follows_its_rules_and_never_passes_a_budget(sizes, dram, cxl, n_cxl):
+    groups = [TensorGroup(f"g{i}", (), n, False, ()) for i, n in enumerate(sizes)]
+    tiers = tiers_with(n_cxl)
+    budgets = parse_budgets({"dram": dram, "cxl": cxl}, tiers)
+    try:
+        plan = cxl_aware(groups, tiers, budgets)
+    except BudgetExceededError:
+        return
+    local_left = dram
+    for item in plan.groups:
+        assert sum(item.nbytes_per_node.values()) == item.group.nbytes
+        if item.group.nbytes <= local_left:
+            assert item.rule == "local"
+        elif local_left > 0:
+            assert item.rule == "interleave"
+            assert set(item.nbytes_per_node) == set(range(n_cxl + 1))
+        else:
+            assert item.rule == "cxl_stripe"
+            assert 0 not in item.nbytes_per_node
+        local_left -= item.nbytes_per_node.get(0, 0)
+        assert local_left >= 0
+    for node, budget in budgets.node_nbytes.items():
+        used = sum(g.nbytes_per_node.get(node, 0) for g in plan.groups)
+        assert used <= budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(nbytes=st.integers(0, 10**13), weights=st.lists(st.integers(1, 100), min_size=1, max_size=5))
+def test_split_nbytes_is_exact_and_within_a_byte_of_each_share(nbytes, weights):
+    placement = as_placement(list(enumerate(weights)))
+    split = split_nbytes(nbytes, placement)
+    assert sum(split.values()) == nbytes
+    for node, fraction in placement.shares:
+        assert abs(split[node] - nbytes * fraction) <= 1.5
