@@ -1,0 +1,206 @@
+"""Activation offload: saved-tensor hooks move saved activations into pooled host blocks in forward
+and bring them back in backward, prefetching the layer below. Parameters and buffers never move.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from offload.host_memory import HostBlock, HostMemory
+from offload.streams import CopyEvent, CopyStreams
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of repeated blocks: the nn.ModuleList holding the most parameters.
+
+    >>> find_layers(nn.Sequential(nn.Linear(2, 2))) is None
+    True
+    >>> len(find_layers(nn.ModuleDict({"h": nn.ModuleList([nn.Linear(2, 2)] * 3)})))
+    3
+    """
+    best, best_count = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if count > best_count:
+                best, best_count = module, count
+    return best
+
+
+class SavedActivation:
+    """One offloaded activation: its host copy, where it came from, and its prefetched return.
+
+    When autograd drops it (after backward, or with the graph) its host block goes back to the
+    pool, once the D2H copy into it has finished.
+    """
+
+    def __init__(self, owner: ActivationOffloader, block: HostBlock, source: torch.Tensor, tag):
+        self.owner = owner
+        self.block = block
+        self.host = block.tensor(source.dtype, tuple(source.shape))
+        self.device = source.device
+        self.tag = tag
+        self.stored: CopyEvent = owner.streams.d2h(source, self.host)
+        self.prefetched: tuple[torch.Tensor, CopyEvent] | None = None
+
+    def fetch(self) -> tuple[torch.Tensor, CopyEvent]:
+        """Start the H2D copy back into a new device tensor (once) and return it with its event."""
+        if self.prefetched is None:
+            out = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            copy = self.owner.streams.h2d(self.host, out, after=self.stored)
+            self.prefetched = (out, copy)
+        return self.prefetched
+
+    def __del__(self) -> None:
+        self.owner._retire(self.block, self.stored)
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks that offload activations of at least ``min_nbytes`` from ``model``.
+
+    The hooks are active only inside ``model``'s forward (entered by forward hooks), so the user
+    loop does not change. Forward hooks on each layer of ``layers`` tag saved tensors with the
+    layer; in backward, the first unpack in layer ``i`` starts the H2D copy of layers
+    ``i-1 .. i-prefetch_layers``.
+
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    >>> mem = HostMemory()
+    >>> off = ActivationOffloader(model, mem, CopyStreams(torch.device("cpu")), min_nbytes=1024)
+    >>> model(torch.randn(32, 64)).sum().backward()
+    >>> off.offloaded_count > 0, mem.stats()["in_use_nbytes"]
+    (True, 0)
+    >>> off.remove(); mem.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        memory: HostMemory,
+        streams: CopyStreams,
+        *,
+        min_nbytes: int = 1 << 20,
+        prefetch_layers: int = 1,
+        layers: nn.ModuleList | None = None,
+    ) -> None:
+        self.model = model
+        self.memory = memory
+        self.streams = streams
+        self.min_nbytes = min_nbytes
+        self.prefetch_layers = prefetch_layers
+        self.layers = layers if layers is not None else find_layers(model)
+        self.offloaded_count = 0
+        self.offloaded_nbytes = 0
+        self._kept_storages = self._storages_of_params_and_buffers()
+        self._hooks_context: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._depth = 0
+        self._tag = -1
+        self._backward_tag: int | None = None
+        self._by_tag: dict[int, list[weakref.ref]] = defaultdict(list)
+        self._retired: list[tuple[HostBlock, CopyEvent]] = []
+        self._handles = [
+            model.register_forward_pre_hook(self._enter_forward),
+            model.register_forward_hook(self._exit_forward, always_call=True),
+        ]
+        for index, layer in enumerate(self.layers or ()):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_entered(index)))
+        if self.layers:
+            last = len(self.layers)
+            self._handles.append(
+                self.layers[-1].register_forward_hook(lambda *_: self._set_tag(last))
+            )
+
+    def remove(self) -> None:
+        """Remove every hook; activations already saved stay valid until autograd drops them."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._hooks_context is not None:
+            self._hooks_context.__exit__(None, None, None)
+            self._hooks_context = None
+        self.reap()
+
+    def reap(self) -> None:
+        """Give back the host blocks of dropped activations whose D2H copy has finished."""
+        pending, self._retired = self._retired, []
+        for block, event in pending:
+            if event.query():
+                self.memory.release(block)
+            else:
+                self._retired.append((block, event))
+
+    def _storages_of_params_and_buffers(self) -> set[int]:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    def _enter_forward(self, module: nn.Module, args) -> None:
+        if self._depth == 0:
+            self.reap()
+            self._tag = -1
+            self._backward_tag = None
+            self._by_tag = defaultdict(list)
+            self._hooks_context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks_context.__enter__()
+        self._depth += 1
+
+    def _exit_forward(self, module: nn.Module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._hooks_context is not None:
+            self._hooks_context.__exit__(None, None, None)
+            self._hooks_context = None
+
+    def _layer_entered(self, index: int):
+        return lambda module, args: self._set_tag(index)
+
+    def _set_tag(self, tag: int) -> None:
+        # Recomputation in backward (checkpointing) runs layer forwards again: leave tags alone.
+        if self._depth > 0:
+            self._tag = tag
+
+    def _should_offload(self, tensor: torch.Tensor) -> bool:
+        if tensor.layout != torch.strided or tensor.device.type not in ("cuda", "cpu"):
+            return False
+        if tensor.device.type != self.streams.device.type:
+            return False
+        if tensor.numel() * tensor.element_size() < self.min_nbytes:
+            return False
+        return tensor.untyped_storage().data_ptr() not in self._kept_storages
+
+    def _pack(self, tensor: torch.Tensor):
+        if not self._should_offload(tensor):
+            return tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        block = self.memory.acquire("activations", nbytes)
+        saved = SavedActivation(self, block, tensor, self._tag)
+        self._by_tag[self._tag].append(weakref.ref(saved))
+        self.offloaded_count += 1
+        self.offloaded_nbytes += nbytes
+        return saved
+
+    def _unpack(self, packed):
+        if not isinstance(packed, SavedActivation):
+            return packed
+        if packed.tag != self._backward_tag:
+            self._backward_tag = packed.tag
+            self._prefetch_below(packed.tag)
+        out, event = packed.fetch()
+        self.streams.wait(event)
+        # retain_graph may unpack again: the next unpack starts a fresh copy.
+        packed.prefetched = None
+        return out
+
+    def _prefetch_below(self, tag: int) -> None:
+        for lower in range(tag - 1, tag - 1 - self.prefetch_layers, -1):
+            for ref in self._by_tag.pop(lower, ()):
+                saved = ref()
+                if saved is not None:
+                    saved.fetch()
+
+    def _retire(self, block: HostBlock, event: CopyEvent) -> None:
+        if event.query():
+            self.memory.release(block)
+        else:
+            self._retired.append((block, event))

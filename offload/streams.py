@@ -1,0 +1,144 @@
+"""Copy streams and completion events between the device and host buffers, with transfer counters.
+
+On CUDA: one D2H and one H2D side stream, events instead of blocking syncs. On CPU the same calls
+copy synchronously and return events that are already complete; nothing here decides what to copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TransferCounters:
+    """Bytes moved per direction and the time the copies took (copy-stream time on CUDA)."""
+
+    d2h_nbytes: int = 0
+    h2d_nbytes: int = 0
+    d2h_ms: float = 0.0
+    h2d_ms: float = 0.0
+    wait_ms: float = 0.0
+    _timed: list = field(default_factory=list, repr=False)
+
+
+class CopyEvent:
+    """Completion of one copy: wait on it from the host, or make a stream wait on it.
+
+    >>> CopyEvent(None).query()
+    True
+    """
+
+    def __init__(self, event: torch.cuda.Event | None) -> None:
+        self._event = event
+
+    def query(self) -> bool:
+        """True when the copy has finished."""
+        return self._event is None or self._event.query()
+
+    def synchronize(self) -> None:
+        """Block this host thread (never the compute stream) until the copy has finished."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    def wait_on_current_stream(self) -> None:
+        """Make the current device stream wait for the copy without blocking the host."""
+        if self._event is not None:
+            torch.cuda.current_stream(self._event.device).wait_event(self._event)
+
+
+class CopyStreams:
+    """Issue D2H and H2D copies on side streams (CUDA) or synchronously (CPU) and count them.
+
+    >>> streams = CopyStreams(torch.device("cpu"))
+    >>> host = torch.empty(4)
+    >>> streams.d2h(torch.ones(4), host).query(), streams.counters.d2h_nbytes
+    (True, 16)
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.counters = TransferCounters()
+        self._d2h_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self._h2d_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def d2h(self, src: torch.Tensor, dst: torch.Tensor) -> CopyEvent:
+        """Copy device tensor ``src`` into host tensor ``dst`` once the compute stream made it.
+
+        ``src`` stays allocated until the copy is done (record_stream), so the caller may drop it
+        at once; that is how device memory is freed without a blocking sync.
+        """
+        self.counters.d2h_nbytes += src.numel() * src.element_size()
+        if not self.is_cuda:
+            return self._timed_cpu_copy(src, dst, "d2h")
+        return self._cuda_copy(self._d2h_stream, src, dst, "d2h")
+
+    def h2d(
+        self, src: torch.Tensor, dst: torch.Tensor, after: CopyEvent | None = None
+    ) -> CopyEvent:
+        """Copy host tensor ``src`` into device tensor ``dst`` on the prefetch stream.
+
+        ``after`` is a copy that must finish first (the D2H that filled ``src``); the prefetch
+        stream waits for it on the device, the host does not.
+        """
+        self.counters.h2d_nbytes += src.numel() * src.element_size()
+        if not self.is_cuda:
+            return self._timed_cpu_copy(src, dst, "h2d")
+        if after is not None and after._event is not None:
+            self._h2d_stream.wait_event(after._event)
+        return self._cuda_copy(self._h2d_stream, src, dst, "h2d")
+
+    def wait(self, event: CopyEvent) -> None:
+        """Make the compute stream wait for ``event``; counts host time spent (zero on CUDA)."""
+        event.wait_on_current_stream()
+
+    def host_wait(self, event: CopyEvent) -> None:
+        """Block the host until ``event`` is done and count the time as exposed wait."""
+        start = time.perf_counter()
+        event.synchronize()
+        self.counters.wait_ms += (time.perf_counter() - start) * 1e3
+
+    def collect(self) -> TransferCounters:
+        """Return the counters since the last collect (resolving CUDA copy timings) and reset."""
+        if self.is_cuda:
+            for direction, start, end in self.counters._timed:
+                end.synchronize()
+                elapsed = start.elapsed_time(end)
+                if direction == "d2h":
+                    self.counters.d2h_ms += elapsed
+                else:
+                    self.counters.h2d_ms += elapsed
+        done = self.counters
+        done._timed = []
+        self.counters = TransferCounters()
+        return done
+
+    def _timed_cpu_copy(self, src: torch.Tensor, dst: torch.Tensor, direction: str) -> CopyEvent:
+        start = time.perf_counter()
+        dst.copy_(src)
+        elapsed = (time.perf_counter() - start) * 1e3
+        # A synchronous copy hides nothing: it all counts as exposed wait.
+        self.counters.wait_ms += elapsed
+        if direction == "d2h":
+            self.counters.d2h_ms += elapsed
+        else:
+            self.counters.h2d_ms += elapsed
+        return CopyEvent(None)
+
+    def _cuda_copy(
+        self, stream: torch.cuda.Stream, src: torch.Tensor, dst: torch.Tensor, direction: str
+    ) -> CopyEvent:
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+        device_side = src if src.is_cuda else dst
+        device_side.record_stream(stream)
+        self.counters._timed.append((direction, start, end))
+        return CopyEvent(end)
