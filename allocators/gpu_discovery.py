@@ -69,7 +69,7 @@ def discover_gpus(
         if found:
             notes.append(
                 "GPUs found as PCI devices (NVML unavailable): names are PCI ids, HBM size "
-                "unknown (shown as 0); indices follow PCI bus order"
+                "unknown; indices follow PCI bus order"
             )
     gpus = []
     for index, gpu in enumerate(found):
