@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from allocators.sysfs_files import read_int
+from allocators.sysfs_files import is_live, read_int
 from allocators.topology import GpuInfo
 
 NVIDIA_VENDOR_ID = 0x10DE
@@ -60,7 +60,7 @@ def discover_gpus(
     notes: list[str] = []
     found = None
     source = "sysfs"
-    if use_nvml and root.resolve() == Path("/sys"):
+    if use_nvml and is_live(root):
         found = _nvml_gpus()
         source = "nvml"
     if found is None:

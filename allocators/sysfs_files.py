@@ -1,11 +1,21 @@
-"""Read one sysfs attribute file as text or an integer, with None for a file that is missing.
-
-Only file reading lives here; what the values mean belongs to the modules that read them.
+"""Read one sysfs attribute file as text or an integer, with None for a file that is missing, and
+tell the live /sys from a captured copy. What the values mean belongs to the modules that read them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+LIVE_SYSFS = Path("/sys")
+
+
+def is_live(root: Path) -> bool:
+    """True when ``root`` is the running kernel's sysfs rather than a captured fixture tree.
+
+    >>> is_live(Path("/sys")), is_live(Path("tests/fixtures/sysfs/two-socket"))
+    (True, False)
+    """
+    return root.resolve() == LIVE_SYSFS
 
 
 def read_text(path: Path) -> str | None:

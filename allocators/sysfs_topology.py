@@ -18,11 +18,10 @@ from pathlib import Path
 from allocators.cpu_lists import format_cpu_list, parse_cpu_list
 from allocators.errors import TopologyError
 from allocators.gpu_discovery import discover_gpus
-from allocators.sysfs_files import read_int, read_text
+from allocators.sysfs_files import is_live, read_int, read_text
 from allocators.topology import NodeRates, NumaNode, Topology
 
 _MEMINFO_RE = re.compile(r"^Node\s+\d+\s+(\w+):\s+(\d+)\s*kB", re.MULTILINE)
-_LIVE_SYSFS = Path("/sys")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,6 @@ def discover(sysfs_root: str | Path = "/sys", *, use_nvml: bool = True) -> Topol
             f"sysfs root {str(root)!r} is not a directory; pass /sys or a captured copy of it "
             f"(a directory holding devices/system/node/node0/)"
         )
-    live = root.resolve() == _LIVE_SYSFS
     notes: list[str] = []
     node_root = root / "devices" / "system" / "node"
     if node_root.is_dir():
@@ -61,15 +59,13 @@ def discover(sysfs_root: str | Path = "/sys", *, use_nvml: bool = True) -> Topol
             f"{str(root)!r} is not a sysfs tree: expected {node_root}/node0/ (NUMA nodes) or "
             f"{root / 'devices' / 'system' / 'cpu'}; pass /sys or a captured copy of it"
         )
-    found = discover_gpus(
-        root, cpu_node_ids=[n.id for n in nodes if n.has_cpus], use_nvml=use_nvml and live
-    )
+    found = discover_gpus(root, cpu_node_ids=[n.id for n in nodes if n.has_cpus], use_nvml=use_nvml)
     return Topology(
         nodes=nodes,
         distances=distances,
         gpus=found.gpus,
         source=f"sysfs:{root}",
-        name=platform.node() if live else root.name,
+        name=platform.node() if is_live(root) else root.name,
         notes=tuple(notes) + found.notes,
     )
 
@@ -109,7 +105,7 @@ def _read_numa_nodes(
             cpus = ()
         total_bytes, free_bytes = _meminfo(path, notes)
         has_memory = node_id in with_memory if with_memory is not None else total_bytes > 0
-        if not has_memory or total_bytes == 0:
+        if not has_memory:
             what = (
                 f"CPUs {format_cpu_list(cpus)} but no memory" if cpus else "no CPUs and no memory"
             )

@@ -56,7 +56,12 @@ def load_topology(*, sysfs_root: str = "/sys", file: str | None = None) -> Topol
 def run_topology_command(args: argparse.Namespace) -> int:
     """Print the topology the parsed arguments name; returns the exit code 0.
 
-    >>> run_topology_command(argparse.Namespace(sysfs_root="/sys", file="paper-1aic", json=True))  # doctest: +SKIP
+    >>> import contextlib, io
+    >>> out = io.StringIO()
+    >>> with contextlib.redirect_stdout(out):
+    ...     rc = run_topology_command(argparse.Namespace(sysfs_root="/sys", file="paper-1aic", json=True))
+    >>> rc, json.loads(out.getvalue())["name"]
+    (0, 'paper-1aic')
     """
     topo = load_topology(sysfs_root=args.sysfs_root, file=args.file)
     if args.json:

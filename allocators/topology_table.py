@@ -112,8 +112,12 @@ def print_topology(topo: Topology, console: Console) -> None:
     """Print the node table, why each CPU-less node counts as CXL, known rates, the GPU table
     (or a line saying there is none) and the notes.
 
+    >>> import io
     >>> from allocators.declared_topology import load_declared
-    >>> print_topology(load_declared("paper-1aic"), Console(width=200))  # doctest: +SKIP
+    >>> console = Console(file=io.StringIO(), width=120)
+    >>> print_topology(load_declared("paper-1aic"), console)
+    >>> "CXL #1" in console.file.getvalue()
+    True
     """
     console.print(topology_table(topo))
     for node in topo.nodes:
