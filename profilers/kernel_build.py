@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from allocators.errors import OffloadError
+from profilers.machine_info import cpu_model
 
 CSRC = Path(__file__).with_name("csrc")
 KERNEL_SOURCES = ("chase.c", "stream.c")
@@ -33,19 +33,6 @@ def cache_dir() -> Path:
     """
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "tiered-offload" / "kernels"
-
-
-def _cpu_identity() -> str:
-    # A home directory shared by different machines must not hand one CPU's -march=native build
-    # to another, so the CPU model is part of the cache key.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def find_compiler(cc: str | None = None) -> str:
@@ -90,7 +77,9 @@ def build_kernels(cc: str | None = None, directory: Path | None = None) -> Path:
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.read_bytes())
-    digest.update(" ".join([compiler, *BASE_FLAGS, _cpu_identity()]).encode())
+    # A home directory shared by different machines must not hand one CPU's -march=native build
+    # to another, so the CPU model is part of the cache key.
+    digest.update(" ".join([compiler, *BASE_FLAGS, cpu_model()]).encode())
     folder = directory or cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"offload_profile_{digest.hexdigest()[:16]}.so"

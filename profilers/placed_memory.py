@@ -6,14 +6,12 @@ allocator's and must not be repeated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from allocators.placement import Placement, as_placement
+from allocators.host_buffer import HostBuffer
+from allocators.placement import Placement
 from profilers.result_row import placement_label
 from profilers.thp_usage import thp_backed_nbytes
 
@@ -22,28 +20,36 @@ PAGE_SIZES = ("4KiB", "2MiB")
 
 @dataclass
 class PlacedMemory:
-    """A placed host buffer as a flat uint8 tensor, its address, and how it was asked for.
+    """A placed, pre-faulted host buffer and how it was asked for.
 
-    ``page_size`` is what was requested (``"4KiB"`` or ``"2MiB"`` via THP); the kernel may back
-    less with huge pages, which :meth:`thp_fraction` reports.
+    ``page_size`` is what was requested (``"4KiB"``, or ``"2MiB"`` through THP); the kernel may
+    back less with huge pages, which :meth:`thp_fraction` reports.
     """
 
-    tensor: torch.Tensor
-    placement: Placement
+    buffer: HostBuffer
     page_size: str
-    pinned: bool
 
     @property
     def address(self) -> int:
-        return self.tensor.data_ptr()
+        return self.buffer.ptr
 
     @property
     def nbytes(self) -> int:
-        return self.tensor.numel()
+        return self.buffer.nbytes
 
     @property
     def label(self) -> str:
-        return placement_label(self.placement)
+        return placement_label(self.buffer.placement)
+
+    @property
+    def note(self) -> str:
+        """Why the buffer is not what was asked for (placement or pinning refused), or ``""``."""
+        reasons = []
+        if not self.buffer.placement_enforced:
+            reasons.append(f"placement not enforced: {self.buffer.fallback_reason}")
+        if self.buffer.misplaced_pages:
+            reasons.append(f"{self.buffer.misplaced_pages} pages off their planned node")
+        return "; ".join(reasons)
 
     def thp_fraction(self) -> float | None:
         """Share of the buffer backed by huge pages; None when smaps cannot say."""
@@ -65,27 +71,19 @@ def check_page_size(page_size: str) -> bool:
 @contextmanager
 def placed_memory(
     nbytes: int,
-    placement: Placement | int | list[tuple[int, float]],
+    placement: Placement | int | Sequence[tuple[int, float]],
     *,
     page_size: str = "4KiB",
     pin: bool = False,
 ) -> Iterator[PlacedMemory]:
-    """Allocate ``nbytes`` placed per ``placement`` (pre-faulted, pinned if asked), free on exit.
+    """Allocate ``nbytes`` placed per ``placement`` (pre-faulted, pinned if asked); free on exit.
 
-    >>> with placed_memory(1 << 20, 0) as mem:  # doctest: +SKIP
-    ...     mem.nbytes
-    1048576
+    Tensor views taken from ``.buffer`` must be dropped before the block ends.
+
+    >>> with placed_memory(1 << 20, 0) as mem:
+    ...     (mem.nbytes, mem.label)
+    (1048576, 'node0')
     """
-    from allocators.host_buffer import HostBuffer  # imported late: it may touch CUDA if pin=True
-
     huge = check_page_size(page_size)
-    where = as_placement(placement)
-    buffer: Any = HostBuffer(nbytes, placement=where, pin=pin, huge_pages=huge)
-    try:
-        tensor = buffer.tensor(torch.uint8, (nbytes,))
-        yield PlacedMemory(
-            tensor=tensor, placement=where, page_size=page_size, pinned=bool(buffer.pinned)
-        )
-    finally:
-        del tensor
-        buffer.free()
+    with HostBuffer(nbytes, placement=placement, pin=pin, huge_pages=huge) as buffer:
+        yield PlacedMemory(buffer=buffer, page_size=page_size)
