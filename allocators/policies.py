@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
 import pandas as pd
 
 from allocators.errors import BudgetExceededError, PlacementError
 from allocators.placement import Placement, as_placement, interleave
+from allocators.striping import chunk_counts
 from allocators.tensor_classes import TensorClass, TensorGroup
 from allocators.topology import Tiers
 from allocators.units import format_bytes, parse_size
@@ -39,25 +39,22 @@ BudgetValue = int | float | str
 BudgetSpec = Mapping[str, BudgetValue | Mapping[int, BudgetValue]]
 
 
-def split_nbytes(nbytes: int, placement: Placement) -> dict[int, int]:
-    """Split ``nbytes`` over a placement's nodes into exact integers that add up to ``nbytes``.
+def split_nbytes(nbytes: int, placement: Placement, chunk_nbytes: int = 1) -> dict[int, int]:
+    """Bytes per node when ``nbytes`` is cut into ``chunk_nbytes`` pieces shared by ``placement``.
 
-    Boundaries are rounded from the exact cumulative fractions, so each node is within one byte
-    of its share and equal shares of a divisible size are exact.
+    The default cuts at single bytes (exact shares that add up to ``nbytes``, as plans need); a
+    buffer's real split uses its chunk size. Both come from allocators.striping's chunk counts,
+    so a plan and the buffers made from it agree on who gets the odd chunk.
 
     >>> split_nbytes(10, interleave([0, 1, 2]))
-    {0: 3, 1: 4, 2: 3}
-    >>> split_nbytes(3_000_000_000, interleave([0, 2, 3]))
-    {0: 1000000000, 2: 1000000000, 3: 1000000000}
+    {0: 4, 1: 3, 2: 3}
+    >>> split_nbytes(5 << 20, interleave([0, 1]), chunk_nbytes=2 << 20) == {0: 3 << 20, 1: 2 << 20}
+    True
     """
-    per_node: dict[int, int] = {}
-    cumulative = Fraction(0)
-    previous = 0
-    for i, (node, fraction) in enumerate(placement.shares):
-        cumulative += Fraction(fraction)
-        boundary = nbytes if i == len(placement.shares) - 1 else round(nbytes * cumulative)
-        per_node[node] = boundary - previous
-        previous = boundary
+    counts, tail_node = chunk_counts(nbytes, placement, chunk_nbytes)
+    per_node = {node: count * chunk_nbytes for node, count in counts.items()}
+    if tail_node >= 0:
+        per_node[tail_node] += nbytes - sum(per_node.values())
     return per_node
 
 
