@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from allocators.errors import BudgetExceededError, PlacementError
+from allocators.host_buffer import HostBuffer
 from allocators.placement import as_placement, interleave
 from allocators.policies import cxl_aware
 from allocators.tensor_classes import TensorGroup
@@ -276,3 +277,28 @@ def test_concurrent_allocations_never_pass_the_budget():
     assert row(alloc, "dram", 0).peak_nbytes == GIB
     alloc.close()
     assert len(backing.released) == 128
+
+
+class HostBufferBacking:
+    """No pooling: each acquire maps a fresh HostBuffer, each release frees it."""
+
+    def acquire(self, nbytes, placement, pin=True):
+        return HostBuffer(nbytes, placement, pin=pin)
+
+    def release(self, buffer):
+        buffer.free()
+
+
+def test_real_host_buffer_on_node_0_is_placed_charged_and_freed():
+    alloc = TieredAllocator(topology(), {"dram": "64MiB"}, backing=HostBufferBacking(), pin=False)
+    state = alloc.allocate("optimizer_state", 8 * MIB + 1)
+    buffer = state.buffer
+    assert state.charged_nbytes == buffer.nbytes == 8 * MIB + PAGE
+    view = state.tensor(torch.float32, (1024, 2048))
+    view.fill_(2.0)
+    assert float(view.sum()) == 2.0 * 1024 * 2048
+    del view
+    assert buffer.pages_per_node() == {0: buffer.nbytes // PAGE}
+    alloc.close()
+    assert buffer.freed
+    assert row(alloc, "dram", 0).used_nbytes == 0
