@@ -1,0 +1,114 @@
+"""How the optimizer yields memory bandwidth to DMA: a signal the runtime raises while copies are in
+flight, and a policy that caps worker threads or paces chunks while it is up.
+
+The rule (default :data:`DEFAULT_POLICY`) comes from experiments/bench_optimizer_contention.py;
+see that CSV. This module only decides; it must not start threads or time anything itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+class DmaSignal:
+    """Counts host<->GPU transfers in flight; the optimizer's workers read it between chunks.
+
+    >>> dma = DmaSignal()
+    >>> with dma.dma_active():
+    ...     dma.active
+    True
+    >>> dma.active
+    False
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def active(self) -> bool:
+        return self._in_flight > 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def begin(self) -> None:
+        """Count one more transfer in flight (call when a copy is launched)."""
+        with self._lock:
+            self._in_flight += 1
+        self._notify()
+
+    def end(self) -> None:
+        """Count one transfer finished; raises if more ends than begins were signalled."""
+        with self._lock:
+            if self._in_flight == 0:
+                raise RuntimeError("DmaSignal.end() without a matching begin(); pair every end")
+            self._in_flight -= 1
+        self._notify()
+
+    @contextmanager
+    def dma_active(self) -> Iterator[None]:
+        """``with signal.dma_active(): copy...`` marks the block as a transfer in flight."""
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (from the signalling thread) after every begin and end."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in tuple(self._listeners):
+            listener()
+
+
+@dataclass(frozen=True)
+class ContentionPolicy:
+    """What the optimizer's workers do while DMA is in flight.
+
+    ``threads_during_dma``: how many workers keep taking chunks (None = all of them).
+    ``duty_cycle_during_dma``: fraction of time a worker computes; after a chunk that took t
+    seconds it sleeps ``t * (1 - d) / d``. 1.0 means no pacing.
+
+    >>> ContentionPolicy(threads_during_dma=1).allows(worker=1, dma_active=True)
+    False
+    >>> ContentionPolicy(duty_cycle_during_dma=0.5).pause_s(chunk_s=0.002, dma_active=True)
+    0.002
+    """
+
+    threads_during_dma: int | None = None
+    duty_cycle_during_dma: float = 1.0
+
+    def __post_init__(self) -> None:
+        cap = self.threads_during_dma
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"threads_during_dma = {cap!r}; write an int >= 1, or None for no cap")
+        duty = self.duty_cycle_during_dma
+        if not isinstance(duty, (int, float)) or not 0.0 < duty <= 1.0:
+            raise ValueError(
+                f"duty_cycle_during_dma = {duty!r}; write a fraction in (0, 1], 1.0 for no pacing"
+            )
+
+    def allows(self, worker: int, dma_active: bool) -> bool:
+        """Whether worker number ``worker`` (0-based) may start a chunk now."""
+        cap = self.threads_during_dma
+        return not dma_active or cap is None or worker < cap
+
+    def pause_s(self, chunk_s: float, dma_active: bool) -> float:
+        """Seconds to sleep after a chunk that took ``chunk_s`` seconds."""
+        duty = self.duty_cycle_during_dma
+        if not dma_active or duty >= 1.0:
+            return 0.0
+        return chunk_s * (1.0 - duty) / duty
+
+
+UNRESTRICTED = ContentionPolicy()
+DEFAULT_POLICY = UNRESTRICTED

@@ -1,0 +1,163 @@
+"""A pool of worker threads pinned to one NUMA node's cores that runs optimizer chunks and hands back
+a Future per bucket, so a bucket can be stepped while backward goes on.
+
+It runs whatever chunk callables it is given and applies the contention policy between chunks;
+it must not know about optimizers, tensors or how a chunk is computed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+from optim_cpu.contention import DEFAULT_POLICY, ContentionPolicy, DmaSignal
+from optim_cpu.numa_cores import node_cpus
+
+Chunk = Callable[[], None]
+
+
+class _Job:
+    """One submitted bucket: its future and how many of its chunks are still out."""
+
+    def __init__(self, future: Future, chunks: int) -> None:
+        self.future = future
+        self.left = chunks
+        self.error: BaseException | None = None
+
+
+class StepScheduler:
+    """Worker threads pinned to the cores of ``numa_node`` (all allowed cores for None).
+
+    Chunks of a bucket run in any order on any worker; callers must make chunks touch disjoint
+    memory, which is what makes the result independent of scheduling. Workers start on the
+    first :meth:`submit`, not at construction.
+
+    Args:
+        threads: worker count (default: the node's core count).
+        numa_node: node whose cores the workers are pinned to.
+        policy: what workers do while ``dma`` is active (default :data:`DEFAULT_POLICY`).
+        dma: the signal the runtime raises around transfers (default: a private, idle one).
+
+    >>> sched = StepScheduler(threads=2)
+    >>> out = []
+    >>> sched.submit([lambda: out.append(1), lambda: out.append(2)]).result()
+    >>> sorted(out)
+    [1, 2]
+    >>> sched.close()
+    """
+
+    def __init__(
+        self,
+        threads: int | None = None,
+        *,
+        numa_node: int | None = None,
+        policy: ContentionPolicy | None = None,
+        dma: DmaSignal | None = None,
+        sysfs_root: str = "/sys",
+    ) -> None:
+        self.cpus = node_cpus(numa_node, sysfs_root=sysfs_root)
+        if threads is None:
+            threads = len(self.cpus)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads = {threads!r}; write an int >= 1 or None for one per core")
+        self.threads = threads
+        self.numa_node = numa_node
+        self.policy = policy or DEFAULT_POLICY
+        self.dma = dma or DmaSignal()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[_Job, Chunk]] = deque()
+        self._workers: list[threading.Thread] = []
+        self._closed = False
+        self.dma.subscribe(self._wake)
+
+    def submit(self, chunks: Sequence[Chunk]) -> Future:
+        """Queue ``chunks``; the Future resolves (to None) when all ran, or to the first error.
+
+        >>> with StepScheduler(threads=1) as sched:
+        ...     sched.submit([]).done()
+        True
+        """
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        if not chunks:
+            future.set_result(None)
+            return future
+        job = _Job(future, len(chunks))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("StepScheduler is closed; create a new one")
+            self._start_workers()
+            self._queue.extend((job, chunk) for chunk in chunks)
+            self._cond.notify_all()
+        return future
+
+    def close(self) -> None:
+        """Finish queued chunks, then stop the workers. Safe to call twice."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join()
+        self._workers.clear()
+
+    def __enter__(self) -> StepScheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start_workers(self) -> None:
+        while len(self._workers) < self.threads:
+            worker = threading.Thread(
+                target=self._run,
+                args=(len(self._workers),),
+                name=f"optim-cpu-{len(self._workers)}",
+                daemon=True,
+            )
+            worker.start()
+            self._workers.append(worker)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _next(self, index: int) -> tuple[_Job, Chunk] | None:
+        with self._cond:
+            while True:
+                if self._queue and self.policy.allows(index, self.dma.active):
+                    return self._queue.popleft()
+                if self._closed and not self._queue:
+                    return None
+                # A timeout, because a capped worker must notice DMA ending even if a listener
+                # was registered after the signal flipped.
+                self._cond.wait(timeout=0.05)
+
+    def _run(self, index: int) -> None:
+        # Per-thread affinity: on Linux a thread's native id is a valid pid for this call.
+        os.sched_setaffinity(threading.get_native_id(), self.cpus)
+        while (item := self._next(index)) is not None:
+            job, chunk = item
+            start_s = time.perf_counter()
+            if job.error is None:
+                try:
+                    chunk()
+                except BaseException as exc:  # handed to the caller through the Future
+                    job.error = exc
+            self._finish(job)
+            pause_s = self.policy.pause_s(time.perf_counter() - start_s, self.dma.active)
+            if pause_s > 0:
+                time.sleep(pause_s)
+
+    def _finish(self, job: _Job) -> None:
+        with self._cond:
+            job.left -= 1
+            done = job.left == 0
+        if done:
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                job.future.set_result(None)
