@@ -182,7 +182,7 @@ class TieredAllocator:
             # Huge pages or the pool's size classes gave more than the page-rounded request.
             try:
                 charge = self._charge(cls, nbytes, chosen, buffer.nbytes, replacing=reserved)
-            except BudgetExceededError:
+            except BaseException:
                 self.backing.release(buffer)
                 raise
         allocation = Allocation(
@@ -264,7 +264,7 @@ class TieredAllocator:
         if used + n > budget:
             raise BudgetExceededError(
                 f"cannot place the {request}: tier {tier!r} has a budget of "
-                f"{format_bytes(self.budgets.declared[tier])} with "
+                f"{format_bytes(self.budgets.tier_nbytes(tier))} with "
                 f"{format_bytes(self._tier_used(tier))} already used; node {node} would need "
                 f"{format_bytes(n)} more on top of {format_bytes(used)} already used of its "
                 f"{format_bytes(budget)} budget. Release allocations, raise budget {tier!r}, or "
@@ -298,13 +298,16 @@ class TieredAllocator:
             return tuple(self._live)
 
     def usage(self) -> tuple[UsageRow, ...]:
-        """Budget, use, peak and live allocations per tier, each followed by its nodes."""
+        """Budget, use, peak and live allocations per tier, each followed by its nodes.
+
+        Tiers with no node on this machine (a CXL budget on a machine without CXL) are left out.
+        """
         with self._lock:
             rows = []
             for tier in _TIER_ORDER:
-                if tier not in self.budgets.declared:
-                    continue
                 nodes = [n for n in self._used if self._tier(n) == tier]
+                if not nodes:
+                    continue
                 holders = [
                     a for a in self._live if any(self._tier(n) == tier for n in a.nbytes_per_node)
                 ]
@@ -312,7 +315,7 @@ class TieredAllocator:
                     UsageRow(
                         tier=tier,
                         node=None,
-                        budget_nbytes=self.budgets.declared[tier],
+                        budget_nbytes=self.budgets.tier_nbytes(tier),
                         used_nbytes=self._tier_used(tier),
                         peak_nbytes=self._tier_peak[tier],
                         n_allocations=len(holders),

@@ -302,3 +302,13 @@ def test_real_host_buffer_on_node_0_is_placed_charged_and_freed():
     alloc.close()
     assert buffer.freed
     assert row(alloc, "dram", 0).used_nbytes == 0
+
+
+def test_default_budgets_work_on_a_machine_without_cxl_and_usage_shows_only_real_tiers():
+    alloc = TieredAllocator(topology(n_cxl=0), backing=FakeBacking())
+    assert [(r.tier, r.node, r.budget_nbytes) for r in alloc.usage()] == [
+        ("dram", None, 64 * GIB),
+        ("dram", 0, 64 * GIB),
+    ]
+    with pytest.raises(PlacementError, match="node 1 does not exist"):
+        alloc.allocate("activations", MIB, placement=1)
