@@ -1,0 +1,322 @@
+"""The planner: a placement per host tensor group and the predicted phase times, for any policy, and
+our ``planned`` policy, which searches DRAM:CXL ratios and CXL device sets for the shortest step.
+
+It decides and predicts only; it must not allocate memory or read the machine (callers pass rates).
+
+``planned`` starts from the best feasible plan of the paper's policies (so it is never worse than
+them in the simulator), then improves it by local search: move a chunk of one group's bytes between
+local DRAM and CXL, or trade a chunk of DRAM between two groups, or change which CXL devices a
+group's CXL share is striped over (weighted by each device's rate in the group's weak direction:
+D2H for gradients and activations, since writes into CXL are the slow direction). Every candidate
+is charged to the budgets exactly as the allocator will charge it; one that passes a budget is
+never taken, so a plan never exceeds a budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from allocators.errors import BudgetExceededError
+from allocators.placement import Placement, as_placement
+from allocators.policies import (
+    POLICIES,
+    Budgets,
+    BudgetSpec,
+    GroupPlacement,
+    PolicyResult,
+    parse_budgets,
+    split_nbytes,
+)
+from allocators.tensor_classes import TensorGroup
+from allocators.topology import Tiers
+from allocators.units import format_bytes
+from offload.model_shapes import ModelShape
+from offload.simulate import DEEPSPEED_ZERO3, StepConfig, StepPrediction, simulate_step
+from offload.simulator_rates import SimRates
+
+PLAN_POLICIES = (*POLICIES, "planned")
+# Search granularity: the smallest chunk moved is this fraction of the largest group.
+_FINEST_CHUNK = 1 / 512
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A policy's placement per group and the simulator's prediction for it.
+
+    ``result`` has the same shape whatever the policy (``result.by_class()`` is what the
+    allocator takes); ``prediction`` holds forward/backward/step seconds and tokens/s.
+    """
+
+    policy: str
+    result: PolicyResult
+    prediction: StepPrediction
+
+    @property
+    def placements(self) -> dict[str, Placement]:
+        return self.result.placements
+
+
+@dataclass(frozen=True)
+class _Context:
+    shape: ModelShape
+    batch: int
+    seq: int
+    rates: SimRates
+    config: StepConfig
+    local: int
+    cxl: tuple[int, ...]
+    budgets: Budgets
+
+
+def _predict(ctx: _Context, result: PolicyResult) -> StepPrediction:
+    return simulate_step(ctx.shape, ctx.batch, ctx.seq, result.by_class(), ctx.rates, ctx.config)
+
+
+def _weak_direction_rate(ctx: _Context, group: TensorGroup, node: int) -> float:
+    """The rate that matters for a group on a node: CPU for optimizer data, D2H for data the GPU
+    writes (gradients, activations), H2D for data the GPU only reads (weights)."""
+    if group.cpu_touched:
+        return ctx.rates.node(node).cpu_gib_per_s
+    written_by_gpu = {"grads", "activations"} & set(group.tensor_classes)
+    return ctx.rates.dma_gib_per_s(node, "d2h" if written_by_gpu else "h2d")
+
+
+# A group's state in the search: bytes on local DRAM and the CXL devices its rest is striped over.
+_State = tuple[tuple[int, tuple[int, ...]], ...]
+
+
+def _group_placement(
+    ctx: _Context, group: TensorGroup, dram_nbytes: int, devices: tuple[int, ...]
+) -> GroupPlacement | None:
+    cxl_nbytes = group.nbytes - dram_nbytes
+    if cxl_nbytes > 0 and not devices:
+        return None
+    weights = [(n, _weak_direction_rate(ctx, group, n)) for n in devices] if cxl_nbytes else []
+    per_node = {ctx.local: dram_nbytes} if dram_nbytes else {}
+    if weights:
+        per_node.update(split_nbytes(cxl_nbytes, as_placement(weights)))
+    per_node = {n: b for n, b in per_node.items() if b > 0}
+    if not per_node:  # an empty group still needs a home; it costs nothing
+        per_node = {ctx.local: 0}
+        placement = as_placement(ctx.local)
+    else:
+        placement = as_placement(list(per_node.items()))
+        # Charge what the allocator will charge: the split of the normalised placement.
+        per_node = split_nbytes(group.nbytes, placement)
+    rule = "local" if set(per_node) == {ctx.local} else "interleave"
+    if ctx.local not in per_node:
+        rule = "cxl_stripe"
+    return GroupPlacement(group, placement, per_node, rule)
+
+
+def _build(ctx: _Context, groups: Sequence[TensorGroup], state: _State) -> PolicyResult | None:
+    used: dict[int, int] = {}
+    items = []
+    for group, (dram_nbytes, devices) in zip(groups, state, strict=True):
+        item = _group_placement(ctx, group, dram_nbytes, devices)
+        if item is None:
+            return None
+        for node, nbytes in item.nbytes_per_node.items():
+            used[node] = used.get(node, 0) + nbytes
+        items.append(item)
+    if any(nbytes > ctx.budgets.node_nbytes.get(node, 0) for node, nbytes in used.items()):
+        return None
+    return PolicyResult(policy="planned", groups=tuple(items), budgets=ctx.budgets)
+
+
+def _state_of(ctx: _Context, result: PolicyResult) -> _State:
+    return tuple(
+        (
+            item.nbytes_per_node.get(ctx.local, 0),
+            tuple(n for n in ctx.cxl if item.nbytes_per_node.get(n, 0) > 0) or ctx.cxl,
+        )
+        for item in result.groups
+    )
+
+
+def _device_sets(cxl: tuple[int, ...]) -> list[tuple[int, ...]]:
+    # Nearest-first prefixes, and each device alone: enough to choose how many cards to use.
+    sets = {cxl[:k] for k in range(1, len(cxl) + 1)} | {(n,) for n in cxl}
+    return sorted(sets, key=lambda s: (len(s), s))
+
+
+def _neighbours(
+    groups: Sequence[TensorGroup], state: _State, chunk: int, cxl: tuple[int, ...]
+) -> list[_State]:
+    out: list[_State] = []
+    for i, group in enumerate(groups):
+        dram, devices = state[i]
+        for new_dram in (dram + chunk, dram - chunk):
+            if 0 <= new_dram <= group.nbytes:
+                out.append(state[:i] + ((new_dram, devices),) + state[i + 1 :])
+        for devices_new in _device_sets(cxl):
+            if devices_new != devices:
+                out.append(state[:i] + ((dram, devices_new),) + state[i + 1 :])
+        # Trade: group i gives `chunk` of DRAM to group j.
+        for j, other in enumerate(groups):
+            other_dram = state[j][0]
+            if j == i or dram < chunk or other_dram + chunk > other.nbytes:
+                continue
+            swapped = list(state)
+            swapped[i] = (dram - chunk, devices)
+            swapped[j] = (other_dram + chunk, state[j][1])
+            out.append(tuple(swapped))
+    return out
+
+
+def _search(ctx: _Context, groups: Sequence[TensorGroup], start: PolicyResult) -> PolicyResult:
+    best, best_s = start, _predict(ctx, start).total_s
+    state = _state_of(ctx, start)
+    chunk = max(g.nbytes for g in groups) // 4
+    finest = max(1, int(max(g.nbytes for g in groups) * _FINEST_CHUNK))
+    while chunk >= finest:
+        improved = False
+        for candidate in _neighbours(groups, state, chunk, ctx.cxl):
+            result = _build(ctx, groups, candidate)
+            if result is None:
+                continue
+            seconds = _predict(ctx, result).total_s
+            if seconds < best_s * (1 - 1e-9):
+                best, best_s, state, improved = result, seconds, candidate, True
+        if not improved:
+            chunk //= 2
+    return best
+
+
+def _fill_in_order(ctx: _Context, groups: Sequence[TensorGroup]) -> PolicyResult | None:
+    """Local DRAM in priority order, the rest over CXL in proportion to what each card has left:
+    a start that exists whenever the groups fit at all, even where the paper's even split does not."""
+    left = dict(ctx.budgets.node_nbytes)
+    items = []
+    for group in groups:
+        dram = min(group.nbytes, left.get(ctx.local, 0))
+        rest = group.nbytes - dram
+        free = [(n, left.get(n, 0)) for n in ctx.cxl if left.get(n, 0) > 0]
+        if rest and sum(b for _, b in free) < rest:
+            return None
+        shares = ([(ctx.local, dram)] if dram else []) + (
+            list(split_nbytes(rest, as_placement(free)).items()) if rest else []
+        )
+        shares = [(n, b) for n, b in shares if b > 0] or [(ctx.local, 1)]
+        placement = as_placement(shares)
+        per_node = split_nbytes(group.nbytes, placement)
+        if any(b > left.get(n, 0) for n, b in per_node.items()):
+            return None
+        for n, b in per_node.items():
+            left[n] -= b
+        rule = "local" if placement.nodes == (ctx.local,) else "interleave"
+        items.append(GroupPlacement(group, placement, per_node, rule))
+    return PolicyResult(policy="planned", groups=tuple(items), budgets=ctx.budgets)
+
+
+def planned(
+    groups: Sequence[TensorGroup],
+    tiers: Tiers,
+    budgets: BudgetSpec | Budgets,
+    *,
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    rates: SimRates,
+    config: StepConfig = DEEPSPEED_ZERO3,
+) -> PolicyResult:
+    """Our policy: the placement with the shortest predicted step within the budgets.
+
+    Raises BudgetExceededError when no placement fits (the groups need more than the budgets).
+
+    >>> from allocators.declared_topology import load_declared
+    >>> from allocators.tensor_classes import host_tensor_groups
+    >>> from offload.model_shapes import MODELS
+    >>> from offload.simulator_rates import sim_rates
+    >>> topo = load_declared("paper-1aic"); shape = MODELS["llama-1.1b"]
+    >>> groups = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
+    >>> result = planned(groups, topo.tiers, {"dram": "16GiB", "cxl": "64GiB"}, shape=shape,
+    ...                  batch=1, seq=4096, rates=sim_rates(topo))
+    >>> result.placements["latency_critical"]  # DRAM:CXL about 4:1, as their CPU rates are
+    Placement(shares=((0, 0.8203125), (1, 0.1796875)))
+    """
+    budget = parse_budgets(budgets, tiers)
+    ctx = _Context(
+        shape=shape,
+        batch=batch,
+        seq=seq,
+        rates=rates,
+        config=config,
+        local=tiers.local_dram[0].id if tiers.local_dram else -1,
+        cxl=tuple(n.id for n in tiers.cxl),
+        budgets=budget,
+    )
+    if ctx.local < 0:
+        raise BudgetExceededError("planned: these tiers have no local DRAM node to plan around")
+    starts = []
+    for policy in POLICIES.values():
+        try:
+            starts.append(policy(groups, tiers, budget))
+        except BudgetExceededError:
+            continue
+    fill = _fill_in_order(ctx, groups)
+    if fill is not None:
+        starts.append(fill)
+    if not starts:
+        need = sum(g.nbytes for g in groups)
+        raise BudgetExceededError(
+            f"planned: the groups need {format_bytes(need)} in all but the budgets hold "
+            f"{format_bytes(sum(budget.node_nbytes.values()))} ({budget.describe()}); raise a "
+            "budget, shorten the sequence or the batch"
+        )
+    start = min(starts, key=lambda r: _predict(ctx, r).total_s)
+    start = PolicyResult(policy="planned", groups=start.groups, budgets=budget)
+    return _search(ctx, groups, start)
+
+
+def plan(
+    groups: Sequence[TensorGroup],
+    tiers: Tiers,
+    budgets: BudgetSpec | Budgets,
+    policy: str,
+    *,
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    rates: SimRates,
+    config: StepConfig = DEEPSPEED_ZERO3,
+) -> Plan:
+    """Place ``groups`` with ``policy`` (one of PLAN_POLICIES) and predict the step.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> from allocators.tensor_classes import host_tensor_groups
+    >>> from offload.model_shapes import MODELS
+    >>> from offload.simulator_rates import sim_rates
+    >>> topo = load_declared("paper-2aic"); shape = MODELS["llama-1.1b"]
+    >>> groups = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
+    >>> p = plan(groups, topo.tiers, {"dram": "64GiB"}, "local_only", shape=shape, batch=1,
+    ...          seq=4096, rates=sim_rates(topo))
+    >>> p.prediction.bottlenecks["step"]
+    'node 0'
+    """
+    if policy not in PLAN_POLICIES:
+        raise ValueError(f"policy {policy!r} is not known; write one of {', '.join(PLAN_POLICIES)}")
+    if policy == "planned":
+        result = planned(
+            groups, tiers, budgets, shape=shape, batch=batch, seq=seq, rates=rates, config=config
+        )
+    else:
+        result = POLICIES[policy](groups, tiers, budgets)
+    prediction = simulate_step(shape, batch, seq, result.by_class(), rates, config)
+    return Plan(policy=policy, result=result, prediction=prediction)
+
+
+def predicted_phases(prediction: StepPrediction) -> Mapping[str, float]:
+    """Phase name -> seconds, in the order a table shows them.
+
+    >>> predicted_phases(StepPrediction(1.0, 2.0, 0.5, 0.0, 10, {}))["total"]
+    3.5
+    """
+    return {
+        "forward": prediction.forward_s,
+        "backward": prediction.backward_s,
+        "step": prediction.step_s,
+        "overhead": prediction.overhead_s,
+        "total": prediction.total_s,
+    }
