@@ -233,8 +233,8 @@ def planned(
     >>> groups = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
     >>> result = planned(groups, topo.tiers, {"dram": "16GiB", "cxl": "64GiB"}, shape=shape,
     ...                  batch=1, seq=4096, rates=sim_rates(topo))
-    >>> result.placements["latency_critical"]  # DRAM:CXL about 4:1, as their CPU rates are
-    Placement(shares=((0, 0.8203125), (1, 0.1796875)))
+    >>> print(result.placements["latency_critical"])  # DRAM:CXL about 4:1, as their CPU rates
+    node0:0.82 + node1:0.18
     """
     budget = parse_budgets(budgets, tiers)
     ctx = _Context(
