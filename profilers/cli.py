@@ -6,7 +6,11 @@ from collections.abc import Sequence
 
 from allocators.cli_app import run_subcommands
 
-SUBCOMMANDS = ("profilers.cli_topology",)
+SUBCOMMANDS = (
+    "profilers.cli_topology",
+    "profilers.cli_latency",
+    "profilers.cli_memory",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
