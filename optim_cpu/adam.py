@@ -14,7 +14,7 @@ import torch
 
 from optim_cpu.host_optimizer import HostOptimizer, check_betas, check_number
 from optim_cpu.scheduler import StepScheduler
-from optim_cpu.state_alloc import ADAM_MOMENTUM, ADAM_VARIANCE, StateAllocator
+from optim_cpu.state_alloc import OPTIMIZER_STATE, StateAllocator
 
 _INF = float("inf")
 
@@ -31,8 +31,8 @@ class CPUAdamW(HostOptimizer):
         lr, betas, eps, weight_decay: as in torch.optim.AdamW (defaults 1e-3, (0.9, 0.999),
             1e-8, 1e-2).
         state_allocator: ``allocate(nbytes, tensor_class)`` for the moments, so the placement
-            plan decides their NUMA node; tensor classes are "adam_momentum" and
-            "adam_variance" (default: plain host memory).
+            plan decides their NUMA node; both moments are tensor class
+            "optimizer_state" (default: plain host memory).
         scheduler: a shared :class:`StepScheduler` (default: one of ``threads`` workers pinned
             to ``numa_node``'s cores, started at the first step).
         chunk_elems: elements per work item (the granularity of pacing and load balance).
@@ -47,7 +47,7 @@ class CPUAdamW(HostOptimizer):
     0.899
     """
 
-    _STATE = (("exp_avg", ADAM_MOMENTUM), ("exp_avg_sq", ADAM_VARIANCE))
+    _STATE = (("exp_avg", OPTIMIZER_STATE), ("exp_avg_sq", OPTIMIZER_STATE))
     _DECOUPLED = True
 
     def __init__(

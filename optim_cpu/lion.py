@@ -14,7 +14,7 @@ import torch
 
 from optim_cpu.host_optimizer import HostOptimizer, check_betas, check_number
 from optim_cpu.scheduler import StepScheduler
-from optim_cpu.state_alloc import LION_MOMENTUM, StateAllocator
+from optim_cpu.state_alloc import OPTIMIZER_STATE, StateAllocator
 
 _INF = float("inf")
 
@@ -23,7 +23,7 @@ class CPULion(HostOptimizer):
     """Lion: ``c = b1*m + (1-b1)*g; p = p*(1 - lr*wd) - lr*sign(c); m = b2*m + (1-b2)*g``.
 
     Decoupled weight decay as in the paper and its reference code; one state, ``exp_avg``
-    (tensor class "lion_momentum"). Arguments as :class:`CPUAdamW` (defaults lr 1e-4,
+    (tensor class "optimizer_state"). Arguments as :class:`CPUAdamW` (defaults lr 1e-4,
     betas (0.9, 0.99), weight_decay 0).
 
     >>> p = torch.zeros(3, requires_grad=True)
@@ -32,7 +32,7 @@ class CPULion(HostOptimizer):
     [-0.10000000149011612, 0.10000000149011612, 0.0]
     """
 
-    _STATE = (("exp_avg", LION_MOMENTUM),)
+    _STATE = (("exp_avg", OPTIMIZER_STATE),)
 
     def __init__(
         self,

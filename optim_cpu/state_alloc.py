@@ -11,25 +11,26 @@ from typing import Any
 
 import torch
 
+from allocators.tensor_classes import TensorClass
+
 StateAllocator = Callable[[int, str], Any]
 """``allocate(nbytes, tensor_class)`` -> a uint8 CPU tensor of at least nbytes, or an object whose
 ``.tensor(dtype, shape)`` returns a CPU tensor view (allocators.HostBuffer, TieredAllocator's
 allocations)."""
 
-# Tensor classes as the placement plan names them (DESIGN.md: "Adam moments m, v (fp32)").
-ADAM_MOMENTUM = "adam_momentum"
-ADAM_VARIANCE = "adam_variance"
-LION_MOMENTUM = "lion_momentum"
+# The tensor class allocators.tensor_classes gives optimizer moments (Adam m and v, Lion m): a
+# TieredAllocator plugs in as ``lambda nbytes, cls: tiered.allocate(cls, nbytes)``.
+OPTIMIZER_STATE: TensorClass = "optimizer_state"
 
 
 def allocate_state(
-    allocator: StateAllocator | None, tensor_class: str, like: torch.Tensor
+    allocator: StateAllocator | None, tensor_class: TensorClass, like: torch.Tensor
 ) -> tuple[torch.Tensor, Any]:
     """A zeroed fp32 tensor shaped like ``like`` and the object that owns its memory.
 
     Keep the owner alive as long as the tensor: a hook's buffer may free its pages when dropped.
 
-    >>> t, owner = allocate_state(None, ADAM_MOMENTUM, torch.ones(2, 3))
+    >>> t, owner = allocate_state(None, OPTIMIZER_STATE, torch.ones(2, 3))
     >>> t.shape, t.dtype, float(t.sum())
     (torch.Size([2, 3]), torch.float32, 0.0)
     >>> t, _ = allocate_state(lambda n, c: torch.empty(n, dtype=torch.uint8), "x", torch.ones(5))
@@ -38,7 +39,7 @@ def allocate_state(
     """
     dtype, shape = torch.float32, tuple(like.shape)
     nbytes = like.numel() * 4
-    if allocator is None:
+    if allocator is None or nbytes == 0:
         tensor = torch.empty(shape, dtype=dtype)
         owner: Any = tensor
     else:
