@@ -107,14 +107,16 @@ class SimRates:
 
 
 def _node_rates(
-    kind: str, declared: NodeRates, adamw_elements_per_s: float | None
+    kind: str, measured: NodeRates, declared: NodeRates, adamw_elements_per_s: float | None
 ) -> tuple[NodeSimRates, list[str]]:
     default = PAPER_RATES["cxl" if kind == "cxl" else "dram"]
     given: dict[str, float] = {}
-    if declared.h2d_gib_per_s is not None:
-        given["h2d_gib_per_s"] = float(declared.h2d_gib_per_s)
-    if declared.d2h_gib_per_s is not None:
-        given["d2h_gib_per_s"] = float(declared.d2h_gib_per_s)
+    for name in ("h2d_gib_per_s", "d2h_gib_per_s"):
+        value = next(
+            (v for v in (getattr(measured, name), getattr(declared, name)) if v is not None), None
+        )
+        if value is not None:
+            given[name] = float(value)
     if adamw_elements_per_s is not None:
         given["cpu_gib_per_s"] = adamw_elements_per_s * ADAMW_NBYTES_PER_ELEMENT / GIB
     missing = [
@@ -130,7 +132,7 @@ def sim_rates(
 ) -> SimRates:
     """Build the rate model from a topology's nodes (declared YAML or sysfs) and their ``rates``;
     ``overrides`` (a profile's ``to_node_rates()``) and ``adamw_elements_per_s`` (a profile's
-    measured CPU AdamW rate per node) win where given.
+    measured CPU AdamW rate per node) win, field by field, where given.
 
     Rates a node does not give come from the paper's figures for its kind, and ``notes`` says so.
 
@@ -154,7 +156,7 @@ def sim_rates(
     notes: list[str] = []
     for node in node_list:
         rates, missing = _node_rates(
-            node.kind, overrides.get(node.id, node.rates), adamw.get(node.id)
+            node.kind, overrides.get(node.id, NodeRates()), node.rates, adamw.get(node.id)
         )
         per_node[node.id] = rates
         if missing:

@@ -1,0 +1,145 @@
+"""The step simulator: the paper's DMA and CPU AdamW figures come out of the rate model, and each
+phase responds to placement the way the module docstring says."""
+
+import pytest
+
+from allocators.declared_topology import load_declared
+from allocators.placement import as_placement, interleave
+from allocators.topology import NodeRates, NumaNode
+from offload.model_shapes import MODELS
+from offload.simulate import OUR_RUNTIME, SimulationError, StepConfig, simulate_step
+from offload.simulator_rates import GIB, RateModelError, paper_rates, sim_rates
+from offload.simulator_traffic import Traffic, copy_seconds, memory_seconds
+
+CLASSES = ("params", "activations", "grads", "master_grads", "master_params", "optimizer_state")
+
+
+def everything_on(placement):
+    return {c: placement for c in CLASSES}
+
+
+def gib_per_s(placement, direction, rates, gpus=1):
+    return 2 * GIB / copy_seconds(2 * GIB, placement, direction, rates, gpus) / GIB
+
+
+# reference/PAPER.md: GiB/s at 2 GiB (one GPU, then two GPUs sharing the host, per GPU).
+@pytest.mark.parametrize(
+    ("placement", "direction", "gpus", "paper"),
+    [
+        (as_placement(0), "h2d", 1, 51.8),
+        (as_placement(0), "d2h", 2, 51.2),
+        (as_placement(1), "h2d", 1, 49.8),
+        (as_placement(1), "d2h", 1, 34.7),
+        (as_placement(1), "h2d", 2, 24.9),
+        (as_placement(1), "d2h", 2, 18.2),
+        (interleave([0, 1]), "d2h", 1, 50.2),
+        (interleave([0, 1]), "h2d", 2, 49.6),
+        (interleave([0, 1]), "d2h", 2, 34.5),
+    ],
+)
+def test_dma_rates_match_the_paper_table_within_6_percent(placement, direction, gpus, paper):
+    assert gib_per_s(placement, direction, paper_rates(1), gpus) == pytest.approx(paper, rel=0.06)
+
+
+def test_a_striped_write_is_bound_by_the_slowest_share():
+    # 1:4 DRAM:CXL puts 80% on the card: 34.7 / 0.8 = 43.4 GiB/s (paper: 42.1).
+    rate = gib_per_s(as_placement([(0, 1), (1, 4)]), "d2h", paper_rates(1))
+    assert rate == pytest.approx(34.7 / 0.8, rel=1e-3)
+
+
+def test_a_second_card_doubles_what_the_cards_can_absorb():
+    one = memory_seconds(_d2h(interleave([1])), paper_rates(2)).seconds
+    two = memory_seconds(_d2h(interleave([1, 2])), paper_rates(2)).seconds
+    assert one / two == pytest.approx(51.8 / 34.7, rel=1e-3)  # the link caps the doubling
+
+
+def _d2h(placement):
+    traffic = Traffic()
+    traffic.add("d2h", 8 * GIB, placement)
+    return traffic
+
+
+def test_cpu_adamw_on_cxl_is_about_four_times_slower_than_on_dram():
+    rates = paper_rates(1)
+    nbytes = 28 * 545e6
+    local = memory_seconds(Traffic(cpu={0: nbytes}), rates).seconds
+    cxl = memory_seconds(Traffic(cpu={1: nbytes}), rates).seconds
+    assert local == pytest.approx(54.8e-3, rel=0.01)
+    assert cxl / local == pytest.approx(4.17, rel=0.01)
+
+
+def test_half_the_optimizer_on_cxl_roughly_doubles_its_step():
+    rates = paper_rates(1)
+    nbytes = 28 * 545e6
+    local = memory_seconds(Traffic(cpu={0: nbytes}), rates).seconds
+    half = memory_seconds(Traffic(cpu={0: nbytes / 2, 1: nbytes / 2}), rates).seconds
+    assert 1.8 < half / local < 2.3
+
+
+def test_dma_and_cpu_on_one_card_queue_behind_each_other():
+    rates = paper_rates(1)
+    alone = memory_seconds(Traffic(d2h={1: GIB}), rates).seconds
+    shared = memory_seconds(Traffic(d2h={1: GIB}, cpu={1: GIB}), rates).seconds
+    assert shared == pytest.approx(alone + 1 / 62.1, rel=1e-6)
+
+
+def test_dram_only_step_is_compute_bound_at_long_context():
+    pred = simulate_step(
+        MODELS["qwen2.5-7b"], 3, 32768, everything_on(as_placement(0)), paper_rates(1)
+    )
+    assert pred.bottlenecks["forward"] == "compute"
+    assert pred.bottlenecks["backward"] == "compute"
+
+
+def test_gradients_on_one_card_slow_a_short_backward():
+    shape, rates = MODELS["qwen2.5-7b"], paper_rates(1)
+    local = simulate_step(shape, 1, 4096, everything_on(as_placement(0)), rates)
+    grads_on_cxl = {**everything_on(as_placement(0)), "grads": as_placement(1)}
+    slow = simulate_step(shape, 1, 4096, grads_on_cxl, rates)
+    assert slow.backward_s > local.backward_s
+    assert slow.bottlenecks["backward"] == "node 1"
+    assert slow.forward_s == local.forward_s
+
+
+def test_overlapping_the_step_hides_most_of_it():
+    shape, rates = MODELS["qwen2.5-7b"], paper_rates(1)
+    placements = everything_on(as_placement(0))
+    serial = simulate_step(shape, 2, 32768, placements, rates, StepConfig())
+    overlapped = simulate_step(shape, 2, 32768, placements, rates, OUR_RUNTIME)
+    assert overlapped.step_s == pytest.approx(serial.step_s / shape.layers)
+    assert overlapped.total_s < serial.total_s
+
+
+def test_lion_moves_fewer_optimizer_bytes_than_adam():
+    shape, rates = MODELS["llama-1.1b"], paper_rates(1)
+    placements = everything_on(as_placement(0))
+    adam = simulate_step(shape, 1, 4096, placements, rates, StepConfig(optimizer="adam"))
+    lion = simulate_step(shape, 1, 4096, placements, rates, StepConfig(optimizer="lion"))
+    assert lion.step_s < adam.step_s
+
+
+def test_a_missing_class_placement_is_named():
+    placements = everything_on(as_placement(0))
+    del placements["grads"]
+    with pytest.raises(SimulationError, match="grads"):
+        simulate_step(MODELS["llama-1.1b"], 1, 1024, placements, paper_rates(1))
+
+
+def test_declared_rates_win_over_the_paper_defaults():
+    topo = load_declared("paper-1aic")
+    rates = sim_rates(topo, overrides={1: NodeRates(d2h_gib_per_s=20.0)})
+    assert rates.nodes[1].d2h_gib_per_s == 20.0
+    assert rates.nodes[1].h2d_gib_per_s == 49.8  # declared, not overridden
+    assert any("cpu_gib_per_s from the paper" in note for note in rates.notes)
+
+
+def test_a_measured_adamw_rate_sets_the_cpu_rate():
+    node = NumaNode(0, "dram", (0,), 1 << 30, 1 << 30)
+    rates = sim_rates((node,), adamw_elements_per_s={0: 1e9})
+    assert rates.nodes[0].cpu_gib_per_s == pytest.approx(28e9 / GIB)
+
+
+def test_a_negative_rate_is_refused():
+    node = NumaNode(0, "dram", (0,), 1 << 30, 1 << 30, rates=NodeRates(h2d_gib_per_s=-1.0))
+    with pytest.raises(RateModelError, match="positive"):
+        sim_rates((node,))
