@@ -346,7 +346,9 @@ def set_mempolicy(mode: int, nodes: Sequence[int] = (), flags: int = 0) -> Polic
     True
     """
     checked = _validate_mode(mode, nodes)
-    check_nodes(nodes)
+    if not int(flags) & ModeFlag.MPOL_F_RELATIVE_NODES:
+        # Relative node ids index the allowed set (node 1 of 1 wraps), so they need not exist.
+        check_nodes(nodes)
     words, maxnode = _nodemask(nodes)
     result, err = _syscall(
         "set_mempolicy",

@@ -180,6 +180,17 @@ def test_static_nodes_flag_is_reported_back():
     assert in_thread(round_trip).flags == numa.ModeFlag.MPOL_F_STATIC_NODES
 
 
+def test_relative_nodes_may_name_nodes_beyond_the_online_ones():
+    def round_trip():
+        outcome = numa.set_mempolicy(
+            Mode.MPOL_INTERLEAVE, [1], flags=numa.ModeFlag.MPOL_F_RELATIVE_NODES
+        )
+        numa.set_mempolicy(Mode.MPOL_DEFAULT)
+        return outcome
+
+    assert in_thread(round_trip).enforced
+
+
 def test_mems_allowed_lists_node_0():
     assert 0 in numa.get_mempolicy(flags=numa.GetFlag.MPOL_F_MEMS_ALLOWED).nodes
 
