@@ -44,19 +44,26 @@ class SavedActivation:
         self.host = block.tensor(source.dtype, tuple(source.shape))
         self.device = source.device
         self.tag = tag
-        self.stored: CopyEvent = owner.streams.d2h(source, self.host)
+        self.stored: CopyEvent = owner.streams.d2h(source, self.host, block.tier_shares)
+        self.last_copy = self.stored
         self.prefetched: tuple[torch.Tensor, CopyEvent] | None = None
 
     def fetch(self) -> tuple[torch.Tensor, CopyEvent]:
         """Start the H2D copy back into a new device tensor (once) and return it with its event."""
         if self.prefetched is None:
             out = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
-            copy = self.owner.streams.h2d(self.host, out, after=self.stored)
+            copy = self.owner.streams.h2d(
+                self.host, out, after=self.stored, tiers=self.block.tier_shares
+            )
             self.prefetched = (out, copy)
+            self.last_copy = copy
         return self.prefetched
 
     def __del__(self) -> None:
-        self.owner._retire(self.block, self.stored)
+        # The pool takes a block back only once no view of it is left.
+        del self.host
+        self.prefetched = None
+        self.owner._retire(self.block, self.last_copy)
 
 
 class ActivationOffloader:
@@ -67,11 +74,12 @@ class ActivationOffloader:
     layer; in backward, the first unpack in layer ``i`` starts the H2D copy of layers
     ``i-1 .. i-prefetch_layers``.
 
+    >>> from allocators.sysfs_topology import discover
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-    >>> mem = HostMemory()
+    >>> mem = HostMemory(discover(), {"dram": "1GiB"})
     >>> off = ActivationOffloader(model, mem, CopyStreams(torch.device("cpu")), min_nbytes=1024)
     >>> model(torch.randn(32, 64)).sum().backward()
-    >>> off.offloaded_count > 0, mem.stats()["in_use_nbytes"]
+    >>> off.offloaded_count > 0, mem.pool_stats().in_use_nbytes
     (True, 0)
     >>> off.remove(); mem.close()
     """
@@ -173,7 +181,7 @@ class ActivationOffloader:
         if not self._should_offload(tensor):
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
-        block = self.memory.acquire("activations", nbytes)
+        block = self.memory.allocate("activations", nbytes)
         saved = SavedActivation(self, block, tensor, self._tag)
         self._by_tag[self._tag].append(weakref.ref(saved))
         self.offloaded_count += 1

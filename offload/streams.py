@@ -6,6 +6,7 @@ copy synchronously and return events that are already complete; nothing here dec
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,18 @@ class TransferCounters:
     d2h_ms: float = 0.0
     h2d_ms: float = 0.0
     wait_ms: float = 0.0
+    nbytes_by_tier: dict[tuple[str, str], int] = field(default_factory=dict)
     _timed: list = field(default_factory=list, repr=False)
+
+    def add(self, direction: str, nbytes: int, tiers: dict[str, float] | None) -> None:
+        """Count ``nbytes`` moved in ``direction`` ("d2h"/"h2d"), split by host tier shares."""
+        if direction == "d2h":
+            self.d2h_nbytes += nbytes
+        else:
+            self.h2d_nbytes += nbytes
+        for tier, share in (tiers or {"dram": 1.0}).items():
+            key = (direction, tier)
+            self.nbytes_by_tier[key] = self.nbytes_by_tier.get(key, 0) + int(nbytes * share)
 
 
 class CopyEvent:
@@ -62,34 +74,57 @@ class CopyStreams:
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.counters = TransferCounters()
+        # The autograd thread and the optimizer's worker thread both copy and count.
+        self._lock = threading.Lock()
         self._d2h_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self._h2d_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
 
-    def d2h(self, src: torch.Tensor, dst: torch.Tensor) -> CopyEvent:
+    def d2h(
+        self, src: torch.Tensor, dst: torch.Tensor, tiers: dict[str, float] | None = None
+    ) -> CopyEvent:
         """Copy device tensor ``src`` into host tensor ``dst`` once the compute stream made it.
 
         ``src`` stays allocated until the copy is done (record_stream), so the caller may drop it
-        at once; that is how device memory is freed without a blocking sync.
+        at once; that is how device memory is freed without a blocking sync. ``tiers`` are the
+        host block's tier shares, for the per-tier byte counts.
         """
-        self.counters.d2h_nbytes += src.numel() * src.element_size()
+        with self._lock:
+            self.counters.add("d2h", src.numel() * src.element_size(), tiers)
         if not self.is_cuda:
             return self._timed_cpu_copy(src, dst, "d2h")
         return self._cuda_copy(self._d2h_stream, src, dst, "d2h")
 
     def h2d(
-        self, src: torch.Tensor, dst: torch.Tensor, after: CopyEvent | None = None
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        after: CopyEvent | None = None,
+        wait_compute: bool = True,
+        tiers: dict[str, float] | None = None,
     ) -> CopyEvent:
         """Copy host tensor ``src`` into device tensor ``dst`` on the prefetch stream.
 
-        ``after`` is a copy that must finish first (the D2H that filled ``src``); the prefetch
-        stream waits for it on the device, the host does not.
+        The copy first waits for ``after`` (the D2H that filled ``src``, or a :meth:`mark`) and,
+        with ``wait_compute``, for the compute stream's work so far: needed when ``dst`` is fresh
+        memory the compute stream may still be using. A worker thread writing back into a
+        parameter passes ``wait_compute=False`` and a mark taken when the parameter was last read,
+        so it does not wait for work queued later.
         """
-        self.counters.h2d_nbytes += src.numel() * src.element_size()
+        with self._lock:
+            self.counters.add("h2d", src.numel() * src.element_size(), tiers)
         if not self.is_cuda:
             return self._timed_cpu_copy(src, dst, "h2d")
         if after is not None and after._event is not None:
             self._h2d_stream.wait_event(after._event)
-        return self._cuda_copy(self._h2d_stream, src, dst, "h2d")
+        return self._cuda_copy(self._h2d_stream, src, dst, "h2d", wait_compute)
+
+    def mark(self) -> CopyEvent:
+        """An event at the current point of the compute stream (complete at once on CPU)."""
+        if not self.is_cuda:
+            return CopyEvent(None)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return CopyEvent(event)
 
     def wait(self, event: CopyEvent) -> None:
         """Make the compute stream wait for ``event``; counts host time spent (zero on CUDA)."""
@@ -99,39 +134,47 @@ class CopyStreams:
         """Block the host until ``event`` is done and count the time as exposed wait."""
         start = time.perf_counter()
         event.synchronize()
-        self.counters.wait_ms += (time.perf_counter() - start) * 1e3
+        with self._lock:
+            self.counters.wait_ms += (time.perf_counter() - start) * 1e3
 
     def collect(self) -> TransferCounters:
         """Return the counters since the last collect (resolving CUDA copy timings) and reset."""
+        with self._lock:
+            done, self.counters = self.counters, TransferCounters()
         if self.is_cuda:
-            for direction, start, end in self.counters._timed:
+            for direction, start, end in done._timed:
                 end.synchronize()
                 elapsed = start.elapsed_time(end)
                 if direction == "d2h":
-                    self.counters.d2h_ms += elapsed
+                    done.d2h_ms += elapsed
                 else:
-                    self.counters.h2d_ms += elapsed
-        done = self.counters
+                    done.h2d_ms += elapsed
         done._timed = []
-        self.counters = TransferCounters()
         return done
 
     def _timed_cpu_copy(self, src: torch.Tensor, dst: torch.Tensor, direction: str) -> CopyEvent:
         start = time.perf_counter()
         dst.copy_(src)
         elapsed = (time.perf_counter() - start) * 1e3
-        # A synchronous copy hides nothing: it all counts as exposed wait.
-        self.counters.wait_ms += elapsed
-        if direction == "d2h":
-            self.counters.d2h_ms += elapsed
-        else:
-            self.counters.h2d_ms += elapsed
+        with self._lock:
+            # A synchronous copy hides nothing: it all counts as exposed wait.
+            self.counters.wait_ms += elapsed
+            if direction == "d2h":
+                self.counters.d2h_ms += elapsed
+            else:
+                self.counters.h2d_ms += elapsed
         return CopyEvent(None)
 
     def _cuda_copy(
-        self, stream: torch.cuda.Stream, src: torch.Tensor, dst: torch.Tensor, direction: str
+        self,
+        stream: torch.cuda.Stream,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        direction: str,
+        wait_compute: bool = True,
     ) -> CopyEvent:
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        if wait_compute:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
@@ -140,5 +183,6 @@ class CopyStreams:
             end.record(stream)
         device_side = src if src.is_cuda else dst
         device_side.record_stream(stream)
-        self.counters._timed.append((direction, start, end))
+        with self._lock:
+            self.counters._timed.append((direction, start, end))
         return CopyEvent(end)

@@ -1,0 +1,164 @@
+"""The optimizer that steps fp32 master params on the host in place of the user's: optim_cpu's
+CPUAdamW/CPUAdam for torch's AdamW/Adam (their state placed by the plan), else the user's own class
+rebuilt over the masters. Hyper-parameters are read from the user's groups at every step, so LR
+schedulers attached to the user's optimizer still drive it. It must not hold device tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from allocators.errors import OffloadError
+from optim_cpu import Bucket, CPUAdam, CPUAdamW
+from optim_cpu.state_alloc import StateAllocator
+
+
+def native_class(optimizer: torch.optim.Optimizer) -> type | None:
+    """optim_cpu's class computing exactly what ``optimizer`` computes, or None.
+
+    >>> native_class(torch.optim.AdamW([torch.zeros(1)])).__name__
+    'CPUAdamW'
+    >>> native_class(torch.optim.AdamW([torch.zeros(1)], amsgrad=True)) is None
+    True
+    """
+    kind = type(optimizer)
+    if kind not in (torch.optim.AdamW, torch.optim.Adam):
+        return None
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
+            return None
+        if kind is torch.optim.Adam and group.get("decoupled_weight_decay"):
+            return None
+        if isinstance(group.get("lr"), torch.Tensor):
+            return None
+    return CPUAdamW if kind is torch.optim.AdamW else CPUAdam
+
+
+class HostOptimizer:
+    """Step any subset of master params with the user's optimizer's rule and hyper-parameters.
+
+    A single coordinator thread (:meth:`submit`) runs bucket work in order; optim_cpu spreads
+    each step over its own worker pool.
+
+    >>> p = torch.nn.Parameter(torch.ones(2))
+    >>> user = torch.optim.SGD([p], lr=0.5)
+    >>> master = torch.ones(2)
+    >>> host = HostOptimizer(user, [[master]])
+    >>> host.step_params([master], [torch.ones(2)]); master
+    tensor([0.5000, 0.5000])
+    >>> host.close()
+    """
+
+    def __init__(
+        self,
+        user_optimizer: torch.optim.Optimizer,
+        master_groups: list[list[torch.Tensor]],
+        *,
+        state_allocator: StateAllocator | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.user_optimizer = user_optimizer
+        groups = []
+        for user_group, masters in zip(user_optimizer.param_groups, master_groups, strict=True):
+            group = {k: v for k, v in user_group.items() if k != "params"}
+            group["params"] = list(masters)
+            groups.append(group)
+        native = native_class(user_optimizer)
+        self.is_native = native is not None
+        if native is not None:
+            hyper = {k: user_optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+            self.inner = native(groups, **hyper, state_allocator=state_allocator, threads=threads)
+        else:
+            self.inner = self._rebuild_user_class(user_optimizer, groups)
+        self._masters = [m for masters in master_groups for m in masters]
+        self._lock = threading.Lock()
+        self._coordinator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-step")
+
+    @staticmethod
+    def _rebuild_user_class(user_optimizer, groups) -> torch.optim.Optimizer:
+        cls = type(user_optimizer)
+        # Some defaults (AdamW's decoupled_weight_decay) are not constructor arguments; every
+        # group carries them anyway.
+        accepted = inspect.signature(cls.__init__).parameters
+        defaults = {k: v for k, v in user_optimizer.defaults.items() if k in accepted}
+        try:
+            return cls(groups, **defaults)
+        except (TypeError, ValueError) as exc:
+            raise OffloadError(
+                f"optimizer offload cannot rebuild {cls.__name__} over host masters ({exc}); "
+                "use a torch.optim optimizer such as AdamW, or pass optimizer_offload=False"
+            ) from exc
+
+    def sync_hyperparameters(self) -> None:
+        """Copy every setting but ``params`` from the user's groups (a scheduler changed lr)."""
+        for user_group, group in zip(
+            self.user_optimizer.param_groups, self.inner.param_groups, strict=True
+        ):
+            for key, value in user_group.items():
+                if key != "params":
+                    group[key] = value
+
+    def step_params(
+        self,
+        masters: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        outputs: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        """Step ``masters`` with ``grads`` (fp32/bf16/fp16) and wait; write half copies to
+        ``outputs`` (None entries: no copy). Other masters are left as they are."""
+        with self._lock:
+            self.sync_hyperparameters()
+            if self.is_native:
+                self.inner.step_bucket(Bucket(masters, grads=grads, outputs=outputs)).result()
+                return
+            for master, grad in zip(masters, grads, strict=True):
+                master.grad = grad if grad.dtype == master.dtype else grad.to(master.dtype)
+            try:
+                self.inner.step()
+            finally:
+                for master in self._masters:
+                    master.grad = None
+            for master, out in zip(masters, outputs or (), strict=False):
+                if out is not None:
+                    out.copy_(master.view(out.shape))
+
+    def submit(self, work) -> Future:
+        """Run ``work()`` on the coordinator thread, after the work submitted before it."""
+        return self._coordinator.submit(work)
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state dict (indices as in the user's optimizer), tensors cloned
+        so that nothing handed out points into host blocks that may be freed."""
+        with self._lock:
+            state = self.inner.state_dict()
+        state["state"] = {
+            index: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for index, s in state["state"].items()
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state dict made by :meth:`state_dict` or by the user's optimizer."""
+        with self._lock:
+            self.inner.load_state_dict(state)
+
+    def has_state(self) -> bool:
+        """True once any parameter has been stepped (or state was loaded)."""
+        for state in self.inner.state.values():
+            step = state.get("step")
+            if (step is None and state) or (step is not None and float(step) > 0):
+                return True
+        return False
+
+    def close(self) -> None:
+        """Stop the coordinator and the optimizer's workers and drop every host view."""
+        self._coordinator.shutdown(wait=True)
+        if self.is_native:
+            self.inner.close()
+        self.inner.state.clear()
+        self.inner.param_groups.clear()
+        self._masters = []

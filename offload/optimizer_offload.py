@@ -1,0 +1,360 @@
+"""Optimizer and gradient offload: fp32 masters and optimizer state on the host, gradients copied
+D2H in buckets as backward produces them, buckets stepped on the host, params copied back.
+
+Exactness (the default gives the same result as the user's optimizer on the device):
+- a bucket is stepped while backward still runs only when every parameter in it has received the
+  gradient of the last micro-step of the accumulation window (``grad_accumulation_steps``) and
+  no clipping by global norm is asked for; per-parameter optimizers (Adam, AdamW, Lion, SGD) do
+  not depend on the order in which parameters are stepped, so this changes no value;
+- with ``max_grad_norm`` every step waits for ``optimizer.step()``, where the norm of all the
+  host gradients is known, and clips with ``torch.nn.utils.clip_grad_norm_`` itself;
+- micro-step gradients are summed on the host in the parameter's dtype, in arrival order, the
+  same additions autograd would have made into ``param.grad``.
+This module must not touch the user's loop: the user's optimizer object is patched in place by
+offload.optimizer_patch.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from allocators.errors import OffloadError
+from offload.host_memory import HostBlock, HostMemory
+from offload.host_optimizer import HostOptimizer
+from offload.streams import CopyEvent, CopyStreams
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """One trainable parameter and its host copies: fp32 master and gradient (param dtype)."""
+
+    param: nn.Parameter
+    group_index: int
+    master: torch.Tensor
+    grad: torch.Tensor
+    staging: torch.Tensor
+    half: torch.Tensor | None
+    arrivals: int = 0
+    pending_add: CopyEvent | None = None
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Parameters whose gradients travel and get stepped together, and their host blocks."""
+
+    index: int
+    slots: list[ParamSlot]
+    blocks: list[HostBlock]
+    copies: list[CopyEvent] = field(default_factory=list)
+    read_done: CopyEvent | None = None
+    future: Future | None = None
+    stepped: bool = False
+
+    @property
+    def micro_step(self) -> int:
+        return min(slot.arrivals for slot in self.slots)
+
+
+class OptimizerOffload:
+    """Keep ``optimizer``'s params' masters and state on the host and step them there.
+
+    ``step()``, ``zero_grad()``, ``state_dict()`` and ``load_state_dict()`` are what the patched
+    user optimizer calls. Gradients leave the device from post-accumulate-grad hooks, and the
+    device gradient is dropped at once (its memory returns when the D2H copy is done).
+
+    >>> from allocators.sysfs_topology import discover
+    >>> model = nn.Linear(4, 2)
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    >>> mem = HostMemory(discover(), {"dram": "1GiB"})
+    >>> off = OptimizerOffload(opt, mem, CopyStreams(torch.device("cpu")))
+    >>> model(torch.ones(3, 4)).sum().backward()
+    >>> model.weight.grad is None, off.step()
+    (True, None)
+    >>> off.close(); mem.close()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        memory: HostMemory,
+        streams: CopyStreams,
+        *,
+        bucket_nbytes: int = 32 << 20,
+        grad_accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        overlap_step: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.memory = memory
+        self.streams = streams
+        self.grad_accumulation_steps = grad_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.early_step = overlap_step and max_grad_norm is None
+        self.last_grad_norm: torch.Tensor | None = None
+        # H2D copies of updated params since the last step; list.append is atomic, and the
+        # worker thread appends while the autograd thread runs.
+        self._copy_backs: list[CopyEvent] = []
+        self.optimizer_ms = 0.0
+        self.wait_ms = 0.0
+        self._state_blocks: list[HostBlock] = []
+        self._check_params()
+        self.buckets = self._make_buckets(bucket_nbytes)
+        self._slot_of = {id(s.param): s for b in self.buckets for s in b.slots}
+        self._bucket_of = {id(s.param): b for b in self.buckets for s in b.slots}
+        master_groups = [[] for _ in optimizer.param_groups]
+        for group_index, group in enumerate(optimizer.param_groups):
+            master_groups[group_index] = [self._slot_of[id(p)].master for p in group["params"]]
+        self.host = HostOptimizer(
+            optimizer, master_groups, state_allocator=self._allocate_state, threads=threads
+        )
+        if optimizer.state:
+            # Training already ran on the device: carry its state over, then free it there.
+            self.host.load_state_dict(optimizer.state_dict())
+            optimizer.state.clear()
+        self._hooks = [
+            slot.param.register_post_accumulate_grad_hook(self._on_grad)
+            for bucket in self.buckets
+            for slot in bucket.slots
+        ]
+
+    def _allocate_state(self, nbytes: int, tensor_class: str):
+        block = self.memory.allocate(tensor_class, nbytes)
+        self._state_blocks.append(block)
+        return block.tensor(torch.uint8, (nbytes,))
+
+    def _check_params(self) -> None:
+        seen = set()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise OffloadError("a parameter appears twice in the optimizer's groups")
+                seen.add(id(p))
+                if not p.is_floating_point():
+                    raise OffloadError(f"parameter of dtype {p.dtype} cannot be offloaded")
+
+    def _make_buckets(self, bucket_nbytes: int) -> list[Bucket]:
+        # Reverse registration order approximates the order backward produces gradients in.
+        entries = [
+            (gi, p) for gi, group in enumerate(self.optimizer.param_groups) for p in group["params"]
+        ][::-1]
+        groups: list[list[tuple[int, nn.Parameter]]] = [[]]
+        size = 0
+        for gi, p in entries:
+            nbytes = p.numel() * p.element_size()
+            if groups[-1] and size + nbytes > bucket_nbytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((gi, p))
+            size += nbytes
+        return [self._make_bucket(i, members) for i, members in enumerate(groups) if members]
+
+    def _make_bucket(self, index: int, members: list[tuple[int, nn.Parameter]]) -> Bucket:
+        master_nbytes = sum(p.numel() * 4 for _, p in members)
+        grad_nbytes = sum(p.numel() * p.element_size() for _, p in members)
+        masters = self.memory.allocate("master_params", master_nbytes)
+        grads = self.memory.allocate("grads", grad_nbytes)
+        staging = self.memory.allocate("master_grads", grad_nbytes)
+        blocks = [masters, grads, staging]
+        halves = None
+        if any(p.dtype != torch.float32 for _, p in members):
+            # Where the optimizer writes updated half-precision params, for the H2D copy back.
+            halves = self.memory.allocate("params", grad_nbytes)
+            blocks.append(halves)
+        slots, master_at, grad_at = [], 0, 0
+        for gi, p in members:
+            master = masters.tensor(torch.float32, tuple(p.shape), master_at)
+            with torch.no_grad():
+                master.copy_(p.detach())
+            slots.append(
+                ParamSlot(
+                    param=p,
+                    group_index=gi,
+                    master=master,
+                    grad=grads.tensor(p.dtype, tuple(p.shape), grad_at),
+                    staging=staging.tensor(p.dtype, tuple(p.shape), grad_at),
+                    half=None
+                    if p.dtype == torch.float32
+                    else halves.tensor(p.dtype, tuple(p.shape), grad_at),
+                )
+            )
+            master_at += p.numel() * 4
+            grad_at += p.numel() * p.element_size()
+        return Bucket(index=index, slots=slots, blocks=blocks)
+
+    @property
+    def slots(self) -> list[ParamSlot]:
+        """Every managed parameter, in the user's optimizer order."""
+        return [self._slot_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        slot = self._slot_of[id(param)]
+        bucket = self._bucket_of[id(param)]
+        if bucket.stepped:
+            raise OffloadError(
+                "backward() ran again after the last micro-step of the accumulation window "
+                f"(grad_accumulation_steps={self.grad_accumulation_steps}) had already stepped "
+                "these parameters; call optimizer.step() first, or pass the number of backward "
+                "passes per step as grad_accumulation_steps"
+            )
+        self._wait_for(bucket)
+        grad = param.grad
+        tiers = bucket.blocks[1].tier_shares
+        if slot.arrivals == 0:
+            bucket.copies.append(self.streams.d2h(grad, slot.grad, tiers))
+        else:
+            self._apply_pending_add(slot)
+            slot.pending_add = self.streams.d2h(grad, slot.staging, tiers)
+            bucket.copies.append(slot.pending_add)
+        param.grad = None
+        slot.arrivals += 1
+        if bucket.micro_step == max(s.arrivals for s in bucket.slots):
+            self._bucket_complete(bucket)
+
+    def _bucket_complete(self, bucket: Bucket) -> None:
+        # Everything that reads these params on the device has been queued before their grads.
+        bucket.read_done = self.streams.mark()
+        step_now = self.early_step and bucket.micro_step == self.grad_accumulation_steps
+        if step_now:
+            bucket.stepped = True
+        bucket.future = self.host.submit(lambda: self._land(bucket, step_now))
+
+    def _land(self, bucket: Bucket, step: bool) -> None:
+        """Worker: wait for the bucket's D2H copies, sum micro-steps, maybe step and copy back."""
+        copies, bucket.copies = bucket.copies, []
+        for event in copies:
+            event.synchronize()
+        for slot in bucket.slots:
+            self._apply_pending_add(slot)
+        if step:
+            self._step_bucket(bucket)
+
+    def _apply_pending_add(self, slot: ParamSlot) -> None:
+        if slot.pending_add is not None:
+            slot.pending_add.synchronize()
+            slot.grad.add_(slot.staging)
+            slot.pending_add = None
+
+    def _step_bucket(self, bucket: Bucket) -> None:
+        stepped = [s for s in bucket.slots if s.arrivals > 0]
+        if not stepped:
+            return
+        self.host.step_params(
+            [s.master for s in stepped], [s.grad for s in stepped], [s.half for s in stepped]
+        )
+        with torch.no_grad():
+            for slot in stepped:
+                self._copy_back(slot, bucket.read_done, bucket.blocks[0].tier_shares)
+
+    def _copy_back(self, slot: ParamSlot, after: CopyEvent | None, tiers=None) -> None:
+        source = slot.master if slot.half is None else slot.half
+        # Under no_grad a write into the parameter bumps its version, so a saved tensor that
+        # still needed the old value would fail loudly in backward instead of going wrong.
+        event = self.streams.h2d(source, slot.param, after=after, wait_compute=False, tiers=tiers)
+        self._copy_backs.append(event)
+
+    def _wait_for(self, bucket: Bucket) -> None:
+        if bucket.future is not None:
+            start = time.perf_counter()
+            bucket.future.result()
+            self.wait_ms += (time.perf_counter() - start) * 1e3
+            bucket.future = None
+
+    def step(self) -> None:
+        """Finish the step: wait for buckets in flight, clip, step the rest, copy params back."""
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            self._wait_for(bucket)
+            self._land(bucket, step=False)
+        if self.max_grad_norm is not None:
+            grads = [s.grad for s in self.slots if s.arrivals > 0]
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        for bucket in self.buckets:
+            if not bucket.stepped:
+                self._step_bucket(bucket)
+        for event in self._copy_backs:
+            self.streams.wait(event)
+        self._copy_backs = []
+        self._reset_window()
+        self.optimizer_ms += (time.perf_counter() - start) * 1e3
+
+    def zero_grad(self) -> None:
+        """Drop the gradients gathered since the last step (none are left on the device)."""
+        for bucket in self.buckets:
+            self._wait_for(bucket)
+            self._land(bucket, step=False)
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        for bucket in self.buckets:
+            bucket.stepped = False
+            bucket.copies = []
+            for slot in bucket.slots:
+                slot.arrivals = 0
+                slot.pending_add = None
+
+    def state_dict(self) -> dict:
+        """The user optimizer's state dict format, plus ``offload_master_params`` (fp32)."""
+        self.zero_grad_pending_check()
+        state = self.host.state_dict()
+        state["param_groups"] = [
+            {**saved, **{k: v for k, v in user.items() if k != "params"}}
+            for saved, user in zip(state["param_groups"], self.optimizer.param_groups, strict=True)
+        ]
+        state["offload_master_params"] = {i: s.master.clone() for i, s in enumerate(self.slots)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state dict from :meth:`state_dict` (or from the plain user optimizer)."""
+        state = dict(state)
+        masters = state.pop("offload_master_params", None)
+        self.host.load_state_dict(state)
+        for user, saved in zip(self.optimizer.param_groups, state["param_groups"], strict=True):
+            user.update({k: v for k, v in saved.items() if k != "params"})
+        self.host.sync_hyperparameters()
+        with torch.no_grad():
+            for i, slot in enumerate(self.slots):
+                source = masters[i] if masters is not None else slot.param.detach()
+                slot.master.copy_(source)
+                if slot.half is not None:
+                    slot.half.copy_(slot.master)
+                self._copy_back(slot, None)
+        for event in self._copy_backs:
+            self.streams.wait(event)
+        self._copy_backs = []
+
+    def zero_grad_pending_check(self) -> None:
+        """Wait for buckets in flight so host state is consistent before it is read."""
+        for bucket in self.buckets:
+            self._wait_for(bucket)
+
+    def restore_to_user_optimizer(self, load_state_dict) -> None:
+        """Give the user's optimizer its state back (through its own ``load_state_dict``)."""
+        self.zero_grad_pending_check()
+        if self.host.has_state():
+            load_state_dict(self.host.state_dict())
+
+    def close(self) -> None:
+        """Remove the gradient hooks, stop the worker and free the host blocks."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.zero_grad_pending_check()
+        self.host.close()
+        # The inner optimizer keeps views of the masters and of its state; drop it first.
+        self.host = None
+        self._slot_of.clear()
+        self._bucket_of.clear()
+        for bucket in self.buckets:
+            bucket.slots = []
+            for block in bucket.blocks:
+                self.memory.release(block)
+            bucket.blocks = []
+        for block in self._state_blocks:
+            self.memory.release(block)
+        self._state_blocks = []

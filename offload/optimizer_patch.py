@@ -1,0 +1,73 @@
+"""Patch the user's optimizer object in place so its step, zero_grad, state_dict and
+load_state_dict run the offloaded optimizer, and put the original attributes back on remove().
+It must not change the optimizer's class, its param_groups, or anything of another object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from offload.optimizer_offload import OptimizerOffload
+
+PATCHED_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
+_ABSENT = object()
+
+
+class OptimizerPatch:
+    """Instance-level patch of ``optimizer``; LR schedulers keep working (they only edit lr).
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> from offload.host_memory import HostMemory
+    >>> from offload.streams import CopyStreams
+    >>> off = OptimizerOffload(opt, HostMemory(), CopyStreams(torch.device("cpu")))
+    >>> patch = OptimizerPatch(opt, off)
+    >>> "step" in vars(opt)
+    True
+    >>> patch.remove(); off.close(); "step" in vars(opt)
+    False
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        offload: OptimizerOffload,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.offload = offload
+        self._saved = {name: vars(optimizer).get(name, _ABSENT) for name in PATCHED_METHODS}
+        self.original_load_state_dict = optimizer.load_state_dict
+        on_step = on_step or (lambda: None)
+
+        def step(closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            # What an LR scheduler's own wrapper would record: step() ran before scheduler.step().
+            optimizer._opt_called = True
+            offload.step()
+            on_step()
+            return loss
+
+        # A scheduler built after enable() sees this and does not wrap step again.
+        step._wrapped_by_lr_sched = True
+
+        def zero_grad(set_to_none: bool = True):
+            offload.zero_grad()
+
+        optimizer.step = step
+        optimizer.zero_grad = zero_grad
+        optimizer.state_dict = offload.state_dict
+        optimizer.load_state_dict = offload.load_state_dict
+
+    def remove(self) -> None:
+        """Put back exactly the instance attributes that were there before (or none)."""
+        for name, value in self._saved.items():
+            if value is _ABSENT:
+                vars(self.optimizer).pop(name, None)
+            else:
+                setattr(self.optimizer, name, value)
