@@ -1,0 +1,134 @@
+"""The planner: planned never passes a budget, is never slower than the paper's greedy in the
+simulator, and uses the write direction (gradients to DRAM before weights)."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from allocators.declared_topology import load_declared
+from allocators.errors import BudgetExceededError
+from allocators.tensor_classes import host_tensor_groups
+from experiments.paper_setup import (
+    PAPER_MODELS,
+    PAPER_SWEEP,
+    PAPER_TOPOLOGIES,
+    local_only_budgets,
+    paper_budgets,
+    paper_groups,
+)
+from offload.model_shapes import MODELS, ModelShape
+from offload.planner import plan, planned
+from offload.simulator_rates import sim_rates
+
+TOPOLOGIES = {k: load_declared(name) for k, name in PAPER_TOPOLOGIES.items()}
+RATES = {k: sim_rates(topo) for k, topo in TOPOLOGIES.items()}
+CXL_NBYTES = 256 << 30
+
+
+def _plan(policy, model, batch, seq, cards, budgets=None):
+    groups = paper_groups(model, batch, seq)
+    budgets = budgets or paper_budgets(groups, CXL_NBYTES * cards)
+    return plan(
+        groups,
+        TOPOLOGIES[cards].tiers,
+        budgets,
+        policy,
+        shape=MODELS[model],
+        batch=batch,
+        seq=seq,
+        rates=RATES[cards],
+    )
+
+
+@pytest.mark.parametrize("cards", [1, 2])
+@pytest.mark.parametrize("model", PAPER_MODELS)
+def test_planned_is_at_least_as_fast_as_cxl_aware_over_the_paper_sweep(model, cards):
+    for batch, seq in PAPER_SWEEP:
+        ours = _plan("planned", model, batch, seq, cards).prediction.total_s
+        theirs = _plan("cxl_aware", model, batch, seq, cards).prediction.total_s
+        assert ours <= theirs * (1 + 1e-9), (model, batch, seq, cards)
+
+
+def test_the_paper_greedy_fills_local_then_interleaves_then_stripes():
+    result = _plan("cxl_aware", "qwen2.5-7b", 1, 4096, 1).result
+    assert [g.rule for g in result.groups] == ["local", "local", "interleave", "cxl_stripe"]
+
+
+def test_planned_gives_gradients_dram_before_weights():
+    # Gradients are written by the GPU (D2H, the weak direction of CXL); weights are only read.
+    placements = _plan("planned", "qwen2.5-7b", 1, 4096, 1).placements
+    assert placements["compute_grads"].fraction(0) > placements["compute_params"].fraction(0)
+
+
+def test_planned_uses_a_dram_cxl_ratio_that_is_not_0_or_1():
+    placements = _plan("planned", "mistral-nemo-12b", 1, 4096, 1).placements
+    assert any(0.05 < p.fraction(0) < 0.95 and len(p.nodes) == 2 for p in placements.values())
+
+
+def test_with_dram_for_everything_planned_is_no_slower_than_local_only():
+    groups = paper_groups("llama-1.1b", 1, 8192)
+    budgets = local_only_budgets(groups)
+    ours = _plan("planned", "llama-1.1b", 1, 8192, 1, budgets).prediction.total_s
+    local = _plan("local_only", "llama-1.1b", 1, 8192, 1, budgets).prediction.total_s
+    assert ours <= local
+
+
+def test_an_unknown_policy_lists_the_known_ones():
+    with pytest.raises(ValueError, match="planned"):
+        _plan("fastest", "llama-1.1b", 1, 1024, 1)
+
+
+def test_budgets_too_small_for_the_groups_raise():
+    with pytest.raises(BudgetExceededError, match="raise a budget"):
+        _plan("planned", "llama-1.1b", 1, 1024, 1, {"dram": "1GiB", "cxl": "1GiB"})
+
+
+SMALL = ModelShape(
+    "tiny", layers=4, hidden=256, intermediate=512, heads=4, kv_heads=2, head_dim=64, vocab=1000
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layers=st.integers(1, 48),
+    hidden=st.sampled_from([256, 1024, 4096]),
+    batch=st.integers(1, 8),
+    seq=st.sampled_from([512, 4096, 32768]),
+    dram_share=st.floats(0.0, 1.2),
+    cxl_share=st.floats(0.0, 1.5),
+    cards=st.sampled_from([1, 2]),
+)
+def test_planned_never_exceeds_a_budget(layers, hidden, batch, seq, dram_share, cxl_share, cards):
+    shape = ModelShape(
+        "random",
+        layers=layers,
+        hidden=hidden,
+        intermediate=3 * hidden,
+        heads=hidden // 64,
+        kv_heads=2,
+        head_dim=64,
+        vocab=32000,
+    )
+    groups = host_tensor_groups(shape.n_params, batch, seq, shape.hidden, shape.layers)
+    total = sum(g.nbytes for g in groups)
+    budgets = {"dram": int(total * dram_share), "cxl": int(total * cxl_share)}
+    try:
+        result = planned(
+            groups,
+            TOPOLOGIES[cards].tiers,
+            budgets,
+            shape=shape,
+            batch=batch,
+            seq=seq,
+            rates=RATES[cards],
+        )
+    except BudgetExceededError:
+        assert dram_share + cxl_share < 1.01  # refusing is only right when nothing could fit
+        return
+    used = {}
+    for item in result.groups:
+        assert sum(item.nbytes_per_node.values()) == item.group.nbytes
+        for node, nbytes in item.nbytes_per_node.items():
+            used[node] = used.get(node, 0) + nbytes
+    for node, nbytes in used.items():
+        assert nbytes <= result.budgets.node_nbytes.get(node, 0), (node, nbytes)
