@@ -4,9 +4,8 @@ against budgets. It refuses before touching memory; it must not decide placement
 
 from __future__ import annotations
 
-import resource
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,6 +13,8 @@ import pandas as pd
 import torch
 
 from allocators.errors import BudgetExceededError
+from allocators.host_buffer import PAGE_NBYTES
+from allocators.host_pool import HostPool, size_class
 from allocators.placement import Placement, as_placement
 from allocators.policies import Budgets, BudgetSpec, TierName, parse_budgets, split_nbytes
 from allocators.striping import DEFAULT_CHUNK_NBYTES
@@ -23,6 +24,10 @@ from allocators.units import format_bytes
 
 DEFAULT_BUDGETS: Mapping[str, str] = {"dram": "64GiB", "cxl": "256GiB"}
 _TIER_ORDER: tuple[TierName, ...] = ("dram", "remote_dram", "cxl")
+
+
+def _whole_pages(nbytes: int) -> int:
+    return -(-nbytes // PAGE_NBYTES) * PAGE_NBYTES
 
 
 class HostBufferLike(Protocol):
@@ -103,7 +108,7 @@ class TieredAllocator:
     >>> from allocators.topology import NumaNode
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 30, free_bytes=1 << 30)
     >>> topo = Topology(nodes=(node,), distances={}, gpus=(), source="example")
-    >>> with TieredAllocator(topo, budgets={"dram": "64MiB"}) as alloc:  # doctest: +SKIP
+    >>> with TieredAllocator(topo, budgets={"dram": "64MiB"}, pin=False) as alloc:
     ...     grads = alloc.allocate("grads", 1 << 20)
     ...     grads.tensor(torch.bfloat16, (512, 1024)).shape
     torch.Size([512, 1024])
@@ -130,12 +135,13 @@ class TieredAllocator:
             raise ValueError(f"{topology.source} has no DRAM node to use as local memory")
         self.local_node = self.tiers.local_dram[0].id
         self.pin = pin
-        self._owns_backing = backing is None
-        if backing is None:
-            from allocators.host_pool import HostPool
-
-            backing = HostPool()
-        self.backing = backing
+        self._own_pool = HostPool() if backing is None else None
+        self.backing: Backing = self._own_pool if backing is None else backing
+        # What the backing will really map, so the check before touching memory is exact: a
+        # pool hands out its size class, anything else is expected to round to whole pages.
+        self._size_for: Callable[[int], int] = (
+            size_class if isinstance(self.backing, HostPool) else _whole_pages
+        )
         self._lock = threading.Lock()
         self._closed = False
         self._live: set[Allocation] = set()
@@ -159,9 +165,10 @@ class TieredAllocator:
     ) -> Allocation:
         """A buffer of at least ``nbytes`` for ``tensor_class``, on the class's planned nodes.
 
-        ``placement`` overrides the plan for this one buffer. The request is rounded up to whole
-        pages and charged per node as its chunks will be placed; it is refused (nothing touched)
-        when any node would pass its budget or its free memory.
+        ``placement`` overrides the plan for this one buffer. The request is rounded up as the
+        backing will map it (whole pages, or the pool's size class) and charged per node as its
+        chunks will be placed; it is refused (nothing touched) when any node would pass its
+        budget or its free memory.
         """
         cls = check_tensor_class(tensor_class)
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
@@ -170,8 +177,7 @@ class TieredAllocator:
             chosen = self._checked_placement(placement)
         else:
             chosen = self.placements.get(cls, as_placement(self.local_node))
-        page = resource.getpagesize()
-        reserved = self._charge(cls, nbytes, chosen, -(-nbytes // page) * page)
+        reserved = self._charge(cls, nbytes, chosen, self._size_for(nbytes))
         try:
             buffer = self.backing.acquire(nbytes, chosen, pin=self.pin)
         except BaseException:
@@ -179,7 +185,7 @@ class TieredAllocator:
             raise
         charge = reserved
         if buffer.nbytes != sum(reserved.values()):
-            # Huge pages or the pool's size classes gave more than the page-rounded request.
+            # The backing rounded differently than expected: charge what it really mapped.
             try:
                 charge = self._charge(cls, nbytes, chosen, buffer.nbytes, replacing=reserved)
             except BaseException:
@@ -281,7 +287,11 @@ class TieredAllocator:
             )
 
     def release(self, allocation: Allocation) -> None:
-        """Return an allocation's memory to the backing and its bytes to the budgets (idempotent)."""
+        """Return an allocation's memory to the backing and its bytes to the budgets (idempotent).
+
+        The backing refuses (BufferError) while tensor views of the buffer are alive; the
+        allocation then stays live and charged, so nothing in use is handed out again.
+        """
         with self._lock:
             if allocation.released:
                 return
@@ -289,8 +299,14 @@ class TieredAllocator:
                 raise ValueError("this allocation was not made by this TieredAllocator")
             self._live.discard(allocation)
             allocation.released = True
+        try:
+            self.backing.release(allocation.buffer)
+        except BaseException:
+            with self._lock:
+                allocation.released = False
+                self._live.add(allocation)
+            raise
         self._uncharge(allocation.tensor_class, allocation.nbytes_per_node)
-        self.backing.release(allocation.buffer)
 
     @property
     def live_allocations(self) -> tuple[Allocation, ...]:
@@ -355,14 +371,28 @@ class TieredAllocator:
         return pd.DataFrame.from_records(records)
 
     def close(self) -> None:
-        """Release every live allocation (and empty our own pool); later allocations are refused."""
+        """Release every live allocation (and empty our own pool); later allocations are refused.
+
+        Allocations whose tensor views are still alive stay live; one BufferError lists them
+        after the rest are released, and calling close() again once they are gone finishes.
+        """
         with self._lock:
             self._closed = True
             live = list(self._live)
+        busy = []
         for allocation in live:
-            self.release(allocation)
-        if self._owns_backing:
-            self.backing.clear()
+            try:
+                self.release(allocation)
+            except BufferError:
+                busy.append(allocation)
+        if self._own_pool is not None:
+            self._own_pool.clear()
+        if busy:
+            names = ", ".join(f"{a.tensor_class} ({format_bytes(a.nbytes)})" for a in busy)
+            raise BufferError(
+                f"close() left {len(busy)} allocation(s) with live tensor views: {names}; "
+                "delete those tensors and call close() again"
+            )
 
     def __enter__(self) -> TieredAllocator:
         return self

@@ -8,6 +8,7 @@ import torch
 
 from allocators.errors import BudgetExceededError, PlacementError
 from allocators.host_buffer import HostBuffer
+from allocators.host_pool import size_class
 from allocators.placement import as_placement, interleave
 from allocators.policies import cxl_aware
 from allocators.tensor_classes import TensorGroup
@@ -312,3 +313,42 @@ def test_default_budgets_work_on_a_machine_without_cxl_and_usage_shows_only_real
     ]
     with pytest.raises(PlacementError, match="node 1 does not exist"):
         alloc.allocate("activations", MIB, placement=1)
+
+
+def test_default_pool_is_checked_at_its_size_class_before_mapping_anything():
+    # 9 pages + 1 byte asks for 10 pages; the pool's size class for 10 pages is 10 pages.
+    nbytes = 9 * PAGE + 1
+    assert size_class(nbytes) == 10 * PAGE
+    alloc = TieredAllocator(topology(), {"dram": 10 * PAGE - 1}, pin=False)
+    with pytest.raises(BudgetExceededError, match="tier 'dram'"):
+        alloc.allocate("grads", nbytes)
+    assert alloc.backing.stats().misses == 0
+    alloc.close()
+
+
+def test_default_pool_reuses_released_memory_and_close_empties_it():
+    alloc = TieredAllocator(topology(), {"dram": "64MiB"}, pin=False)
+    first = alloc.allocate("grads", 3 * MIB)
+    assert first.charged_nbytes == first.buffer.nbytes == size_class(3 * MIB)
+    alloc.release(first)
+    second = alloc.allocate("grads", 3 * MIB)
+    assert second.buffer is first.buffer
+    assert alloc.backing.stats().hits == 1
+    alloc.close()
+    assert first.buffer.freed
+    assert alloc.backing.stats().held_nbytes == 0
+
+
+def test_release_with_live_views_is_refused_and_keeps_the_charge():
+    alloc = TieredAllocator(topology(), {"dram": "64MiB"}, pin=False)
+    acts = alloc.allocate("activations", MIB)
+    view = acts.tensor(torch.float32, (256, 1024))
+    with pytest.raises(BufferError, match="live tensor view"):
+        alloc.release(acts)
+    assert row(alloc, "dram", 0).used_nbytes == MIB
+    with pytest.raises(BufferError, match=r"close\(\) left 1 allocation\(s\).*activations"):
+        alloc.close()
+    del view
+    alloc.close()
+    assert acts.released and acts.buffer.freed
+    assert row(alloc, "dram", 0).used_nbytes == 0
