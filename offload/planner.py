@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from allocators.errors import BudgetExceededError
+from allocators.errors import BudgetExceededError, OffloadError
 from allocators.placement import Placement, as_placement
 from allocators.policies import (
     POLICIES,
@@ -36,6 +36,12 @@ from offload.simulate import DEEPSPEED_ZERO3, StepConfig, StepPrediction, simula
 from offload.simulator_rates import SimRates
 
 PLAN_POLICIES = (*POLICIES, "planned")
+
+
+class PlanError(OffloadError, ValueError):
+    """A plan was asked for with a setting the planner cannot use; the message says what to write."""
+
+
 # Search granularity: the smallest chunk moved is this fraction of the largest group.
 _FINEST_CHUNK = 1 / 512
 
@@ -296,7 +302,7 @@ def plan(
     'node 0'
     """
     if policy not in PLAN_POLICIES:
-        raise ValueError(f"policy {policy!r} is not known; write one of {', '.join(PLAN_POLICIES)}")
+        raise PlanError(f"policy {policy!r} is not known; write one of {', '.join(PLAN_POLICIES)}")
     if policy == "planned":
         result = planned(
             groups, tiers, budgets, shape=shape, batch=batch, seq=seq, rates=rates, config=config

@@ -1,0 +1,211 @@
+"""`offload plan`: place a model's host tensor groups with a policy and print the predicted phases,
+as a rich table of groups by nodes or as JSON. Wiring and printing only: the work is offload.planner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from allocators.errors import OffloadError
+from allocators.tensor_classes import host_tensor_groups
+from allocators.topology import Topology
+from allocators.topology_command import load_topology
+from allocators.units import format_bytes
+from offload.model_shapes import MODELS, load_model_shape
+from offload.planner import PLAN_POLICIES, Plan, PlanError, plan, predicted_phases
+from offload.simulate import DEEPSPEED_ZERO3, OUR_RUNTIME, StepConfig
+from offload.simulator_rates import SimRates, sim_rates
+
+RUNTIMES: dict[str, StepConfig] = {"ours": OUR_RUNTIME, "deepspeed-zero3": DEEPSPEED_ZERO3}
+
+
+def register(subparsers) -> None:
+    """Add the ``plan`` subcommand.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> register(parser.add_subparsers())
+    >>> args = parser.parse_args(["plan", "--model", "qwen2.5-7b", "--topology", "paper-1aic",
+    ...                           "--budget", "dram=200GiB", "--budget", "cxl=256GiB"])
+    >>> args.budget, args.policy
+    (['dram=200GiB', 'cxl=256GiB'], 'planned')
+    """
+    parser = subparsers.add_parser(
+        "plan",
+        help="place a model's host tensors with a policy and predict the step's phases",
+        description="Place the paper's host tensor groups (optimizer data, weights, activation "
+        "checkpoints, gradients) over local DRAM and CXL nodes and predict forward, backward "
+        "and step times with the simulator.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"one of {', '.join(MODELS)} or a transformers config.json",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch (default 1)")
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length (default 4096)")
+    parser.add_argument(
+        "--topology",
+        help="a declared topology (YAML path or shipped name such as paper-1aic); "
+        "default: this machine",
+    )
+    parser.add_argument(
+        "--profile", help="a profile JSON from offload-profile: its measured rates win"
+    )
+    parser.add_argument("--policy", default="planned", choices=PLAN_POLICIES)
+    parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="TIER=SIZE",
+        help="bytes a tier may hold, e.g. dram=64GiB, cxl=256GiB (repeat); "
+        "default: the nodes' capacities",
+    )
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "lion"))
+    parser.add_argument(
+        "--runtime",
+        default="ours",
+        choices=tuple(RUNTIMES),
+        help="ours: the optimizer steps during backward; deepspeed-zero3: after it, "
+        "with DeepSpeed's per-step overhead (the paper's setting)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=run_plan_command)
+
+
+def parse_budget_args(items: list[str], topology: Topology) -> dict[str, str | int]:
+    """``["dram=64GiB"]`` -> ``{"dram": "64GiB"}``; with none, each tier's node capacities.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> parse_budget_args([], load_declared("paper-2aic"))["cxl"] == 512 << 30
+    True
+    """
+    if not items:
+        tiers = topology.tiers
+        return {
+            "dram": sum(n.total_bytes for n in tiers.local_dram),
+            "cxl": sum(n.total_bytes for n in tiers.cxl),
+        }
+    budgets: dict[str, str | int] = {}
+    for item in items:
+        tier, sep, size = item.partition("=")
+        if not sep or not tier or not size:
+            raise PlanError(f"--budget {item!r} is not TIER=SIZE; write --budget dram=64GiB")
+        budgets[tier.strip()] = size.strip()
+    return budgets
+
+
+def _rates(topology: Topology, profile_path: str | None) -> SimRates:
+    if profile_path is None:
+        return sim_rates(topology)
+    # Imported here: profilers sits beside offload, and only this option needs it.
+    from profilers.machine_profile import load_profile
+
+    profile = load_profile(profile_path)
+    adamw = {
+        node: p.adamw_elements_per_s
+        for node, p in profile.nodes.items()
+        if p.adamw_elements_per_s is not None
+    }
+    return sim_rates(topology, profile.to_node_rates(), adamw)
+
+
+def plan_to_dict(result: Plan, rates: SimRates) -> dict:
+    """A plan as JSON-ready data: placements, bytes per node, phases and the rate notes."""
+    return {
+        "policy": result.policy,
+        "groups": [
+            {
+                "name": item.group.name,
+                "nbytes": item.group.nbytes,
+                "rule": item.rule,
+                "placement": [[node, fraction] for node, fraction in item.placement.shares],
+                "nbytes_per_node": {str(n): b for n, b in item.nbytes_per_node.items()},
+            }
+            for item in result.result.groups
+        ],
+        "predicted_s": predicted_phases(result.prediction),
+        "tokens_per_s": result.prediction.tokens_per_s,
+        "bottlenecks": result.prediction.bottlenecks,
+        "source": "simulated",
+        "rate_notes": list(rates.notes),
+    }
+
+
+def print_plan(result: Plan, rates: SimRates, console: Console) -> None:
+    """Two rich tables: groups by nodes (bytes and share), then the predicted phases."""
+    nodes = sorted({n for item in result.result.groups for n in item.nbytes_per_node})
+    table = Table(title=f"placement: {result.policy}")
+    table.add_column("group")
+    table.add_column("size", justify="right")
+    for node in nodes:
+        table.add_column(f"node {node} ({rates.kinds.get(node, '?')})", justify="right")
+    for item in result.result.groups:
+        cells = []
+        for node in nodes:
+            nbytes = item.nbytes_per_node.get(node, 0)
+            share = nbytes / item.group.nbytes if item.group.nbytes else 0.0
+            cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
+        table.add_row(item.group.name, format_bytes(item.group.nbytes), *cells)
+    console.print(table)
+    phases = Table(title="predicted step (simulated)")
+    phases.add_column("phase")
+    phases.add_column("seconds", justify="right")
+    phases.add_column("bound by")
+    for phase, seconds in predicted_phases(result.prediction).items():
+        phases.add_row(phase, f"{seconds:.3f}", result.prediction.bottlenecks.get(phase, ""))
+    phases.add_row("tokens/s", f"{result.prediction.tokens_per_s:,.0f}", "")
+    console.print(phases)
+    for note in rates.notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    """Run ``offload plan`` for parsed arguments; returns the exit code 0.
+
+    >>> import contextlib, io
+    >>> out = io.StringIO()
+    >>> ns = argparse.Namespace(model="llama-1.1b", batch=1, seq=2048, topology="paper-1aic",
+    ...     profile=None, policy="cxl_aware", budget=["dram=20GiB", "cxl=64GiB"],
+    ...     optimizer="adam", runtime="ours", json=True)
+    >>> with contextlib.redirect_stdout(out):
+    ...     rc = run_plan_command(ns)
+    >>> rc, json.loads(out.getvalue())["groups"][0]["rule"]
+    (0, 'local')
+    """
+    shape = load_model_shape(args.model)
+    topology = load_topology(file=args.topology)
+    rates = _rates(topology, args.profile)
+    groups = host_tensor_groups(
+        shape.n_params, args.batch, args.seq, shape.hidden, shape.layers, args.optimizer
+    )
+    config = StepConfig(
+        optimizer=args.optimizer,
+        overlap_step=RUNTIMES[args.runtime].overlap_step,
+        overhead_s_per_param=RUNTIMES[args.runtime].overhead_s_per_param,
+    )
+    try:
+        result = plan(
+            groups,
+            topology.tiers,
+            parse_budget_args(args.budget, topology),
+            args.policy,
+            shape=shape,
+            batch=args.batch,
+            seq=args.seq,
+            rates=rates,
+            config=config,
+        )
+    except OffloadError:
+        raise
+    except ValueError as exc:  # a budget size or tier name the allocators refused
+        raise PlanError(str(exc)) from exc
+    if args.json:
+        sys.stdout.write(json.dumps(plan_to_dict(result, rates), indent=2) + "\n")
+    else:
+        print_plan(result, rates, Console())
+    return 0
