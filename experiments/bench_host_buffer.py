@@ -89,53 +89,50 @@ def alloc_seconds(make: Callable[[], object], trials: int) -> list[float]:
 
 
 def measure_alloc(nbytes: int, node: int, trials: int, pin: bool, machine: str) -> list[BenchRow]:
-    """Seconds per GiB: placed HostBuffer against torch (pin_memory=True, or empty + fill)."""
-    ours_label = f"hostbuffer(pin={pin})"
-    theirs_label = "torch.empty(pin_memory=True)" if pin else "torch.empty+fill_"
-
-    def ours() -> HostBuffer:
-        return HostBuffer(nbytes, placement=node, pin=pin)
-
-    def theirs() -> torch.Tensor:
-        if pin:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        return torch.empty(nbytes, dtype=torch.uint8).fill_(0)
-
-    ours_s, theirs_s = [], []
-    for _ in range(trials):  # alternate so drift on a shared machine hits both alike
-        ours_s += alloc_seconds(ours, 1)
-        theirs_s += alloc_seconds(theirs, 1)
-    per_gib = nbytes / GiB
-    ours_stats = summarize([s / per_gib for s in ours_s])
-    theirs_stats = summarize([s / per_gib for s in theirs_s])
-    note = "HostBuffer: mmap+mbind+MADV_HUGEPAGE+threaded populate" + (
-        "+cudaHostRegister" if pin else "; no CUDA here, nothing pinned"
-    )
-    common = dict(source="measured", machine=machine, benchmark="alloc", direction="-")
-    common |= dict(nbytes=nbytes, pinned=pin, placement=f"node{node}", unit="s/GiB")
+    """Seconds per GiB: placed HostBuffer (with and without THP) against torch's allocation."""
+    baseline = "torch.empty(pin_memory=True)" if pin else "torch.empty+fill_"
+    makers: dict[str, Callable[[], object]] = {
+        f"hostbuffer(pin={pin})": lambda: HostBuffer(nbytes, placement=node, pin=pin),
+        f"hostbuffer(pin={pin},4KiB pages)": lambda: HostBuffer(
+            nbytes, placement=node, pin=pin, huge_pages=False
+        ),
+        baseline: (
+            (lambda: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+            if pin
+            else (lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(0))
+        ),
+    }
+    samples: dict[str, list[float]] = {case: [] for case in makers}
+    for _ in range(trials):  # cases alternate so drift on a shared machine hits all alike
+        for case, make in makers.items():
+            samples[case] += [s * GiB / nbytes for s in alloc_seconds(make, 1)]
+    stats = {case: summarize(values) for case, values in samples.items()}
+    ours_note = "mmap+mbind+threaded populate" + ("+cudaHostRegister" if pin else "; no CUDA here")
+    notes = {
+        f"hostbuffer(pin={pin})": ours_note + "; MADV_HUGEPAGE",
+        f"hostbuffer(pin={pin},4KiB pages)": ours_note + "; no THP",
+        baseline: "torch baseline" + ("" if pin else "; fill_ faults the pages in"),
+    }
     return [
         BenchRow(
-            case=ours_label,
-            median=ours_stats.median,
-            p5=ours_stats.p5,
-            p95=ours_stats.p95,
-            trials=ours_stats.trials,
-            noisy=ours_stats.noisy,
-            ratio_vs_torch=theirs_stats.median / ours_stats.median,
-            note=note + "; ratio = torch s/GiB over ours (speed-up)",
-            **common,
-        ),
-        BenchRow(
-            case=theirs_label,
-            median=theirs_stats.median,
-            p5=theirs_stats.p5,
-            p95=theirs_stats.p95,
-            trials=theirs_stats.trials,
-            noisy=theirs_stats.noisy,
-            ratio_vs_torch=1.0,
-            note="torch baseline" if pin else "torch baseline; fill_ faults the pages in",
-            **common,
-        ),
+            source="measured",
+            machine=machine,
+            benchmark="alloc",
+            case=case,
+            direction="-",
+            nbytes=nbytes,
+            pinned=pin,
+            placement=f"node{node}" if case != baseline else "default",
+            unit="s/GiB",
+            median=st.median,
+            p5=st.p5,
+            p95=st.p95,
+            trials=st.trials,
+            noisy=st.noisy,
+            ratio_vs_torch=stats[baseline].median / st.median,
+            note=notes[case] + "; ratio = torch s/GiB over this (speed-up)",
+        )
+        for case, st in stats.items()
     ]
 
 
@@ -254,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", type=int, default=0, help="NUMA node to place buffers on")
     parser.add_argument("--machine", default=None, help="results folder name (default: derived)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/...)")
+    parser.add_argument("--note", default="", help="added to every row, e.g. 'shared, loaded'")
     args = parser.parse_args(argv)
     # A file or pipe gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -275,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / machine / "host_buffer.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([asdict(r) for r in rows])
+    if args.note:
+        frame["note"] = frame["note"] + "; " + args.note
     frame.insert(2, "torch", torch.__version__)
     frame.insert(3, "cpus", len(os.sched_getaffinity(0)))
     frame.to_csv(out, index=False)
