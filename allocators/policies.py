@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
-
-import pandas as pd
+from typing import TYPE_CHECKING, Literal
 
 from allocators.errors import BudgetExceededError, PlacementError
 from allocators.placement import Placement, as_placement, interleave
@@ -30,6 +28,9 @@ from allocators.striping import chunk_counts
 from allocators.tensor_classes import TensorClass, TensorGroup
 from allocators.topology import Tiers
 from allocators.units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TierName = Literal["dram", "remote_dram", "cxl"]
 BUDGET_KEYS: tuple[TierName, ...] = ("dram", "cxl", "remote_dram")
@@ -193,6 +194,8 @@ class PolicyResult:
 
     def table(self) -> pd.DataFrame:
         """Bytes per group (rows) and node (columns, ``"node 2 (cxl)"``), with a total row."""
+        import pandas as pd  # deferred: `import allocators` stays light
+
         nodes = sorted(
             {n for g in self.groups for n in g.nbytes_per_node} | set(self.budgets.node_nbytes)
         )

@@ -7,10 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from allocators.errors import BudgetExceededError
 from allocators.host_buffer import PAGE_NBYTES
@@ -21,6 +18,10 @@ from allocators.striping import DEFAULT_CHUNK_NBYTES
 from allocators.tensor_classes import TENSOR_CLASSES, TensorClass, check_tensor_class
 from allocators.topology import Topology
 from allocators.units import format_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 DEFAULT_BUDGETS: Mapping[str, str] = {"dram": "64GiB", "cxl": "256GiB"}
 _TIER_ORDER: tuple[TierName, ...] = ("dram", "remote_dram", "cxl")
@@ -105,6 +106,7 @@ class TieredAllocator:
     Raises BudgetExceededError before any memory is touched when a request would pass a node's
     budget or the free memory the node had when the topology was read.
 
+    >>> import torch
     >>> from allocators.topology import NumaNode
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 30, free_bytes=1 << 30)
     >>> topo = Topology(nodes=(node,), distances={}, gpus=(), source="example")
@@ -356,6 +358,8 @@ class TieredAllocator:
 
     def usage_frame(self) -> pd.DataFrame:
         """:meth:`usage` as a table: one row per tier (node "all") and per node, a column per class."""
+        import pandas as pd  # deferred: `import allocators` stays light
+
         records: list[dict[str, Any]] = []
         for row in self.usage():
             record: dict[str, Any] = {
