@@ -1,0 +1,264 @@
+"""Benchmark: CPU AdamW elements/s with fp32 state, bf16 grads in and bf16 params out: ours
+(optim_cpu.CPUAdamW) against torch fused AdamW and DeepSpeedCPUAdam, side by side in one run.
+
+A script, never a test. Each thread count runs in its own subprocess (OMP_NUM_THREADS set before
+any OpenMP runtime starts, so DeepSpeed's and torch's pools both get it). Torch and DeepSpeed do
+the conversions the way a user would: ``grad.float()`` before the step, ``out.copy_(param)`` after;
+ours reads bf16 grads and writes the bf16 copy in its single pass. The roofline is 28 bytes per
+element (read p, m, v fp32 + bf16 grad; write p, m, v + bf16 copy) over the triad bandwidth
+measured in the same process (torch ``add(b, c, alpha=s, out=a)``, 3 x 256 MiB, STREAM counting:
+12 bytes per element, no write-allocate).
+
+    .venv/bin/python experiments/bench_cpu_adam.py                      # all sizes, 2 threads
+    .venv/bin/python experiments/bench_cpu_adam.py --threads 1,4,8,16 --sizes 21M,68M
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from experiments.bench_host_buffer import machine_name
+from profilers.trial_stats import MIN_TRIALS, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = {"1.84M": 1_840_000, "21M": 20_970_000, "68M": 67_900_000, "671M": 671_000_000}
+ROOFLINE_BYTES_PER_ELEM = 28
+TRIAD_ELEMS = 64 << 20
+# Bytes each implementation holds per element at its peak (state, grads, copies), used to skip
+# sizes that do not fit: ours p,m,v + bf16 grad + bf16 out; the others add a fp32 grad.
+PEAK_BYTES_PER_ELEM = {"ours": 16, "torch_fused": 20, "deepspeed": 20}
+IMPLS = ("ours", "torch_fused", "deepspeed")
+
+
+@dataclass(frozen=True)
+class AdamRow:
+    """One implementation at one size and thread count; ratios compare rows of the same run."""
+
+    source: str
+    machine: str
+    impl: str
+    n_elems: int
+    threads: int
+    elems_per_s: float
+    step_ms: float
+    p5_elems_per_s: float
+    p95_elems_per_s: float
+    trials: int
+    noisy: bool
+    triad_gib_per_s: float
+    roofline_fraction: float
+    ratio_vs_torch_fused: float | None
+    ratio_vs_deepspeed: float | None
+    kernel: str
+    note: str
+
+
+def triad_gib_per_s(trials: int) -> float:
+    """Median triad bandwidth a = b + s*c with torch's threads (STREAM byte counting)."""
+    a, b, c = (torch.ones(TRIAD_ELEMS) for _ in range(3))
+    rates = []
+    for _ in range(trials + 1):
+        start = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        rates.append(12 * TRIAD_ELEMS / (time.perf_counter() - start) / 2**30)
+    return summarize(rates[1:]).median
+
+
+def _time_steps(step: Callable[[], None], trials: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(n, generator=gen)
+    grad = torch.randn(n, generator=gen).bfloat16()
+    return param, grad, torch.empty(n, dtype=torch.bfloat16)
+
+
+def run_ours(n: int, threads: int, trials: int, warmup: int) -> tuple[list[float], str]:
+    from optim_cpu import CPUAdamW
+
+    param, grad, out = _inputs(n)
+    opt = CPUAdamW([param], lr=1e-3, weight_decay=0.01, threads=threads)
+    opt.bind_buffers(param, grad=grad, out=out)
+    try:
+        return _time_steps(opt.step, trials, warmup), opt.kernel_name
+    finally:
+        opt.close()
+
+
+def run_torch_fused(n: int, threads: int, trials: int, warmup: int) -> tuple[list[float], str]:
+    param, grad, out = _inputs(n)
+    param.requires_grad_()
+    opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, fused=True)
+
+    def step() -> None:
+        param.grad = grad.float()
+        opt.step()
+        out.copy_(param.detach())
+
+    return _time_steps(step, trials, warmup), "torch._fused_adamw_"
+
+
+def run_deepspeed(n: int, threads: int, trials: int, warmup: int) -> tuple[list[float], str]:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    param, grad, out = _inputs(n)
+    param = torch.nn.Parameter(param)
+    opt = DeepSpeedCPUAdam([param], lr=1e-3, weight_decay=0.01, adamw_mode=True)
+
+    def step() -> None:
+        param.grad = grad.float()
+        opt.step()
+        out.copy_(param.detach())
+
+    return _time_steps(step, trials, warmup), "DeepSpeedCPUAdam"
+
+
+RUNNERS = {"ours": run_ours, "torch_fused": run_torch_fused, "deepspeed": run_deepspeed}
+
+
+def worker(threads: int, sizes: list[str], trials: int, warmup: int, machine: str) -> None:
+    """Measure every implementation at every size with ``threads`` threads; print JSON rows."""
+    torch.set_num_threads(threads)
+    triad = triad_gib_per_s(trials)
+    for label in sizes:
+        n = SIZES[label]
+        for impl in IMPLS:
+            need = PEAK_BYTES_PER_ELEM[impl] * n
+            base = AdamRow("measured", machine, impl, n, threads, 0.0, 0.0, 0.0, 0.0, 0, False,
+                           triad, 0.0, None, None, "", "")  # fmt: skip
+            available = psutil.virtual_memory().available
+            if need > 0.8 * available:
+                row = replace(base, note=f"skipped: needs {need / 2**30:.1f} GiB, "
+                              f"{available / 2**30:.1f} GiB available")  # fmt: skip
+            else:
+                try:
+                    seconds, kernel = RUNNERS[impl](n, threads, trials, warmup)
+                    stats = summarize([n / s for s in seconds])
+                    row = replace(
+                        base,
+                        elems_per_s=stats.median,
+                        step_ms=1e3 * n / stats.median,
+                        p5_elems_per_s=stats.p5,
+                        p95_elems_per_s=stats.p95,
+                        trials=stats.trials,
+                        noisy=stats.noisy,
+                        roofline_fraction=stats.median * ROOFLINE_BYTES_PER_ELEM / (triad * 2**30),
+                        kernel=kernel,
+                    )
+                except Exception as exc:  # a row that says why beats a crashed sweep
+                    row = replace(base, note=f"failed: {type(exc).__name__}: {exc}"[:300])
+            gc.collect()
+            print(json.dumps(asdict(row)), flush=True)
+
+
+def add_ratios(rows: list[AdamRow]) -> list[AdamRow]:
+    """Fill ratio columns: each row's elems/s over torch fused's and DeepSpeed's in the same cell."""
+    by_key = {(r.impl, r.n_elems, r.threads): r.elems_per_s for r in rows}
+    out = []
+    for r in rows:
+        torch_rate = by_key.get(("torch_fused", r.n_elems, r.threads)) or 0.0
+        ds_rate = by_key.get(("deepspeed", r.n_elems, r.threads)) or 0.0
+        out.append(
+            replace(
+                r,
+                ratio_vs_torch_fused=r.elems_per_s / torch_rate
+                if torch_rate and r.elems_per_s
+                else None,
+                ratio_vs_deepspeed=r.elems_per_s / ds_rate if ds_rate and r.elems_per_s else None,
+            )
+        )
+    return out
+
+
+def render(rows: list[AdamRow], console: Console) -> None:
+    table = Table(title=f"CPU AdamW, bf16 grads in, bf16 params out ({rows[0].machine})")
+    for col in (
+        "impl",
+        "N",
+        "threads",
+        "G elem/s",
+        "step ms",
+        "x torch",
+        "x DS",
+        "roofline",
+        "note",
+    ):
+        table.add_column(col, justify="left" if col in ("impl", "note") else "right")
+    for r in rows:
+        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        table.add_row(
+            r.impl, f"{r.n_elems / 1e6:.2f}M", str(r.threads),
+            f"{r.elems_per_s / 1e9:.3f}" if r.elems_per_s else "-",
+            f"{r.step_ms:.2f}" if r.step_ms else "-",
+            fmt(r.ratio_vs_torch_fused), fmt(r.ratio_vs_deepspeed),
+            f"{r.roofline_fraction:.0%}" if r.elems_per_s else "-", r.note or r.kernel,
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"triad (torch add, STREAM counting): {rows[0].triad_gib_per_s:.1f} GiB/s at "
+        f"{rows[0].threads} threads; roofline = {ROOFLINE_BYTES_PER_ELEM} B/elem over it"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"from {list(SIZES)}")
+    parser.add_argument("--threads", default="2", help="comma list, e.g. 1,4,8,16")
+    parser.add_argument("--trials", type=int, default=MIN_TRIALS)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--machine", default=None, help="results folder name (default: detected)")
+    parser.add_argument("--out", default="cpu_adam.csv")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",")]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes {unknown} unknown; write some of {','.join(SIZES)}")
+    machine = args.machine or machine_name()
+    if args.worker is not None:
+        worker(args.worker, sizes, args.trials, args.warmup, machine)
+        return
+    rows: list[AdamRow] = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, __file__, "--worker", str(threads), "--sizes", args.sizes,
+               "--trials", str(args.trials), "--warmup", str(args.warmup), "--machine", machine]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 and not lines:
+            sys.exit(f"worker for {threads} threads failed:\n{done.stderr[-3000:]}")
+        rows.extend(AdamRow(**json.loads(ln)) for ln in lines)
+    rows = add_ratios(rows)
+    render(rows, Console())
+    folder = RESULTS / machine
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([asdict(r) for r in rows]).to_csv(folder / args.out, index=False)
+    print(f"wrote {folder / args.out}")
+
+
+if __name__ == "__main__":
+    main()
