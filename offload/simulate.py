@@ -54,6 +54,7 @@ class StepConfig:
     - ``offload_params``: bf16 parameters live on the host and stream in per layer (ZeRO-3, the
       paper's setting); False keeps them on the GPU (ZeRO-2) and copies them back after the step.
     - ``recompute``: layers are recomputed from their input checkpoints in backward.
+    - ``offload_activations``: those checkpoints go to the host (False: they stay in HBM).
     - ``overlap_step``: the CPU optimizer steps finished gradient buckets during backward (our
       runtime); False steps after backward (DeepSpeed, the paper).
     - ``overhead_s_per_param``: a framework's fixed per-step cost per parameter.
@@ -65,6 +66,7 @@ class StepConfig:
     optimizer: str = "adam"
     offload_params: bool = True
     recompute: bool = True
+    offload_activations: bool = True
     overlap_step: bool = False
     overhead_s_per_param: float = 0.0
     gpu: GpuModel = field(default_factory=GpuModel)
@@ -127,8 +129,6 @@ def phase_traffic(
     state = _STATE_NBYTES_PER_PARAM[config.optimizer] * p
     rows: list[tuple[str, str, str, float]] = [
         ("params", "step_cpu", "cpu", 2 * p),
-        ("activations", "forward", "d2h", activations),
-        ("activations", "backward", "h2d", activations),
         ("grads", "backward", "d2h", 2 * p),
         ("grads", "backward", "cpu", 2 * p),
         ("master_grads", "backward", "cpu", 4 * p),
@@ -138,6 +138,11 @@ def phase_traffic(
         ("optimizer_state", "step_cpu", "cpu", state),
         ("optimizer_state", "step_cpu", "cpu", state),
     ]
+    if config.offload_activations:
+        rows += [
+            ("activations", "forward", "d2h", activations),
+            ("activations", "backward", "h2d", activations),
+        ]
     if config.offload_params:
         rows += [("params", "forward", "h2d", 2 * p), ("params", "backward", "h2d", 2 * p)]
     else:
