@@ -1,0 +1,43 @@
+"""Figure: fine-tuning throughput relative to local_only, by strategy, for each model, number of
+CXL cards and (micro-batch, sequence) point (reads experiments/results/*/end_to_end.csv only)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from plots.figure_io import load, save, source_label
+
+
+def plot(runtime: str = "deepspeed-zero3") -> plt.Figure:
+    """Grouped bars of tokens/s / local_only, one panel per (model, cards).
+
+    >>> len(plot().axes)
+    4
+    """
+    frame = load("end_to_end.csv")
+    frame = frame[(frame["runtime"] == runtime) & (frame["source"] == "simulated")]
+    strategies = list(dict.fromkeys(frame["strategy"]))
+    panels = list(dict.fromkeys(zip(frame["model"], frame["cards"], strict=True)))
+    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(13, 7), sharey=True)
+    for ax, (model, cards) in zip(axes.flat, panels, strict=True):
+        panel = frame[(frame["model"] == model) & (frame["cards"] == cards)]
+        points = list(dict.fromkeys(zip(panel["batch"], panel["seq"], strict=True)))
+        x = np.arange(len(points))
+        width = 0.8 / len(strategies)
+        for i, strategy in enumerate(strategies):
+            rows = panel[panel["strategy"] == strategy]
+            ax.bar(x + i * width, rows["vs_local_only"], width, label=strategy)
+        ax.set_xticks(x + 0.4 - width / 2, [f"b{b} s{s // 1024}K" for b, s in points])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylim(0.7, 1.1)
+        ax.set_title(f"{model}, {cards} CXL card{'s' if cards > 1 else ''}")
+        ax.set_ylabel("tokens/s vs local_only")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"End-to-end ({runtime} runtime): {source_label(frame)}")
+    return fig
+
+
+if __name__ == "__main__":
+    print(save(plot(), "fig_end_to_end"))
+    print(save(plot("ours"), "fig_end_to_end_ours"))
