@@ -2,3 +2,9 @@
 
 Entry points are re-exported here; the machinery lives in the sibling modules.
 """
+
+from offload.config import ConfigError, OffloadConfig
+from offload.enable import enable
+from offload.session import OffloadSession
+
+__all__ = ["ConfigError", "OffloadConfig", "OffloadSession", "enable"]

@@ -17,7 +17,7 @@ from allocators.units import parse_size
 
 ACTIVATION_MODES = ("off", "saved_tensors", "checkpoint")
 POLICIES = ("local_only", "naive_interleave", "cxl_aware")
-BUDGET_TIERS = ("dram", "cxl")
+BUDGET_TIERS = ("dram", "cxl", "remote_dram")
 
 
 class ConfigError(OffloadError, ValueError):
@@ -37,7 +37,10 @@ class OffloadConfig:
       buckets be stepped while backward still runs (``overlap_step``) without changing results.
     - ``max_grad_norm``: clip by global norm (as ``torch.nn.utils.clip_grad_norm_``); the norm needs
       every gradient, so buckets then step at ``optimizer.step()``.
-    - ``policy`` and ``budgets`` (bytes per host tier) decide where host buffers go.
+    - ``policy`` and ``budgets`` (bytes per host tier) decide where host buffers go; the plan
+      sizes activation checkpoints for micro-batches of ``plan_tokens`` tokens.
+    - ``overlap_step`` steps buckets early: hyper-parameters are read when a bucket finishes in
+      backward, so set lr before backward (as LR schedulers do), or turn it off.
 
     >>> OffloadConfig.from_kwargs(budgets={"dram": "2GiB"}, activations="checkpoint").budgets
     {'dram': 2147483648}
@@ -54,6 +57,7 @@ class OffloadConfig:
     max_grad_norm: float | None = None
     overlap_step: bool = True
     optimizer_threads: int | None = None
+    plan_tokens: int = 8192
 
     def __post_init__(self) -> None:
         _check_choice("activations", self.activations, ACTIVATION_MODES)
@@ -70,6 +74,7 @@ class OffloadConfig:
         _check_int("grad_accumulation_steps", self.grad_accumulation_steps, minimum=1)
         _check_int("bucket_nbytes", self.bucket_nbytes, minimum=1)
         _check_int("activation_min_nbytes", self.activation_min_nbytes, minimum=0)
+        _check_int("plan_tokens", self.plan_tokens, minimum=1)
         if self.optimizer_threads is not None:
             _check_int("optimizer_threads", self.optimizer_threads, minimum=1)
         norm = self.max_grad_norm

@@ -7,7 +7,7 @@ Exactness (the default gives the same result as the user's optimizer on the devi
   no clipping by global norm is asked for; per-parameter optimizers (Adam, AdamW, Lion, SGD) do
   not depend on the order in which parameters are stepped, so this changes no value;
 - with ``max_grad_norm`` every step waits for ``optimizer.step()``, where the norm of all the
-  host gradients is known, and clips with ``torch.nn.utils.clip_grad_norm_`` itself;
+  host gradients is known, and clips with the norm and coefficient of torch.nn.utils.clip_grad_norm_;
 - micro-step gradients are summed on the host in the parameter's dtype, in arrival order, the
   same additions autograd would have made into ``param.grad``.
 This module must not touch the user's loop: the user's optimizer object is patched in place by
@@ -29,15 +29,30 @@ from offload.host_optimizer import HostOptimizer
 from offload.streams import CopyEvent, CopyStreams
 
 
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale ``grads`` in place as ``torch.nn.utils.clip_grad_norm_`` scales ``param.grad``s,
+    with the same norm and the same clamped coefficient; return the total norm.
+
+    >>> g = [torch.full((4,), 3.0)]
+    >>> float(clip_by_global_norm(g, 1.0)), round(float(g[0].norm()), 4)
+    (6.0, 1.0)
+    """
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(coef.to(grad.device))
+    return total
+
+
 @dataclass(eq=False)
 class ParamSlot:
     """One trainable parameter and its host copies: fp32 master and gradient (param dtype)."""
 
     param: nn.Parameter
     group_index: int
-    master: torch.Tensor
-    grad: torch.Tensor
-    staging: torch.Tensor
+    master: torch.Tensor | None
+    grad: torch.Tensor | None
+    staging: torch.Tensor | None
     half: torch.Tensor | None
     arrivals: int = 0
     pending_add: CopyEvent | None = None
@@ -273,7 +288,7 @@ class OptimizerOffload:
             self._land(bucket, step=False)
         if self.max_grad_norm is not None:
             grads = [s.grad for s in self.slots if s.arrivals > 0]
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+            self.last_grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
         for bucket in self.buckets:
             if not bucket.stepped:
                 self._step_bucket(bucket)
@@ -351,6 +366,10 @@ class OptimizerOffload:
         self._slot_of.clear()
         self._bucket_of.clear()
         for bucket in self.buckets:
+            # A traceback may still hold a slot (an error raised in a gradient hook): cut its
+            # views so the blocks can go back to the pool.
+            for slot in bucket.slots:
+                slot.master = slot.grad = slot.staging = slot.half = None
             bucket.slots = []
             for block in bucket.blocks:
                 self.memory.release(block)

@@ -1,0 +1,109 @@
+"""offload.enable(): the one call a training loop adds. It reads the config, the machine and the
+plan, and builds an OffloadSession; it must not hold any offload logic of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from allocators.errors import OffloadError
+from allocators.sysfs_topology import discover
+from allocators.tiered import DEFAULT_BUDGETS
+from allocators.topology import Topology
+from offload.activation_offload import find_layers
+from offload.config import OffloadConfig, resolve_config
+from offload.host_memory import HostMemory, plan_placements
+from offload.session import OffloadSession
+from offload.streams import CopyStreams
+
+
+def enable(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    activations: bool | str = True,
+    optimizer_offload: bool = True,
+    policy: str = "cxl_aware",
+    budgets: dict[str, int | str] | None = None,
+    config: OffloadConfig | str | Path | None = None,
+    *,
+    topology: Topology | None = None,
+    **kwargs: Any,
+) -> OffloadSession:
+    """Offload ``model``'s activations and ``optimizer``'s state to host memory tiers.
+
+    The training loop stays as it was (``loss.backward(); optimizer.step();
+    optimizer.zero_grad()``): the optimizer object is patched in place and hooks do the rest.
+
+    Args:
+        model: an ``nn.Module`` (Hugging Face models included, with or without their own
+            gradient checkpointing); its parameters' device is the device offloaded from.
+        optimizer: the user's optimizer over ``model``'s parameters (None: activations only).
+        activations: True (``"saved_tensors"``), ``"checkpoint"`` (the paper's mode: keep only
+            each decoder layer's input, on the host) or False.
+        optimizer_offload: keep fp32 masters and optimizer state on the host, step there.
+        policy, budgets: where host buffers go (``local_only``, ``naive_interleave``,
+            ``cxl_aware``) and how much each tier may hold, e.g. ``{"dram": "64GiB"}``.
+        config: an OffloadConfig or a YAML file; keyword arguments override it, and it overrides
+            OFFLOAD_* environment variables. Other settings (``max_grad_norm``,
+            ``grad_accumulation_steps``, ``bucket_nbytes``, ...) are keyword arguments too.
+        topology: the machine (default: discovered from /sys).
+
+    Raises:
+        ConfigError: a setting has a wrong value (the message says what to write).
+        OffloadError: the optimizer cannot be offloaded (the message says what to use).
+
+    >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> with enable(model, opt, budgets={"dram": "1GiB"}) as sess:
+    ...     model(torch.randn(4, 8)).sum().backward(); opt.step(); opt.zero_grad()
+    ...     len(sess.report())
+    1
+    """
+    explicit = {
+        name: value
+        for name, value, default in (
+            ("activations", activations, True),
+            ("optimizer_offload", optimizer_offload, True),
+            ("policy", policy, "cxl_aware"),
+            ("budgets", budgets, None),
+        )
+        if value != default
+    }
+    settings = resolve_config(config, **explicit, **kwargs)
+    device = _device_of(model)
+    topology = topology or discover()
+    layers = find_layers(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 1
+    tier_budgets = settings.budgets or dict(DEFAULT_BUDGETS)
+    placements = plan_placements(
+        topology,
+        settings.policy,
+        tier_budgets,
+        n_params=max(n_params, 1),
+        hidden=hidden,
+        layers=max(len(layers) if layers is not None else 1, 1),
+        tokens=settings.plan_tokens,
+    )
+    memory = HostMemory(topology, tier_budgets, placements)
+    try:
+        return OffloadSession(
+            model, optimizer, settings, memory, CopyStreams(device), layers=layers
+        )
+    except BaseException:
+        memory.close()
+        raise
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise OffloadError(
+            f"the model's parameters are on {sorted(map(str, devices)) or 'no device'}; "
+            "offload.enable() needs a model on one device: call model.to('cuda') first"
+        )
+    return devices.pop()

@@ -1,0 +1,237 @@
+"""OffloadSession: what offload.enable() returns. It owns the installed pieces, records one row per
+optimizer step, and undoes everything on disable(). It must not decide what to offload.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import psutil
+import torch
+from torch import nn
+
+from offload.activation_offload import ActivationOffloader
+from offload.checkpoint_offload import LayerCheckpointing
+from offload.config import OffloadConfig
+from offload.host_memory import HostMemory
+from offload.optimizer_offload import OptimizerOffload
+from offload.optimizer_patch import OptimizerPatch
+from offload.streams import CopyStreams
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step: phase times (ms), bytes moved and achieved rates, memory."""
+
+    step: int
+    forward_ms: float
+    backward_ms: float
+    optimizer_ms: float
+    wait_ms: float
+    d2h_nbytes: int
+    h2d_nbytes: int
+    d2h_gb_per_s: float
+    h2d_gb_per_s: float
+    hidden_transfer_fraction: float
+    peak_hbm_nbytes: int | None
+    host_rss_nbytes: int
+
+
+class _PhaseClock:
+    """Host timestamps of forward start/end and step start/end, kept per step."""
+
+    def __init__(self) -> None:
+        self.forward_ms = 0.0
+        self._forward_start: float | None = None
+        self._last_forward_end: float | None = None
+        self.step_start: float | None = None
+
+    def forward_started(self) -> None:
+        self._forward_start = time.perf_counter()
+
+    def forward_ended(self) -> None:
+        if self._forward_start is not None:
+            now = time.perf_counter()
+            self.forward_ms += (now - self._forward_start) * 1e3
+            self._last_forward_end = now
+            self._forward_start = None
+
+    def backward_ms(self, step_start: float) -> float:
+        # Backward (and whatever the loop does before step()) ran since the last forward ended.
+        if self._last_forward_end is None:
+            return 0.0
+        return max(0.0, (step_start - self._last_forward_end) * 1e3)
+
+    def reset(self) -> None:
+        self.forward_ms = 0.0
+        self._last_forward_end = None
+
+
+class OffloadSession:
+    """The running offload of one model and optimizer; use :func:`offload.enable` to make one.
+
+    ``report()`` gives a DataFrame with a row per optimizer step; ``disable()`` (or leaving a
+    ``with`` block) puts model and optimizer back as they were, keeping what training changed
+    (parameter values, optimizer state), and frees every host block.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: OffloadConfig,
+        memory: HostMemory,
+        streams: CopyStreams,
+        *,
+        layers: nn.ModuleList | None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.memory = memory
+        self.streams = streams
+        self.records: list[StepRecord] = []
+        self.steps = 0
+        self._clock = _PhaseClock()
+        self._enabled = True
+        self._checkpointing: LayerCheckpointing | None = None
+        self._activations: ActivationOffloader | None = None
+        self._optimizer: OptimizerOffload | None = None
+        self._patch: OptimizerPatch | None = None
+        self._hooks = [
+            model.register_forward_pre_hook(lambda *_: self._clock.forward_started()),
+            model.register_forward_hook(lambda *_: self._clock.forward_ended(), always_call=True),
+        ]
+        try:
+            self._install(layers)
+        except BaseException:
+            self.disable()
+            raise
+
+    def _install(self, layers: nn.ModuleList | None) -> None:
+        config = self.config
+        if config.activations == "checkpoint" and layers is not None:
+            self._checkpointing = LayerCheckpointing(layers)
+        if config.activations != "off":
+            self._activations = ActivationOffloader(
+                self.model,
+                self.memory,
+                self.streams,
+                min_nbytes=config.activation_min_nbytes,
+                prefetch_layers=config.prefetch_layers,
+                layers=layers,
+            )
+        if config.optimizer_offload and self.optimizer is not None:
+            self._optimizer = OptimizerOffload(
+                self.optimizer,
+                self.memory,
+                self.streams,
+                bucket_nbytes=config.bucket_nbytes,
+                grad_accumulation_steps=config.grad_accumulation_steps,
+                max_grad_norm=config.max_grad_norm,
+                overlap_step=config.overlap_step,
+                threads=config.optimizer_threads,
+            )
+            self._patch = OptimizerPatch(self.optimizer, self._optimizer, self._record_step)
+        if self.streams.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.streams.device)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The total gradient norm of the last step when ``max_grad_norm`` clips (else None)."""
+        return self._optimizer.last_grad_norm if self._optimizer else None
+
+    def _record_step(self) -> None:
+        now = time.perf_counter()
+        opt = self._optimizer
+        optimizer_ms = opt.optimizer_ms if opt else 0.0
+        step_start = now - optimizer_ms / 1e3
+        counters = self.streams.collect()
+        transfer_ms = counters.d2h_ms + counters.h2d_ms
+        wait_ms = counters.wait_ms + (opt.wait_ms if opt else 0.0)
+        hidden = 1.0 - min(1.0, wait_ms / transfer_ms) if transfer_ms > 0 else 0.0
+        peak = None
+        if self.streams.is_cuda:
+            peak = torch.cuda.max_memory_allocated(self.streams.device)
+            torch.cuda.reset_peak_memory_stats(self.streams.device)
+        record = StepRecord(
+            step=self.steps,
+            forward_ms=self._clock.forward_ms,
+            backward_ms=self._clock.backward_ms(step_start),
+            optimizer_ms=optimizer_ms,
+            wait_ms=wait_ms,
+            d2h_nbytes=counters.d2h_nbytes,
+            h2d_nbytes=counters.h2d_nbytes,
+            d2h_gb_per_s=_gb_per_s(counters.d2h_nbytes, counters.d2h_ms),
+            h2d_gb_per_s=_gb_per_s(counters.h2d_nbytes, counters.h2d_ms),
+            hidden_transfer_fraction=hidden,
+            peak_hbm_nbytes=peak,
+            host_rss_nbytes=psutil.Process().memory_info().rss,
+        )
+        row = asdict(record)
+        for (direction, tier), nbytes in sorted(counters.nbytes_by_tier.items()):
+            row[f"{direction}_{tier}_nbytes"] = nbytes
+        for tier, nbytes in self.memory.tier_nbytes().items():
+            row[f"host_{tier}_nbytes"] = nbytes
+        self.records.append(row)
+        self.steps += 1
+        self._clock.reset()
+        if opt:
+            opt.optimizer_ms = 0.0
+            opt.wait_ms = 0.0
+
+    def report(self) -> pd.DataFrame:
+        """One row per optimizer step: phase ms, bytes and GB/s per direction (and per tier),
+        hidden transfer fraction, peak HBM (None on CPU), host RSS and host bytes per tier.
+
+        On CPU every copy is synchronous, so ``hidden_transfer_fraction`` is 0 there.
+        """
+        return pd.DataFrame.from_records(self.records)
+
+    def state_dict(self) -> dict:
+        """Steps taken, the report rows, and the (offloaded) optimizer state with fp32 masters."""
+        state = {"steps": self.steps, "records": list(self.records)}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: optimizer state and masters, step count, report."""
+        self.steps = int(state["steps"])
+        self.records = list(state.get("records", []))
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def disable(self) -> None:
+        """Remove every hook and patch, give the optimizer its state back, free host memory."""
+        if not self._enabled:
+            return
+        self._enabled = False
+        for hook in self._hooks:
+            hook.remove()
+        if self._patch is not None:
+            self._patch.remove()
+            self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)
+        if self._optimizer is not None:
+            self._optimizer.close()
+        if self._activations is not None:
+            self._activations.remove()
+        if self._checkpointing is not None:
+            self._checkpointing.remove()
+        self.memory.close()
+
+    def __enter__(self) -> OffloadSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.disable()
+
+
+def _gb_per_s(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e6) if ms > 0 else 0.0
