@@ -10,6 +10,11 @@ SUBCOMMANDS = (
     "profilers.cli_topology",
     "profilers.cli_latency",
     "profilers.cli_memory",
+    "profilers.cli_bandwidth",
+    "profilers.cli_optimizer",
+    "profilers.cli_contention",
+    "profilers.cli_pinning",
+    "profilers.cli_all",
 )
 
 

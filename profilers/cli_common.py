@@ -58,7 +58,7 @@ def default_out_dir() -> Path:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """``--out``, ``--quick``, ``--trials``, ``--nodes`` and ``--plot``."""
+    """``--out``, ``--quick``, ``--trials``, ``--nodes``, ``--plot`` and ``--cpu-node``."""
     parser.add_argument(
         "--out",
         type=Path,
@@ -73,6 +73,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--nodes", default=None, help="NUMA nodes to measure, e.g. 0,2-3 (default: all with memory)"
     )
     parser.add_argument("--plot", action="store_true", help="also write PNG figures through plots/")
+    parser.add_argument(
+        "--cpu-node",
+        type=int,
+        default=None,
+        help="node whose cores run CPU threads (default: the GPU's node)",
+    )
 
 
 def machine_topology() -> Topology:
@@ -178,13 +184,18 @@ def write_outcomes(
     return out
 
 
+def check_trials(args: argparse.Namespace) -> None:
+    """Refuse ``--trials`` below MIN_TRIALS with a message saying what to write."""
+    if args.trials < MIN_TRIALS:
+        raise OptionError(f"--trials {args.trials}: write at least {MIN_TRIALS}")
+
+
 def run_single(
     args: argparse.Namespace, measure: Callable[[argparse.Namespace, Topology, Console], Outcome]
 ) -> int:
     """Run one measurement subcommand end to end; the exit code is 0."""
     console = Console()
-    if args.trials < MIN_TRIALS:
-        raise OptionError(f"--trials {args.trials}: write at least {MIN_TRIALS}")
+    check_trials(args)
     topology = machine_topology()
     outcome = measure(args, topology, console)
     write_outcomes(args, [outcome], topology, console)

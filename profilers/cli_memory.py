@@ -61,10 +61,4 @@ def register(subparsers) -> None:
         "memory", help="CPU read/write/copy/triad GiB/s per NUMA node and thread count"
     )
     add_common_options(parser)
-    parser.add_argument(
-        "--cpu-node",
-        type=int,
-        default=None,
-        help="node whose cores run the threads (default: the GPU's node)",
-    )
     parser.set_defaults(func=lambda args: run_single(args, measure))

@@ -35,8 +35,7 @@ def rows_table(rows: Sequence[ResultRow], title: str) -> Table:
     >>> rows_table([row], "latency").row_count
     1
     """
-    table = Table(title=title, title_justify="left")
-    for header in (
+    headers = (
         "case",
         "placement",
         "size",
@@ -47,16 +46,12 @@ def rows_table(rows: Sequence[ResultRow], title: str) -> Table:
         "median",
         "p5..p95",
         "flags",
-    ):
-        table.add_column(
-            header, justify="right" if header in ("size", "median", "p5..p95") else "left"
-        )
-    for r in rows:
-        size = format_bytes(r.nbytes) if not r.elements else f"{r.elements / 1e6:.2f}M elem"
-        table.add_row(
+    )
+    lines = [
+        (
             r.case,
             r.placement,
-            size,
+            format_bytes(r.nbytes) if not r.elements else f"{r.elements / 1e6:.3g}M elem",
             r.page_size,
             str(r.threads),
             str(r.streams) if r.streams else "",
@@ -65,6 +60,17 @@ def rows_table(rows: Sequence[ResultRow], title: str) -> Table:
             f"{r.p5:.4g}..{r.p95:.4g}",
             _flags(r),
         )
+        for r in rows
+    ]
+    # Columns empty in every row (no streams on a CPU run, no flags) only cost width.
+    keep = [i for i in range(len(headers)) if any(line[i] for line in lines)]
+    table = Table(title=title, title_justify="left")
+    for i in keep:
+        table.add_column(
+            headers[i], justify="right" if headers[i] in ("size", "median", "p5..p95") else "left"
+        )
+    for line in lines:
+        table.add_row(*(line[i] for i in keep))
     return table
 
 
