@@ -1,0 +1,84 @@
+"""Experiments and plots: result files carry their source, the simulated end-to-end sweep shows what
+the issue asks it to show, and each figure builds from the committed CSVs."""
+
+import importlib
+
+import pandas as pd
+import pytest
+
+from experiments import exp_end_to_end, exp_phase_ablation, validate_simulator
+from experiments.results_io import write_results
+
+
+@pytest.fixture(scope="module")
+def end_to_end():
+    rows = pd.DataFrame(exp_end_to_end.simulated_rows(["qwen2.5-7b"]))
+    return rows[rows["runtime"] == "deepspeed-zero3"]
+
+
+def test_a_row_without_a_source_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="source"):
+        write_results([{"machine": "m", "v": 1}], tmp_path / "r.csv")
+
+
+def test_a_source_other_than_measured_or_simulated_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="measured"):
+        write_results([{"source": "guessed", "machine": "m"}], tmp_path / "r.csv")
+
+
+def test_cxl_aware_keeps_97_to_100_percent_with_one_card(end_to_end):
+    ratio = end_to_end.query("strategy == 'cxl_aware' and cards == 1")["vs_local_only"]
+    assert ratio.min() >= 0.96 and ratio.max() <= 1.0 + 1e-9
+
+
+def test_cxl_aware_keeps_all_of_it_with_two_cards(end_to_end):
+    ratio = end_to_end.query("strategy == 'cxl_aware' and cards == 2")["vs_local_only"]
+    assert ratio.min() == pytest.approx(1.0, abs=0.005)
+
+
+def test_naive_interleave_loses_up_to_about_a_fifth(end_to_end):
+    ratio = end_to_end.query("strategy == 'naive_interleave'")["vs_local_only"]
+    assert 0.75 <= ratio.min() <= 0.85
+
+
+def test_planned_is_never_below_cxl_aware(end_to_end):
+    frame = end_to_end.pivot_table(
+        index=["cards", "batch", "seq"], columns="strategy", values="tokens_per_s"
+    )
+    assert (frame["planned"] >= frame["cxl_aware"] * (1 - 1e-9)).all()
+
+
+def test_moving_the_optimizer_group_to_cxl_hurts_most():
+    rows = pd.DataFrame(exp_phase_ablation.simulated_rows(["qwen2.5-7b"]))
+    worst = rows.groupby("moved")["slowdown"].max()
+    assert worst.idxmax() == "latency_critical"
+
+
+def test_the_held_out_measured_run_is_predicted_within_ten_percent():
+    rows = validate_simulator.reference_rows()
+    held_out = [r for r in rows if r["role"] == "validates" and r["source"] == "simulated"]
+    assert held_out and all(abs(r["error"]) < 0.10 for r in held_out)
+
+
+def test_a_report_is_compared_phase_by_phase():
+    report = pd.DataFrame(
+        {"forward_ms": [500.0] * 5, "backward_ms": [900.0] * 5, "optimizer_ms": [50.0] * 5}
+    )
+    table = validate_simulator.compare_report(
+        report,
+        "llama-1.1b",
+        1,
+        8192,
+        validate_simulator.h100_rates(),
+        validate_simulator.OUR_RUNTIME,
+    )
+    assert table.set_index("phase").loc["total", "measured_s"] == pytest.approx(1.45)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["fig_dma", "fig_cpu_optimizer", "fig_end_to_end", "fig_phase_ablation", "fig_striping"],
+)
+def test_each_figure_builds_from_the_committed_results(module):
+    figure = importlib.import_module(f"plots.{module}").plot()
+    assert figure.axes and figure.get_suptitle() + figure.axes[0].get_title()
