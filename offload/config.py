@@ -104,7 +104,7 @@ class OffloadConfig:
             values["activations"] = _activation_mode(values["activations"])
         for name in ("bucket_nbytes", "activation_min_nbytes"):
             if name in values:
-                values[name] = parse_size(values[name], what=name)
+                values[name] = _size(values[name], name)
         if "budgets" in values:
             values["budgets"] = _parse_budgets(values["budgets"])
         return cls(**values)
@@ -221,7 +221,14 @@ def _parse_budgets(budgets: Any) -> dict[str, int]:
         raise ConfigError(
             f"budgets = {budgets!r} is not a mapping; write {{'dram': '64GiB', 'cxl': '256GiB'}}"
         )
-    return {str(k): parse_size(v, what=f"budget {k!r}") for k, v in budgets.items()}
+    return {str(k): _size(v, f"budget {k!r}") for k, v in budgets.items()}
+
+
+def _size(value: Any, what: str) -> int:
+    try:
+        return parse_size(value, what=what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _from_env_text(name: str, raw: str) -> Any:

@@ -1,0 +1,162 @@
+"""The runtime's parts on their own: copy streams, activation hooks, the optimizer patch; the CUDA
+paths run only where a GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from allocators.sysfs_topology import discover
+from offload.activation_offload import ActivationOffloader, find_layers
+from offload.host_memory import HostMemory
+from offload.optimizer_offload import OptimizerOffload
+from offload.optimizer_patch import OptimizerPatch
+from offload.streams import CopyStreams
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def memory():
+    mem = HostMemory(discover(), {"dram": "1GiB"})
+    yield mem
+    mem.close()
+
+
+def test_cpu_copies_are_counted_per_direction_and_tier():
+    streams = CopyStreams(torch.device("cpu"))
+    host = torch.empty(8)
+    streams.d2h(torch.ones(8), host, {"dram": 0.5, "cxl": 0.5})
+    streams.h2d(host, torch.empty(8))
+    counters = streams.collect()
+    assert (counters.d2h_nbytes, counters.h2d_nbytes) == (32, 32)
+    assert counters.nbytes_by_tier == {("d2h", "dram"): 16, ("d2h", "cxl"): 16, ("h2d", "dram"): 32}
+    assert streams.collect().d2h_nbytes == 0
+
+
+def test_parameters_and_their_views_are_never_offloaded(memory):
+    model = nn.Linear(64, 64)
+    off = ActivationOffloader(model, memory, CopyStreams(torch.device("cpu")), min_nbytes=0)
+    try:
+        assert not off._should_offload(model.weight)
+        assert not off._should_offload(model.weight.t())
+        assert off._should_offload(torch.randn(64, 64))
+    finally:
+        off.remove()
+
+
+def test_small_tensors_stay_where_they_are(memory):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    off = ActivationOffloader(model, memory, CopyStreams(torch.device("cpu")), min_nbytes=1 << 20)
+    model(torch.randn(2, 4)).sum().backward()
+    off.remove()
+    assert off.offloaded_count == 0
+
+
+def test_backward_prefetches_the_layer_below(memory):
+    layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(4)])
+    model = nn.Sequential(*layers)
+    streams = CopyStreams(torch.device("cpu"))
+    off = ActivationOffloader(model, memory, streams, min_nbytes=0, layers=layers)
+    fetched_tags = []
+    original = off._prefetch_below
+    off._prefetch_below = lambda tag: (fetched_tags.append(tag), original(tag))
+    x = torch.randn(8, 32, requires_grad=True)
+    model(x).sum().backward()
+    off.remove()
+    # Backward enters the layers top-down (tag 4 is what follows the last layer).
+    assert fetched_tags == sorted(fetched_tags, reverse=True) and len(fetched_tags) >= 4
+
+
+def test_find_layers_picks_the_hugging_face_decoder_stack():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    assert find_layers(model) is model.model.layers
+
+
+def test_patch_keeps_an_lr_scheduler_wrapper_and_restores_it(memory):
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    scheduler_step = vars(opt)["step"]
+    off = OptimizerOffload(opt, memory, CopyStreams(torch.device("cpu")))
+    patch = OptimizerPatch(opt, off)
+    assert getattr(opt.step, "_wrapped_by_lr_sched", False)
+    patch.remove()
+    off.close()
+    assert vars(opt)["step"] is scheduler_step
+
+
+def test_optimizer_without_a_host_rule_falls_back_to_its_own_class(memory):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    reference = nn.Linear(8, 2)
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    off = OptimizerOffload(opt, memory, CopyStreams(torch.device("cpu")))
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        model(x).square().sum().backward()
+        off.step()
+        reference(x).square().sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    off.close()
+    assert torch.equal(model.weight, reference.weight)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_round_trip_through_side_streams():
+    streams = CopyStreams(torch.device("cuda"))
+    src = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+    host = torch.empty(src.shape, pin_memory=True)
+    stored = streams.d2h(src, host)
+    back = torch.empty_like(src)
+    loaded = streams.h2d(host, back, after=stored)
+    streams.wait(loaded)
+    assert torch.equal(back, src)
+    counters = streams.collect()
+    assert counters.d2h_ms > 0 and counters.h2d_ms > 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_enable_matches_plain_training():
+    import offload
+
+    def run(offloaded: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sess = (
+            offload.enable(model, opt, budgets={"dram": "1GiB"}, activation_min_nbytes=0)
+            if offloaded
+            else None
+        )
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(5):
+            x = torch.randn(64, 256, generator=gen).cuda()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        if sess is not None:
+            assert sess.report()["d2h_nbytes"].gt(0).all()
+            sess.disable()
+        return losses
+
+    ours, reference = run(True), run(False)
+    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(ours, reference, strict=True))
