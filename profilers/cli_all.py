@@ -51,4 +51,5 @@ def register(subparsers) -> None:
         "all", help="latency, memory, bandwidth, pinning, optimizer and contention in one run"
     )
     add_common_options(parser)
+    cli_latency.add_max_size_option(parser)
     parser.set_defaults(func=run_all)

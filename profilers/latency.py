@@ -14,7 +14,7 @@ from profilers.trial_stats import MIN_TRIALS, TrialStats, repeat
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 FULL_SIZES = tuple(16 * KIB << i for i in range(17))  # 16 KiB .. 1 GiB
-QUICK_SIZES = (16 * KIB, 256 * KIB, 4 * MIB, 32 * MIB, 256 * MIB)
+QUICK_SIZES = (16 * KIB, 256 * KIB, 4 * MIB, 64 * MIB, GIB)
 # The numpy fallback pays the interpreter per load; fewer loads keep it to seconds.
 DEGRADED_NLOADS = 20_000
 
@@ -36,8 +36,21 @@ class LatencyConfig:
 
     @classmethod
     def quick(cls, nodes: tuple[int, ...], trials: int = MIN_TRIALS) -> LatencyConfig:
-        """Five sizes from 16 KiB to 256 MiB and fewer loads: seconds per node."""
+        """Five sizes from 16 KiB to 1 GiB and fewer loads: seconds per node."""
         return cls(nodes=nodes, sizes=QUICK_SIZES, nloads=1 << 18, trials=trials)
+
+
+def sizes_up_to(sizes: tuple[int, ...], max_nbytes: int) -> tuple[int, ...]:
+    """``sizes`` below ``max_nbytes``, then ``max_nbytes`` itself.
+
+    >>> sizes_up_to(QUICK_SIZES, 256 * MIB)
+    (16384, 262144, 4194304, 67108864, 268435456)
+    """
+    if max_nbytes < 2 * 64:
+        raise ValueError(
+            f"largest chase buffer {max_nbytes} B is under two cache lines; write e.g. 1GiB"
+        )
+    return tuple(s for s in sizes if s < max_nbytes) + (max_nbytes,)
 
 
 def expected_rows(config: LatencyConfig) -> int:

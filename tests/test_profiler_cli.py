@@ -9,7 +9,7 @@ from profilers.result_row import read_rows_csv
 
 
 def test_latency_quick_writes_csv_and_profile(tmp_path):
-    assert main(["latency", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["latency", "--quick", "--max-size", "64MiB", "--out", str(tmp_path)]) == 0
     rows = read_rows_csv(tmp_path / "profile_latency.csv")
     assert {r.page_size for r in rows} == {"4KiB", "2MiB"}
     assert {r.placement for r in rows} == {"node0"}
@@ -18,7 +18,10 @@ def test_latency_quick_writes_csv_and_profile(tmp_path):
 
 
 def test_memory_quick_adds_to_the_same_profile(tmp_path):
-    assert main(["latency", "--quick", "--out", str(tmp_path), "--nodes", "0"]) == 0
+    assert (
+        main(["latency", "--quick", "--max-size", "64MiB", "--out", str(tmp_path), "--nodes", "0"])
+        == 0
+    )
     assert main(["memory", "--quick", "--out", str(tmp_path)]) == 0
     rows = read_rows_csv(tmp_path / "profile_memory.csv")
     assert {r.case for r in rows} == {"read", "write", "copy", "triad"}
@@ -28,18 +31,26 @@ def test_memory_quick_adds_to_the_same_profile(tmp_path):
 
 
 def test_unknown_node_is_one_readable_error(tmp_path, capsys):
-    assert main(["latency", "--quick", "--out", str(tmp_path), "--nodes", "7"]) == 2
+    assert (
+        main(["latency", "--quick", "--max-size", "64MiB", "--out", str(tmp_path), "--nodes", "7"])
+        == 2
+    )
     assert "NUMA node 7" in capsys.readouterr().err
 
 
 def test_too_few_trials_is_refused(tmp_path, capsys):
-    assert main(["latency", "--quick", "--out", str(tmp_path), "--trials", "2"]) == 2
+    assert (
+        main(["latency", "--quick", "--max-size", "64MiB", "--out", str(tmp_path), "--trials", "2"])
+        == 2
+    )
     assert "at least 5" in capsys.readouterr().err
 
 
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    assert main(["latency", "--quick", "--out", str(tmp_path), "--plot"]) == 0
+    assert (
+        main(["latency", "--quick", "--max-size", "64MiB", "--out", str(tmp_path), "--plot"]) == 0
+    )
     assert (tmp_path / "profile_latency.png").stat().st_size > 0
 
 
