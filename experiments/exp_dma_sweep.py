@@ -20,8 +20,7 @@ from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, wri
 from offload.simulator_rates import GIB, sim_rates
 from offload.simulator_traffic import copy_seconds
 
-SIZES = tuple(4 << (10 + 2 * i) for i in range(11))  # 4 KiB, 16 KiB ... 4 GiB
-SIZES = tuple(s for s in SIZES if s <= 2 * GIB)
+SIZES = (*(1 << k for k in range(12, 31, 2)), 2 * GIB)  # 4 KiB, 16 KiB ... 1 GiB, 2 GiB
 # DRAM:CXL weights on the paper's machine (node 0 DRAM, node 1 the card).
 MIXES: dict[str, Placement] = {
     "dram": as_placement(0),

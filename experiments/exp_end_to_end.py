@@ -107,9 +107,9 @@ def measured_row(report: str, model: str, batch: int, seq: int, strategy: str, c
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "r.csv")
-    >>> pd.DataFrame({"forward_ms": [9, 9, 1, 1], "backward_ms": [9, 9, 2, 2],
-    ...               "optimizer_ms": [9, 9, 1, 1]}).to_csv(path, index=False)
-    >>> measured_row(path, "llama-1.1b", 1, 4000, "local_only", 0)["tokens_per_s"]
+    >>> pd.DataFrame({"forward_ms": [9, 9, 1e3, 1e3], "backward_ms": [9, 9, 2e3, 2e3],
+    ...               "optimizer_ms": [9, 9, 1e3, 1e3]}).to_csv(path, index=False)
+    >>> float(measured_row(path, "llama-1.1b", 1, 4000, "local_only", 0)["tokens_per_s"])
     1000.0
     """
     frame = pd.read_csv(report).iloc[2:]
