@@ -30,7 +30,7 @@ from offload.simulate import (
     simulate_step,
 )
 from offload.simulator_compute import GpuModel, compute_seconds
-from offload.simulator_rates import GIB, SimRates, sim_rates
+from offload.simulator_rates import GIB, SimRates, profile_rates, sim_rates
 
 CLASSES = ("params", "activations", "grads", "master_grads", "master_params", "optimizer_state")
 # reference/MEASURED.md, the lent H100 machine: pinned copies at 1 GiB (GB/s), torch fused AdamW
@@ -175,10 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from allocators.sysfs_topology import discover
             from profilers.machine_profile import load_profile
 
-            profile = load_profile(args.profile)
-            adamw = {n: p.adamw_elements_per_s for n, p in profile.nodes.items()}
-            adamw = {n: v for n, v in adamw.items() if v is not None}
-            rates = sim_rates(discover(), profile.to_node_rates(), adamw)
+            rates = profile_rates(discover(), load_profile(args.profile))
         table = compare_report(
             pd.read_csv(args.report), args.model, args.batch, args.seq, rates, OUR_RUNTIME
         )

@@ -19,7 +19,7 @@ from allocators.units import format_bytes
 from offload.model_shapes import MODELS, load_model_shape
 from offload.planner import PLAN_POLICIES, Plan, PlanError, plan, predicted_phases
 from offload.simulate import DEEPSPEED_ZERO3, OUR_RUNTIME, StepConfig
-from offload.simulator_rates import SimRates, sim_rates
+from offload.simulator_rates import SimRates, profile_rates, sim_rates
 
 RUNTIMES: dict[str, StepConfig] = {"ours": OUR_RUNTIME, "deepspeed-zero3": DEEPSPEED_ZERO3}
 
@@ -105,13 +105,7 @@ def _rates(topology: Topology, profile_path: str | None) -> SimRates:
     # Imported here: profilers sits beside offload, and only this option needs it.
     from profilers.machine_profile import load_profile
 
-    profile = load_profile(profile_path)
-    adamw = {
-        node: p.adamw_elements_per_s
-        for node, p in profile.nodes.items()
-        if p.adamw_elements_per_s is not None
-    }
-    return sim_rates(topology, profile.to_node_rates(), adamw)
+    return profile_rates(topology, load_profile(profile_path))
 
 
 def plan_to_dict(result: Plan, rates: SimRates) -> dict:

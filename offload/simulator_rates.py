@@ -171,6 +171,25 @@ def sim_rates(
     )
 
 
+def profile_rates(nodes: Tiers | Topology | tuple[NumaNode, ...], profile) -> SimRates:
+    """``sim_rates`` with a measured profile's rates (an ``offload-profile`` MachineProfile: its
+    ``to_node_rates()`` and each node's ``adamw_elements_per_s``) winning over the declared ones.
+
+    >>> from types import SimpleNamespace
+    >>> from allocators.topology import NumaNode
+    >>> profile = SimpleNamespace(to_node_rates=lambda: {},
+    ...                           nodes={0: SimpleNamespace(adamw_elements_per_s=2**30 / 28)})
+    >>> profile_rates((NumaNode(0, "dram", (0,), 0, 0),), profile).nodes[0].cpu_gib_per_s
+    1.0
+    """
+    adamw = {
+        node: p.adamw_elements_per_s
+        for node, p in profile.nodes.items()
+        if p.adamw_elements_per_s is not None
+    }
+    return sim_rates(nodes, profile.to_node_rates(), adamw)
+
+
 def paper_rates(cxl_nodes: int = 1) -> SimRates:
     """The paper's machine from its own figures: node 0 local DRAM, nodes 1..k one CXL AIC each.
 
