@@ -174,8 +174,12 @@ class OptimizerOffload:
         grad_nbytes = sum(p.numel() * p.element_size() for _, p in members)
         masters = self.memory.allocate("master_params", master_nbytes)
         grads = self.memory.allocate("grads", grad_nbytes)
-        staging = self.memory.allocate("master_grads", grad_nbytes)
-        blocks = [masters, grads, staging]
+        blocks = [masters, grads]
+        staging = None
+        if self.grad_accumulation_steps > 1:
+            # Later micro-steps land here before being summed into the host gradient.
+            staging = self.memory.allocate("master_grads", grad_nbytes)
+            blocks.append(staging)
         halves = None
         if any(p.dtype != torch.float32 for _, p in members):
             # Where the optimizer writes updated half-precision params, for the H2D copy back.
@@ -192,7 +196,9 @@ class OptimizerOffload:
                     group_index=gi,
                     master=master,
                     grad=grads.tensor(p.dtype, tuple(p.shape), grad_at),
-                    staging=staging.tensor(p.dtype, tuple(p.shape), grad_at),
+                    staging=None
+                    if staging is None
+                    else staging.tensor(p.dtype, tuple(p.shape), grad_at),
                     half=None
                     if p.dtype == torch.float32
                     else halves.tensor(p.dtype, tuple(p.shape), grad_at),
@@ -220,6 +226,12 @@ class OptimizerOffload:
         self._wait_for(bucket)
         grad = param.grad
         tiers = bucket.blocks[1].tier_shares
+        if slot.arrivals > 0 and slot.staging is None:
+            raise OffloadError(
+                "backward() ran a second time before optimizer.step() with "
+                "grad_accumulation_steps=1; pass grad_accumulation_steps=N to offload.enable() "
+                "when N backward passes make one step"
+            )
         if slot.arrivals == 0:
             bucket.copies.append(self.streams.d2h(grad, slot.grad, tiers))
         else:
