@@ -7,6 +7,7 @@ from allocators.cuda_host import PinningFallbackWarning
 from allocators.declared_topology import load_declared, shipped_topologies
 from allocators.errors import (
     BudgetExceededError,
+    ConfigError,
     NumaError,
     OffloadError,
     PlacementError,
@@ -29,6 +30,7 @@ __all__ = [
     "Allocation",
     "as_placement",
     "BudgetExceededError",
+    "ConfigError",
     "Budgets",
     "discover",
     "format_bytes",

@@ -24,3 +24,7 @@ class BudgetExceededError(OffloadError, MemoryError):
 
 class NumaError(OffloadError, OSError):
     """A NUMA system call failed for a reason other than a missing permission."""
+
+
+class ConfigError(OffloadError, ValueError):
+    """A user-supplied setting (a size, a budget, a policy or class name) is not valid."""

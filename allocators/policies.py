@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from allocators.errors import BudgetExceededError, PlacementError
+from allocators.errors import BudgetExceededError, ConfigError, PlacementError
 from allocators.placement import Placement, as_placement, interleave
 from allocators.striping import chunk_counts
 from allocators.tensor_classes import TensorClass, TensorGroup
@@ -117,11 +117,11 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
     if isinstance(budgets, Budgets):
         return budgets
     if not isinstance(budgets, Mapping):
-        raise ValueError(
+        raise ConfigError(
             f"budgets = {budgets!r} is not a mapping; write {{'dram': '64GiB', 'cxl': '256GiB'}}"
         )
     if "dram" not in budgets:
-        raise ValueError(
+        raise ConfigError(
             f"budgets {dict(budgets)!r} have no 'dram' entry; add one, e.g. 'dram': '64GiB'"
         )
     tier_nodes = _tier_nodes(tiers)
@@ -130,7 +130,7 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
     declared: dict[TierName, int] = {}
     for key, value in budgets.items():
         if key not in BUDGET_KEYS:
-            raise ValueError(
+            raise ConfigError(
                 f"budget key {key!r} is not a tier; write one of {', '.join(map(repr, BUDGET_KEYS))}"
             )
         nodes = tier_nodes[key]
@@ -138,7 +138,7 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
             per_node = {}
             for node, size in value.items():
                 if node not in nodes:
-                    raise ValueError(
+                    raise ConfigError(
                         f"budget {key!r} names node {node!r}, which is not a {key} node here; "
                         f"{key} nodes: {list(nodes)}"
                     )
@@ -226,8 +226,12 @@ class _Ledger:
                     f"{group.nbytes} bytes) needs {format_bytes(nbytes)} on node {node} "
                     f"({tier or 'no budget'}), but only {format_bytes(left)} of that node's "
                     f"{format_bytes(budget)} is left; budgets: {self.budgets.describe()}. "
-                    f"Raise budget {tier or 'for that tier'!r}, shorten the sequence or batch, "
-                    "or choose another policy"
+                    + (
+                        f"Raise budget {tier!r}"
+                        if tier
+                        else f"Node {node} has no budget: give its tier one (e.g. 'cxl': '256GiB')"
+                    )
+                    + ", shorten the sequence or batch, or choose another policy"
                 )
         for node, nbytes in per_node.items():
             self.left[node] -= nbytes
@@ -367,5 +371,5 @@ def get_policy(name: str) -> Policy:
     'cxl_aware'
     """
     if name not in POLICIES:
-        raise ValueError(f"policy {name!r} is not known; write one of {', '.join(POLICIES)}")
+        raise ConfigError(f"policy {name!r} is not known; write one of {', '.join(POLICIES)}")
     return POLICIES[name]

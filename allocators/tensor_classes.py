@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from allocators.errors import ConfigError
+
 TensorClass = Literal[
     "optimizer_state",
     "master_params",
@@ -50,7 +52,7 @@ def check_tensor_class(name: object) -> TensorClass:
     'activations'
     """
     if name not in TENSOR_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"tensor class {name!r} is not known; write one of {', '.join(TENSOR_CLASSES)}"
         )
     return name  # type: ignore[return-value]
@@ -58,7 +60,7 @@ def check_tensor_class(name: object) -> TensorClass:
 
 def _positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} = {value!r} must be a positive integer (e.g. {what}=4096)")
+        raise ConfigError(f"{what} = {value!r} must be a positive integer (e.g. {what}=4096)")
     return value
 
 
@@ -88,7 +90,7 @@ def host_tensor_groups(
     h = _positive_int(hidden, "hidden")
     n_layers = _positive_int(layers, "layers")
     if optimizer not in _STATE_NBYTES_PER_PARAM:
-        raise ValueError(
+        raise ConfigError(
             f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
         )
     if optimizer == "lion":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from allocators.errors import ConfigError
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -44,23 +46,23 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
     4096
     """
     if isinstance(value, bool):
-        raise ValueError(f"{what} = {value!r} is not a size; write bytes (4096) or '64GiB'")
+        raise ConfigError(f"{what} = {value!r} is not a size; write bytes (4096) or '64GiB'")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{what} = {value} is negative; sizes are bytes >= 0")
+            raise ConfigError(f"{what} = {value} is negative; sizes are bytes >= 0")
         return value
     if isinstance(value, float):
         if value < 0 or value != value or value == float("inf"):
-            raise ValueError(f"{what} = {value} is not a size; write bytes >= 0 or '64GiB'")
+            raise ConfigError(f"{what} = {value} is not a size; write bytes >= 0 or '64GiB'")
         return int(value)
     if not isinstance(value, str):
-        raise ValueError(
+        raise ConfigError(
             f"{what} = {value!r} ({type(value).__name__}) is not a size; write bytes or '64GiB'"
         )
     match = _SIZE_RE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ValueError(
+        raise ConfigError(
             f"{what} = {value!r} is not a size; write '64GiB', '512MiB', '2GB' or a byte count"
         )
     return int(float(match.group(1)) * _UNITS[unit])

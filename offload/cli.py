@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from allocators.cli_app import run_subcommands
 
-SUBCOMMANDS = ("offload.cli_topology", "offload.cli_demo")
+SUBCOMMANDS = ("offload.cli_demo", "offload.cli_topology", "offload.cli_plan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
