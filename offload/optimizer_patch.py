@@ -20,13 +20,15 @@ class OptimizerPatch:
 
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> from allocators.sysfs_topology import discover
     >>> from offload.host_memory import HostMemory
     >>> from offload.streams import CopyStreams
-    >>> off = OptimizerOffload(opt, HostMemory(), CopyStreams(torch.device("cpu")))
+    >>> mem = HostMemory(discover(), {"dram": "1GiB"})
+    >>> off = OptimizerOffload(opt, mem, CopyStreams(torch.device("cpu")))
     >>> patch = OptimizerPatch(opt, off)
     >>> "step" in vars(opt)
     True
-    >>> patch.remove(); off.close(); "step" in vars(opt)
+    >>> patch.remove(); off.close(); mem.close(); "step" in vars(opt)
     False
     """
 
