@@ -12,16 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from allocators.errors import OffloadError
+from allocators.errors import ConfigError
 from allocators.units import parse_size
 
 ACTIVATION_MODES = ("off", "saved_tensors", "checkpoint")
 POLICIES = ("local_only", "naive_interleave", "cxl_aware")
 BUDGET_TIERS = ("dram", "cxl", "remote_dram")
-
-
-class ConfigError(OffloadError, ValueError):
-    """A setting of offload.enable() has a wrong value; the message says what to write instead."""
 
 
 @dataclass(frozen=True)
