@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ def default_out_dir() -> Path:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """``--out``, ``--quick``, ``--trials``, ``--nodes``, ``--plot`` and ``--cpu-node``."""
+    """``--out``, ``--quick``, ``--trials``, ``--nodes``, ``--plot``, ``--note`` and ``--cpu-node``."""
     parser.add_argument(
         "--out",
         type=Path,
@@ -73,6 +74,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--nodes", default=None, help="NUMA nodes to measure, e.g. 0,2-3 (default: all with memory)"
     )
     parser.add_argument("--plot", action="store_true", help="also write PNG figures through plots/")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line to keep in the profile's notes (e.g. 'machine shared with other jobs'); repeatable",
+    )
     parser.add_argument(
         "--cpu-node",
         type=int,
@@ -148,6 +155,16 @@ def collect_rows(
     return collected
 
 
+def load_note() -> str:
+    """The machine's load when the profile was written: busy machines give slower, noisier rates.
+
+    >>> load_note().startswith("load average")
+    True
+    """
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs at the end of the run"
+
+
 def write_outcomes(
     args: argparse.Namespace, outcomes: Sequence[Outcome], topology: Topology, console: Console
 ) -> Path:
@@ -173,7 +190,11 @@ def write_outcomes(
         all_rows,
         topology,
         skipped=[f"{o.name}: {line}" for o in outcomes for line in o.skipped],
-        notes=[f"{o.name}: {line}" for o in outcomes for line in o.notes],
+        notes=[
+            *args.note,
+            load_note(),
+            *(f"{o.name}: {line}" for o in outcomes for line in o.notes),
+        ],
     )
     path = out / PROFILE_NAME
     if path.exists():

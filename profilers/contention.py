@@ -143,6 +143,7 @@ def _gpu_rows(
     n = config.copy_nbytes
     device = torch.empty(2 * n, dtype=torch.uint8, device="cuda")
     with placed_memory(2 * n, config.node, page_size="2MiB", pin=True) as mem:
+        mem.require_pinned()
         host = mem.buffer.tensor(torch.uint8, (2 * n,))
         rows = _dma_against_adamw(
             config, label, copy_pairs("both", host, device, n, 1), adamw_stats, one_step, common

@@ -158,10 +158,7 @@ def measure_bandwidth(config: BandwidthConfig) -> Iterator[ResultRow]:
     for placement in config.placements:
         label = placement_label(placement)
         with placed_memory(span, placement, page_size="2MiB", pin=True) as mem:
-            if not mem.buffer.pinned:
-                raise RuntimeError(
-                    f"HostBuffer on {label} could not be pinned: {mem.buffer.pin_reason}"
-                )
+            mem.require_pinned()
             host = mem.buffer.tensor(torch.uint8, (span,))
             extra = {"page_size": "2MiB", "kernel": "HostBuffer", "note": mem.note}
             yield from _sweep(config, host, device, label, "pinned", extra)

@@ -119,15 +119,10 @@ def _get(
     value = data[key]
     if optional and value is None:
         return None
+    allowed = kinds if isinstance(kinds, tuple) else (kinds,)
     # bool is an int in Python; a count or rate written as true/false is still wrong.
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        value_ok = False
-    else:
-        value_ok = isinstance(value, kinds)
-    if not value_ok:
-        names = (
-            kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
-        )
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(k.__name__ for k in allowed)
         raise ProfileError(f"profile key '{path}' = {value!r} must be {names}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ProfileError(f"profile key '{path}' = {value!r} must be a finite number")
@@ -168,7 +163,8 @@ def profile_from_dict(data: Any) -> MachineProfile:
         if not key.isdigit():
             raise ProfileError(f"profile key 'nodes.{key}' is not a NUMA node id; write e.g. \"0\"")
         where = f"nodes.{key}"
-        _get({key: rates}, key, dict, "nodes")
+        if not isinstance(rates, dict):
+            raise ProfileError(f"profile key '{where}' must be an object of rates, got {rates!r}")
         unknown = sorted(set(rates) - set(RATE_KEYS))
         if unknown:
             raise ProfileError(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from allocators import cuda_host
+from allocators.errors import OffloadError
 from allocators.host_buffer import HostBuffer
 from allocators.placement import as_placement
 from profilers.placed_memory import PAGE_SIZES, check_page_size
@@ -57,7 +58,9 @@ def _register_seconds_per_gib(buffer: HostBuffer) -> float:
     seconds = time.perf_counter() - start
     cuda_host.unregister(registration)
     if not registration.pinned:
-        raise RuntimeError(f"cudaHostRegister failed: {registration.reason}")
+        raise OffloadError(
+            f"cudaHostRegister failed: {registration.reason}; raise `ulimit -l` and rerun"
+        )
     return seconds / (buffer.nbytes / GIB)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from allocators.errors import OffloadError
 from allocators.host_buffer import HostBuffer
 from allocators.placement import Placement
 from profilers.result_row import placement_label
@@ -50,6 +51,14 @@ class PlacedMemory:
         if self.buffer.misplaced_pages:
             reasons.append(f"{self.buffer.misplaced_pages} pages off their planned node")
         return "; ".join(reasons)
+
+    def require_pinned(self) -> None:
+        """Raise when pinning was asked for and refused: DMA timings would be of pageable memory."""
+        if not self.buffer.pinned:
+            raise OffloadError(
+                f"host buffer on {self.label} could not be pinned ({self.buffer.pin_reason}); "
+                "raise `ulimit -l` or free host memory, then rerun"
+            )
 
     def thp_fraction(self) -> float | None:
         """Share of the buffer backed by huge pages; None when smaps cannot say."""
