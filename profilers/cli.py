@@ -19,7 +19,11 @@ SUBCOMMANDS = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``offload-profile SUBCOMMAND ...``; e.g. ``main(["topology"])``."""
+    """Run ``offload-profile SUBCOMMAND ...``; e.g. ``main(["topology"])``.
+
+    >>> main(["latency", "--quick", "--out", "/tmp/profile"])  # doctest: +SKIP
+    0
+    """
     return run_subcommands(
         "offload-profile", "Measure this machine's memory tiers", SUBCOMMANDS, argv
     )

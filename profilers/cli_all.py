@@ -25,7 +25,12 @@ STEPS = (cli_latency, cli_memory, cli_bandwidth, cli_pinning, cli_optimizer, cli
 
 
 def run_all(args: argparse.Namespace) -> int:
-    """Run every step, then write all files and tables; print the total time."""
+    """Run every step, then write all files and tables; print the total time.
+
+    >>> from profilers.cli import main
+    >>> main(["all", "--quick"])  # doctest: +SKIP
+    0
+    """
     check_trials(args)
     console = Console()
     start = time.perf_counter()

@@ -23,7 +23,11 @@ from profilers.placement_sweep import sweep_placements
 
 
 def measure(args: argparse.Namespace, topology: Topology, console: Console) -> Outcome:
-    """Copy against every selected node and local:CXL mix; one skip line without a GPU."""
+    """Copy against every selected node and local:CXL mix; one skip line without a GPU.
+
+    >>> measure(args, machine_topology(), Console()).skipped  # doctest: +SKIP
+    ['no CUDA GPU: torch 2.13.0+cpu is a CPU-only build']
+    """
     reason = gpu_skip_reason()
     if reason:
         return Outcome("bandwidth", skipped=[reason])

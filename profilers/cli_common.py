@@ -59,7 +59,13 @@ def default_out_dir() -> Path:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """``--out``, ``--quick``, ``--trials``, ``--nodes``, ``--plot``, ``--note`` and ``--cpu-node``."""
+    """``--out``, ``--quick``, ``--trials``, ``--nodes``, ``--plot``, ``--note`` and ``--cpu-node``.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_common_options(parser)
+    >>> parser.parse_args(["--quick"]).trials
+    5
+    """
     parser.add_argument(
         "--out",
         type=Path,
@@ -89,12 +95,20 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def machine_topology() -> Topology:
-    """This machine's topology from /sys (NVML asked for GPUs when present)."""
+    """This machine's topology from /sys (NVML asked for GPUs when present).
+
+    >>> 0 in machine_topology().node_ids
+    True
+    """
     return discover()
 
 
 def selected_nodes(args: argparse.Namespace, topology: Topology) -> tuple[int, ...]:
-    """The nodes named by ``--nodes`` (checked against the machine), else all memory nodes."""
+    """The nodes named by ``--nodes`` (checked against the machine), else all memory nodes.
+
+    >>> selected_nodes(argparse.Namespace(nodes="0"), machine_topology())
+    (0,)
+    """
     if args.nodes is None:
         return topology.node_ids
     try:
@@ -107,7 +121,11 @@ def selected_nodes(args: argparse.Namespace, topology: Topology) -> tuple[int, .
 
 
 def cpu_node_cpus(topology: Topology, cpu_node: int | None) -> tuple[int, tuple[int, ...]]:
-    """(node, its CPUs) for ``cpu_node``, or the GPU's / first CPU node when None."""
+    """(node, its CPUs) for ``cpu_node``, or the GPU's / first CPU node when None.
+
+    >>> cpu_node_cpus(machine_topology(), 0)[0]
+    0
+    """
     node = topology.anchor_node() if cpu_node is None else cpu_node
     cpus = topology.node(node).cpus
     if not cpus:
@@ -137,7 +155,11 @@ def gpu_skip_reason() -> str | None:
 def collect_rows(
     console: Console, description: str, total: int, rows: Iterable[ResultRow]
 ) -> list[ResultRow]:
-    """Drain ``rows`` under a rich progress bar of ``total`` steps."""
+    """Drain ``rows`` under a rich progress bar of ``total`` steps.
+
+    >>> collect_rows(Console(quiet=True), "none", 0, iter([]))
+    []
+    """
     collected = []
     columns = (
         TextColumn("{task.description}"),
@@ -169,7 +191,11 @@ def write_outcomes(
     args: argparse.Namespace, outcomes: Sequence[Outcome], topology: Topology, console: Console
 ) -> Path:
     """Write one CSV per outcome, merge the rates into ``profile.json``, print tables and
-    skip lines, and draw figures with ``--plot``; return the output folder."""
+    skip lines, and draw figures with ``--plot``; return the output folder.
+
+    >>> write_outcomes(args, [Outcome("latency", rows)], machine_topology(), Console())  # doctest: +SKIP
+    PosixPath('offload-profile-host')
+    """
     out = args.out or default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     all_rows: list[ResultRow] = []
@@ -206,7 +232,10 @@ def write_outcomes(
 
 
 def check_trials(args: argparse.Namespace) -> None:
-    """Refuse ``--trials`` below MIN_TRIALS with a message saying what to write."""
+    """Refuse ``--trials`` below MIN_TRIALS with a message saying what to write.
+
+    >>> check_trials(argparse.Namespace(trials=5))
+    """
     if args.trials < MIN_TRIALS:
         raise OptionError(f"--trials {args.trials}: write at least {MIN_TRIALS}")
 
@@ -214,7 +243,12 @@ def check_trials(args: argparse.Namespace) -> None:
 def run_single(
     args: argparse.Namespace, measure: Callable[[argparse.Namespace, Topology, Console], Outcome]
 ) -> int:
-    """Run one measurement subcommand end to end; the exit code is 0."""
+    """Run one measurement subcommand end to end; the exit code is 0.
+
+    >>> from profilers import cli_latency
+    >>> run_single(args, cli_latency.measure)  # doctest: +SKIP
+    0
+    """
     console = Console()
     check_trials(args)
     topology = machine_topology()

@@ -25,7 +25,11 @@ MIB = 1 << 20
 
 
 def measure(args: argparse.Namespace, topology: Topology, console: Console) -> Outcome:
-    """Both directions on ``--cpu-node``; the GPU half is one skip line without a GPU."""
+    """Both directions on ``--cpu-node``; the GPU half is one skip line without a GPU.
+
+    >>> measure(args, machine_topology(), Console()).rows[0].case  # doctest: +SKIP
+    'adamw idle'
+    """
     node, cpus = cpu_node_cpus(topology, args.cpu_node)
     reason = gpu_skip_reason()
     config = ContentionConfig(

@@ -25,7 +25,11 @@ from profilers.latency import LatencyConfig, expected_rows, measure_latency, siz
 
 
 def measure(args: argparse.Namespace, topology: Topology, console: Console) -> Outcome:
-    """Chase on every selected node; the numpy fallback is named in a note when in use."""
+    """Chase on every selected node; the numpy fallback is named in a note when in use.
+
+    >>> measure(args, machine_topology(), Console()).name  # doctest: +SKIP
+    'latency'
+    """
     nodes = selected_nodes(args, topology)
     if args.quick:
         config = LatencyConfig.quick(nodes, args.trials)
@@ -42,7 +46,13 @@ def measure(args: argparse.Namespace, topology: Topology, console: Console) -> O
 
 
 def add_max_size_option(parser: argparse.ArgumentParser) -> None:
-    """``--max-size``: the largest chase buffer (also offered by ``all``)."""
+    """``--max-size``: the largest chase buffer (also offered by ``all``).
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_max_size_option(parser)
+    >>> parser.parse_args([]).max_size
+    '1GiB'
+    """
     parser.add_argument(
         "--max-size",
         default="1GiB",

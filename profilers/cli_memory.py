@@ -28,7 +28,11 @@ from profilers.memory_bandwidth import (
 
 
 def measure(args: argparse.Namespace, topology: Topology, console: Console) -> Outcome:
-    """Stream over every selected node with threads pinned to ``--cpu-node``'s cores."""
+    """Stream over every selected node with threads pinned to ``--cpu-node``'s cores.
+
+    >>> measure(args, machine_topology(), Console()).name  # doctest: +SKIP
+    'memory'
+    """
     nodes = selected_nodes(args, topology)
     cpu_node, cpus = cpu_node_cpus(topology, args.cpu_node)
     counts = (1, len(cpus)) if args.quick else ()

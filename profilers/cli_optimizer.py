@@ -28,7 +28,11 @@ from profilers.placement_sweep import sweep_placements
 
 
 def measure(args: argparse.Namespace, topology: Topology, console: Console) -> Outcome:
-    """AdamW on every selected node and a local:CXL 1:1 mix, stepped by ``--cpu-node``'s cores."""
+    """AdamW on every selected node and a local:CXL 1:1 mix, stepped by ``--cpu-node``'s cores.
+
+    >>> measure(args, machine_topology(), Console()).name  # doctest: +SKIP
+    'optimizer'
+    """
     cpu_node, cpus = cpu_node_cpus(topology, args.cpu_node)
     placements = sweep_placements(topology, selected_nodes(args, topology), ratios=(1,))
     config = OptimizerConfig(

@@ -23,7 +23,11 @@ MIB = 1 << 20
 
 
 def measure(args: argparse.Namespace, topology: Topology, console: Console) -> Outcome:
-    """Allocation cost on every selected node; registration only with CUDA (else a skip line)."""
+    """Allocation cost on every selected node; registration only with CUDA (else a skip line).
+
+    >>> measure(args, machine_topology(), Console()).name  # doctest: +SKIP
+    'pinning'
+    """
     reason = gpu_skip_reason()
     config = PinningConfig(
         nodes=selected_nodes(args, topology),

@@ -45,7 +45,11 @@ class ContentionConfig:
 
 
 def expected_rows(config: ContentionConfig) -> int:
-    """Four emulated rows, three more with a GPU."""
+    """Four emulated rows, three more with a GPU.
+
+    >>> expected_rows(ContentionConfig(node=0, cpus=(0,), elements=1, copy_nbytes=1, gpu=True))
+    7
+    """
     return 4 + (3 if config.gpu else 0)
 
 
@@ -65,7 +69,12 @@ def _while_running(
 def measure_contention(
     config: ContentionConfig, kernels: Kernels | None = None
 ) -> Iterator[ResultRow]:
-    """Yield ``contention`` rows: AdamW ms/step and copy GiB/s, each idle and under the other."""
+    """Yield ``contention`` rows: AdamW ms/step and copy GiB/s, each idle and under the other.
+
+    >>> config = ContentionConfig(node=0, cpus=(0, 1), elements=1 << 16, copy_nbytes=1 << 20, gpu=False)
+    >>> [r.emulated for r in measure_contention(config)]
+    [False, True, True, True]
+    """
     kernels = kernels or load_kernels()
     placement = as_placement(config.node)
     label = placement_label(placement)

@@ -76,7 +76,12 @@ def copy_pairs(
     direction: str, host: Any, device: Any, nbytes: int, streams: int
 ) -> list[tuple[Any, Any]]:
     """(dst, src) views: ``nbytes`` split over ``streams``; ``both`` reads host's first half
-    and writes its second, so the two directions never touch the same bytes."""
+    and writes its second, so the two directions never touch the same bytes.
+
+    >>> import torch
+    >>> [(d.numel(), s.numel()) for d, s in copy_pairs("both", torch.zeros(8), torch.zeros(8), 4, 2)]
+    [(2, 2), (2, 2), (2, 2), (2, 2)]
+    """
     chunk = nbytes // streams
     pairs = []
     directions = ("h2d", "d2h") if direction == "both" else (direction,)
@@ -92,7 +97,11 @@ def copy_pairs(
 
 def copy_gib_per_s(pairs: list[tuple[Any, Any]], reps: int) -> float:
     """GiB/s of ``reps`` rounds of ``dst.copy_(src)`` for every pair, one CUDA stream per pair,
-    timed with CUDA events from a common start to the last stream's end."""
+    timed with CUDA events from a common start to the last stream's end.
+
+    >>> copy_gib_per_s(copy_pairs("h2d", pinned, gpu, 1 << 28, 1), reps=2)  # doctest: +SKIP
+    51.3
+    """
     import torch
 
     current = torch.cuda.current_stream()
@@ -115,7 +124,11 @@ def copy_gib_per_s(pairs: list[tuple[Any, Any]], reps: int) -> float:
 def pair_stats(
     pairs: list[tuple[Any, Any]], nbytes: int, *, trials: int, warmup: int
 ) -> TrialStats:
-    """Trial statistics of :func:`copy_gib_per_s` for copies of ``nbytes`` per direction."""
+    """Trial statistics of :func:`copy_gib_per_s` for copies of ``nbytes`` per direction.
+
+    >>> pair_stats(copy_pairs("d2h", pinned, gpu, 1 << 28, 1), 1 << 28, trials=5, warmup=1).median  # doctest: +SKIP
+    52.0
+    """
     reps = reps_for(nbytes)
     return repeat(lambda: copy_gib_per_s(pairs, reps), trials=trials, warmup=warmup)
 
@@ -149,6 +162,9 @@ def measure_bandwidth(config: BandwidthConfig) -> Iterator[ResultRow]:
 
     Placed buffers come from HostBuffer (2 MiB pages); the reference rows copy a
     ``torch.empty(..., pin_memory=True)`` tensor of REFERENCE_NBYTES with the same loop.
+
+    >>> from allocators.placement import as_placement
+    >>> rows = list(measure_bandwidth(BandwidthConfig.quick((as_placement(0),))))  # doctest: +SKIP
     """
     import torch
 

@@ -89,6 +89,10 @@ def measure_latency(config: LatencyConfig, kernels: Kernels | None = None) -> It
 
     One buffer of the largest size is placed per node and page size; smaller sizes chase over
     its first bytes, so each size costs one chase build, not one allocation.
+
+    >>> config = LatencyConfig(nodes=(0,), sizes=(1 << 14,), page_sizes=("4KiB",), nloads=1 << 12)
+    >>> [(r.placement, r.unit) for r in measure_latency(config)]
+    [('node0', 'ns')]
     """
     kernels = kernels or load_kernels()
     largest = max(config.sizes)

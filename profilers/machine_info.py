@@ -61,7 +61,11 @@ def cpu_model() -> str:
 
 
 def collect_machine() -> MachineInfo:
-    """Facts about this machine (psutil for core counts and memory)."""
+    """Facts about this machine (psutil for core counts and memory).
+
+    >>> collect_machine().cores >= 1
+    True
+    """
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
     return MachineInfo(
         hostname=socket.gethostname(),
@@ -87,7 +91,11 @@ def _driver_version() -> str | None:
 
 
 def collect_versions() -> Versions:
-    """Versions of Python, torch (and its CUDA), the NVIDIA driver and this package."""
+    """Versions of Python, torch (and its CUDA), the NVIDIA driver and this package.
+
+    >>> collect_versions().torch.startswith("2.")
+    True
+    """
     import torch
 
     try:

@@ -95,7 +95,11 @@ class MemoryConfig:
 
 
 def expected_rows(config: MemoryConfig, kernels: Kernels) -> int:
-    """Rows :func:`measure_memory` yields with these kernels (the fallback runs one thread)."""
+    """Rows :func:`measure_memory` yields with these kernels (the fallback runs one thread).
+
+    >>> expected_rows(MemoryConfig(nodes=(0,), cpus=(0, 1), nbytes=1), load_kernels())
+    8
+    """
     threads = 1 if kernels.degraded else len(config.threads)
     return len(config.nodes) * threads * len(config.kinds)
 
@@ -130,6 +134,10 @@ def measure_memory(config: MemoryConfig, kernels: Kernels | None = None) -> Iter
     """Yield one ``memory`` row (unit GiB/s) per node, thread count and kind.
 
     Bytes count as STREAM does: read 1, write 1, copy 2 and triad 3 arrays per pass.
+
+    >>> config = MemoryConfig(nodes=(0,), cpus=(0,), nbytes=1 << 20, kinds=("copy",))
+    >>> [(r.case, r.unit) for r in measure_memory(config)]
+    [('copy', 'GiB/s')]
     """
     kernels = kernels or load_kernels()
     threads = (1,) if kernels.degraded else config.threads

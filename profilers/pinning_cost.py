@@ -76,6 +76,10 @@ def measure_pinning(config: PinningConfig) -> Iterator[ResultRow]:
     """Yield ``pinning`` rows in s/GiB: ``allocate+prefault`` (mmap, mbind, MADV_HUGEPAGE,
     touch, placement check) always; ``register`` and ``allocate+prefault+register`` with CUDA;
     and ``torch pin_memory`` once (NUMA-blind, rounds sizes up) as reference.
+
+    >>> config = PinningConfig(nodes=(0,), nbytes=1 << 20, cuda=False, page_sizes=("4KiB",))
+    >>> [r.case for r in measure_pinning(config)]
+    ['allocate+prefault']
     """
     nbytes = config.nbytes
 

@@ -111,7 +111,11 @@ def rows_to_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
 
 
 def write_rows_csv(rows: Iterable[ResultRow], path: Path) -> Path:
-    """Write rows as CSV (creating the folder) and return the path."""
+    """Write rows as CSV (creating the folder) and return the path.
+
+    >>> write_rows_csv([], Path("/tmp/rows.csv")).name
+    'rows.csv'
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     rows_to_frame(rows).to_csv(path, index=False)
     return path
