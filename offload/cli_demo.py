@@ -1,5 +1,6 @@
-"""`offload demo`: the main job on a small default. It reads this machine's tiers, places a pinned
-buffer, fine-tunes a tiny model under offload.enable() and prints the report; no logic of its own.
+"""`offload demo`: the main job on a small default. It reads this machine's tiers, profiles them
+(`offload-profile all --quick`), places a pinned buffer, fine-tunes a tiny model under
+offload.enable() and prints the report; it holds no measurement or offload logic of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from allocators.topology import Topology
 from allocators.topology_table import print_topology
 from allocators.units import format_bytes, parse_size
 from offload.tiny_finetune import TinyFinetuneResult, run_tiny_finetune
+from profilers.cli import main as profile_main
 
 
 def register(subparsers) -> None:
@@ -27,6 +29,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--buffer", default="256MiB", metavar="SIZE", help="placed buffer size (default 256MiB)"
+    )
+    parser.add_argument(
+        "--profile-out",
+        default=None,
+        metavar="DIR",
+        help="where `offload-profile all --quick` writes its CSV and profile JSON "
+        "(default ./offload-profile-<host>/)",
     )
     parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps (default 8)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
@@ -101,6 +110,10 @@ def run_demo(args: argparse.Namespace) -> int:
     console = Console()
     topo = discover()
     print_topology(topo, console)
+    # The profiler is its own command with its own tables; the demo runs it as a user would.
+    profile_args = ["all", "--quick"] + (["--out", args.profile_out] if args.profile_out else [])
+    if profile_main(profile_args) != 0:
+        return 1
     console.print(placed_buffer_table(topo, parse_size(args.buffer, what="--buffer")))
     with console.status("fine-tuning a tiny Llama, plain and under offload.enable()"):
         result = run_tiny_finetune(steps=args.steps, seq=args.seq, topology=topo)
