@@ -7,7 +7,10 @@ the conversions the way a user would: ``grad.float()`` before the step, ``out.co
 ours reads bf16 grads and writes the bf16 copy in its single pass. The roofline is 28 bytes per
 element (read p, m, v fp32 + bf16 grad; write p, m, v + bf16 copy) over the triad bandwidth
 measured in the same process (torch ``add(b, c, alpha=s, out=a)``, 3 x 256 MiB, STREAM counting:
-12 bytes per element, no write-allocate).
+12 bytes per element, no write-allocate) in as many threads as the optimizers use, before each size.
+The ``*_step_only`` rows time torch's and DeepSpeed's step alone with fp32 grads already in
+place and no bf16 copy (what their kernels do, not what a bf16 pipeline costs); ratios are
+against the full-pipeline rows ``torch_fused`` and ``deepspeed``.
 
     .venv/bin/python experiments/bench_cpu_adam.py                      # all sizes, 2 threads
     .venv/bin/python experiments/bench_cpu_adam.py --threads 1,4,8,16 --sizes 21M,68M
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,7 +46,8 @@ TRIAD_ELEMS = 64 << 20
 # Bytes each implementation holds per element at its peak (state, grads, copies), used to skip
 # sizes that do not fit: ours p,m,v + bf16 grad + bf16 out; the others add a fp32 grad.
 PEAK_BYTES_PER_ELEM = {"ours": 16, "torch_fused": 20, "deepspeed": 20}
-IMPLS = ("ours", "torch_fused", "deepspeed")
+PEAK_BYTES_PER_ELEM |= {"torch_fused_step_only": 16, "deepspeed_step_only": 16}
+IMPLS = ("ours", "torch_fused", "deepspeed", "torch_fused_step_only", "deepspeed_step_only")
 
 
 @dataclass(frozen=True)
@@ -68,14 +73,30 @@ class AdamRow:
     note: str
 
 
-def triad_gib_per_s(trials: int) -> float:
-    """Median triad bandwidth a = b + s*c with torch's threads (STREAM byte counting)."""
+def triad_gib_per_s(threads: int, trials: int) -> float:
+    """Median triad bandwidth a = b + s*c (STREAM byte counting: 12 B/elem, no write-allocate).
+
+    ``threads`` Python threads each run a single-threaded torch.add on their own slice (torch
+    releases the GIL), the way our workers split a step, so no OpenMP barrier is timed.
+    """
     a, b, c = (torch.ones(TRIAD_ELEMS) for _ in range(3))
-    rates = []
-    for _ in range(trials + 1):
-        start = time.perf_counter()
-        torch.add(b, c, alpha=3.0, out=a)
-        rates.append(12 * TRIAD_ELEMS / (time.perf_counter() - start) / 2**30)
+    bounds = [TRIAD_ELEMS * i // threads for i in range(threads + 1)]
+    spans = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            rates = []
+            for _ in range(trials + 1):
+                start = time.perf_counter()
+                list(
+                    pool.map(
+                        lambda span: torch.add(b[span], c[span], alpha=3.0, out=a[span]), spans
+                    )
+                )
+                rates.append(12 * TRIAD_ELEMS / (time.perf_counter() - start) / 2**30)
+    finally:
+        torch.set_num_threads(saved)
     return summarize(rates[1:]).median
 
 
@@ -137,15 +158,42 @@ def run_deepspeed(n: int, threads: int, trials: int, warmup: int) -> tuple[list[
     return _time_steps(step, trials, warmup), "DeepSpeedCPUAdam"
 
 
-RUNNERS = {"ours": run_ours, "torch_fused": run_torch_fused, "deepspeed": run_deepspeed}
+def run_torch_step_only(n: int, threads: int, trials: int, warmup: int) -> tuple[list[float], str]:
+    param, grad, _ = _inputs(n)
+    param.requires_grad_()
+    param.grad = grad.float()
+    opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, fused=True)
+    return _time_steps(opt.step, trials, warmup), "torch._fused_adamw_, fp32 grads, no copy out"
+
+
+def run_deepspeed_step_only(
+    n: int, threads: int, trials: int, warmup: int
+) -> tuple[list[float], str]:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    param, grad, _ = _inputs(n)
+    param = torch.nn.Parameter(param)
+    param.grad = grad.float()
+    opt = DeepSpeedCPUAdam([param], lr=1e-3, weight_decay=0.01, adamw_mode=True)
+    return _time_steps(opt.step, trials, warmup), "DeepSpeedCPUAdam, fp32 grads, no copy out"
+
+
+RUNNERS = {
+    "ours": run_ours,
+    "torch_fused": run_torch_fused,
+    "deepspeed": run_deepspeed,
+    "torch_fused_step_only": run_torch_step_only,
+    "deepspeed_step_only": run_deepspeed_step_only,
+}
 
 
 def worker(threads: int, sizes: list[str], trials: int, warmup: int, machine: str) -> None:
     """Measure every implementation at every size with ``threads`` threads; print JSON rows."""
     torch.set_num_threads(threads)
-    triad = triad_gib_per_s(trials)
     for label in sizes:
         n = SIZES[label]
+        # Measured next to each size: on a shared machine the bandwidth on offer drifts.
+        triad = triad_gib_per_s(threads, trials)
         for impl in IMPLS:
             need = PEAK_BYTES_PER_ELEM[impl] * n
             base = AdamRow("measured", machine, impl, n, threads, 0.0, 0.0, 0.0, 0.0, 0, False,
@@ -218,9 +266,11 @@ def render(rows: list[AdamRow], console: Console) -> None:
             f"{r.roofline_fraction:.0%}" if r.elems_per_s else "-", r.note or r.kernel,
         )  # fmt: skip
     console.print(table)
+    triads = ", ".join(sorted({f"{r.triad_gib_per_s:.1f}" for r in rows}))
     console.print(
-        f"triad (torch add, STREAM counting): {rows[0].triad_gib_per_s:.1f} GiB/s at "
-        f"{rows[0].threads} threads; roofline = {ROOFLINE_BYTES_PER_ELEM} B/elem over it"
+        f"triad (torch add per thread, STREAM counting), GiB/s, measured before each size: "
+        f"{triads}; roofline = {ROOFLINE_BYTES_PER_ELEM} B/elem over the triad of its size. "
+        "A fraction above 1 means the machine got quieter after the triad was taken."
     )
 
 
@@ -232,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--machine", default=None, help="results folder name (default: detected)")
     parser.add_argument("--out", default="cpu_adam.csv")
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OpenMP waits for torch and DeepSpeed; PASSIVE suits a shared machine, where "
+        "spinning threads lose their cores to other jobs (ACTIVE on a quiet one)",
+    )
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",")]
@@ -244,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows: list[AdamRow] = []
     for threads in (int(t) for t in args.threads.split(",")):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": args.omp_wait_policy,
+        }
         cmd = [sys.executable, __file__, "--worker", str(threads), "--sizes", args.sizes,
                "--trials", str(args.trials), "--warmup", str(args.warmup), "--machine", machine]  # fmt: skip
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)

@@ -5,15 +5,15 @@ This module only decides; it must not start threads or time anything itself.
 
 The rule, from experiments/bench_optimizer_contention.py (results/cpu-2core/optimizer_contention.csv;
 DMA EMULATED there by a memcpy thread, on a shared 2-core VM): do not cap or pace by default.
-With 21M elements, 2 workers and 3 GiB of copies, the unrestricted run finished both sides first
-(makespan 0.88 s); capping to 1 thread (2.5 s) or pacing at 50% / 25% duty (1.8 s / 2.4 s) only
-lengthened the optimizer without giving the copy more bandwidth, because on a machine where cores
-are scarce and shared an idle worker gives its time slice to other processes, not to the copy. So
-:data:`DEFAULT_POLICY` is :data:`UNRESTRICTED`. A cap pays off when the step is bandwidth-bound
-and copy engines (which use no cores) lose bandwidth to it: where the DMA rate measured during the
-step falls below about 90% of its rate alone, pass ``ContentionPolicy(threads_during_dma=k)``
-with the smallest k whose step rate still hides under backward; that measurement needs the GPU
-machine and has not been taken yet.
+With 21M elements, 2 workers, 10 steps and 4 GiB of copies (medians of 2 rounds), every policy
+finished both sides in about the same time (makespan 0.94-1.03 s): the copy got 4.1 GiB/s with
+no control and at most 4.4 GiB/s with 25% duty pacing, while the optimizer took 0.54 s unrestricted
+and 0.61-0.94 s capped or paced. Neither knob made both finish sooner, so
+:data:`DEFAULT_POLICY` is :data:`UNRESTRICTED`. A memcpy thread needs a core, which a GPU copy
+engine does not, so this emulation cannot show the case a cap is for: a bandwidth-bound step
+starving real DMA. Where the DMA rate measured during the step falls below about 90% of its rate
+alone, pass ``ContentionPolicy(threads_during_dma=k)`` with the smallest k whose step still hides
+under backward; that measurement needs the GPU machine and has not been taken yet.
 """
 
 from __future__ import annotations
