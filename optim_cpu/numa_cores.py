@@ -8,25 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """Return the sorted CPU ids in a kernel list such as ``"0-3,8"``.
-
-    >>> parse_cpulist("0-3,8\\n")
-    (0, 1, 2, 3, 8)
-    >>> parse_cpulist("")
-    ()
-    """
-    ids: set[int] = set()
-    for part in text.strip().split(","):
-        if not part.strip():
-            continue
-        low, sep, high = part.strip().partition("-")
-        try:
-            ids.update(range(int(low), int(high if sep else low) + 1))
-        except ValueError as exc:
-            raise ValueError(f"cpu list {text.strip()!r} is not like '0-3,8'") from exc
-    return tuple(sorted(ids))
+from allocators.cpu_lists import parse_cpu_list
 
 
 def node_cpus(node: int | None, *, sysfs_root: str | Path = "/sys") -> tuple[int, ...]:
@@ -52,5 +34,5 @@ def node_cpus(node: int | None, *, sysfs_root: str | Path = "/sys") -> tuple[int
         raise ValueError(
             f"NUMA node {node} does not exist ({cpulist} is missing); nodes: {present}"
         )
-    cpus = tuple(c for c in parse_cpulist(cpulist.read_text()) if c in allowed)
+    cpus = tuple(c for c in parse_cpu_list(cpulist.read_text(), what=str(cpulist)) if c in allowed)
     return cpus or allowed
