@@ -19,10 +19,14 @@ def thp_backed_nbytes(
     A mapping that only partly overlaps the range counts in proportion to the overlap (smaps
     gives one total per mapping, not per page).
 
-    >>> import ctypes
-    >>> buf = ctypes.create_string_buffer(1 << 16)
-    >>> thp_backed_nbytes(ctypes.addressof(buf), 1 << 16) in (None, 0)
-    True
+    >>> import tempfile
+    >>> smaps = Path(tempfile.mkdtemp()) / "smaps"
+    >>> _ = smaps.write_text("7f0000000000-7f0000400000 rw-p 00000000 00:00 0\n"
+    ...                      "AnonHugePages:      2048 kB\n")
+    >>> thp_backed_nbytes(0x7F0000000000, 4 << 20, smaps) // (1 << 20)
+    2
+    >>> thp_backed_nbytes(0x7F0000000000, 1 << 20, smaps) // (1 << 10)  # a quarter of the map
+    512
     """
     try:
         text = smaps.read_text()
