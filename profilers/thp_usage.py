@@ -21,8 +21,8 @@ def thp_backed_nbytes(
 
     >>> import tempfile
     >>> smaps = Path(tempfile.mkdtemp()) / "smaps"
-    >>> _ = smaps.write_text("7f0000000000-7f0000400000 rw-p 00000000 00:00 0\n"
-    ...                      "AnonHugePages:      2048 kB\n")
+    >>> _ = smaps.write_text("7f0000000000-7f0000400000 rw-p 00000000 00:00 0\\n"
+    ...                      "AnonHugePages:      2048 kB\\n")
     >>> thp_backed_nbytes(0x7F0000000000, 4 << 20, smaps) // (1 << 20)
     2
     >>> thp_backed_nbytes(0x7F0000000000, 1 << 20, smaps) // (1 << 10)  # a quarter of the map
