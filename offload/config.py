@@ -16,7 +16,7 @@ from allocators.errors import ConfigError
 from allocators.units import parse_size
 
 ACTIVATION_MODES = ("off", "saved_tensors", "checkpoint")
-POLICIES = ("local_only", "naive_interleave", "cxl_aware")
+POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
 BUDGET_TIERS = ("dram", "cxl", "remote_dram")
 
 
@@ -34,7 +34,9 @@ class OffloadConfig:
     - ``max_grad_norm``: clip by global norm (as ``torch.nn.utils.clip_grad_norm_``); the norm needs
       every gradient, so buckets then step at ``optimizer.step()``.
     - ``policy`` and ``budgets`` (bytes per host tier) decide where host buffers go; the plan
-      sizes activation checkpoints for micro-batches of ``plan_tokens`` tokens.
+      sizes activation checkpoints for micro-batches of ``plan_tokens`` tokens. ``"planned"``
+      asks the planner for the placement with the shortest predicted step, using the rates of
+      ``profile`` (an ``offload-profile`` JSON, read when planning) or the declared/paper rates.
     - ``overlap_step`` steps buckets early: hyper-parameters are read when a bucket finishes in
       backward, so set lr before backward (as LR schedulers do), or turn it off.
 
@@ -54,6 +56,7 @@ class OffloadConfig:
     overlap_step: bool = True
     optimizer_threads: int | None = None
     plan_tokens: int = 8192
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("activations", self.activations, ACTIVATION_MODES)
@@ -71,6 +74,17 @@ class OffloadConfig:
         _check_int("bucket_nbytes", self.bucket_nbytes, minimum=1)
         _check_int("activation_min_nbytes", self.activation_min_nbytes, minimum=0)
         _check_int("plan_tokens", self.plan_tokens, minimum=1)
+        if self.profile is not None:
+            if not isinstance(self.profile, str) or not self.profile:
+                raise ConfigError(
+                    f"profile = {self.profile!r} must be the path of an offload-profile JSON, "
+                    "e.g. profile='profiles/machine.json', or None"
+                )
+            if self.policy != "planned":
+                raise ConfigError(
+                    f"profile is read only by policy='planned' (policy is {self.policy!r}); "
+                    "set policy='planned' or drop profile"
+                )
         if self.optimizer_threads is not None:
             _check_int("optimizer_threads", self.optimizer_threads, minimum=1)
         norm = self.max_grad_norm
@@ -103,6 +117,8 @@ class OffloadConfig:
                 values[name] = _size(values[name], name)
         if "budgets" in values:
             values["budgets"] = _parse_budgets(values["budgets"])
+        if isinstance(values.get("profile"), Path):
+            values["profile"] = str(values["profile"])
         return cls(**values)
 
     @classmethod

@@ -16,7 +16,8 @@ from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
 from offload.activation_offload import find_layers
 from offload.config import OffloadConfig, resolve_config
-from offload.host_memory import HostMemory, plan_placements
+from offload.host_memory import HostMemory
+from offload.run_plan import run_placements
 from offload.session import OffloadSession
 from offload.streams import CopyStreams
 
@@ -46,7 +47,10 @@ def enable(
             each decoder layer's input, on the host) or False.
         optimizer_offload: keep fp32 masters and optimizer state on the host, step there.
         policy, budgets: where host buffers go (``local_only``, ``naive_interleave``,
-            ``cxl_aware``) and how much each tier may hold, e.g. ``{"dram": "64GiB"}``.
+            ``cxl_aware``, or ``planned``: the planner's shortest predicted step for micro-batches
+            of ``plan_tokens`` tokens, with the rates of ``profile`` if given; the session's
+            ``plan`` then holds its placements and predicted phase times) and how much each
+            tier may hold, e.g. ``{"dram": "64GiB"}``.
         config: an OffloadConfig or a YAML file; keyword arguments override it, and it overrides
             OFFLOAD_* environment variables. Other settings (``max_grad_norm``,
             ``grad_accumulation_steps``, ``bucket_nbytes``, ...) are keyword arguments too.
@@ -77,26 +81,29 @@ def enable(
     device = _device_of(model)
     topology = topology or discover()
     layers = find_layers(model)
-    n_params = sum(p.numel() for p in model.parameters())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 1
     tier_budgets = settings.budgets or dict(DEFAULT_BUDGETS)
-    placements = plan_placements(
+    placements, run_plan = run_placements(
+        model,
         topology,
         settings.policy,
         tier_budgets,
-        n_params=max(n_params, 1),
         hidden=hidden,
         layers=max(len(layers) if layers is not None else 1, 1),
         tokens=settings.plan_tokens,
+        profile=settings.profile,
     )
     memory = HostMemory(topology, tier_budgets, placements)
     try:
-        return OffloadSession(
+        session = OffloadSession(
             model, optimizer, settings, memory, CopyStreams(device), layers=layers
         )
     except BaseException:
         memory.close()
         raise
+    # The plan behind the placements (None unless policy="planned" could simulate the model).
+    session.plan = run_plan
+    return session
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -1,0 +1,199 @@
+"""The planner at run time: what offload.enable(policy="planned") places host memory by, from the
+model's shape, the machine's rates (a measured profile or declared ones) and the budgets.
+
+It plans and records only; it must not allocate memory, time anything or change the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+from torch import nn
+
+from allocators.errors import ConfigError
+from allocators.placement import Placement
+from allocators.tensor_classes import host_tensor_groups
+from allocators.topology import Topology
+from offload.host_memory import plan_placements
+from offload.model_shapes import ModelShape, ModelShapeError, shape_from_config
+from offload.planner import Plan, plan, predicted_phases
+from offload.simulate import OUR_RUNTIME
+from offload.simulator_rates import SimRates, profile_rates, sim_rates
+
+# What "planned" falls back to when the model's shape is unknown: the paper's policy.
+FALLBACK_POLICY = "cxl_aware"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The plan a session runs with: placement per host tensor group and predicted phase times.
+
+    ``batch`` and ``seq`` are the micro-batch it was planned for; ``rate_notes`` lists the rates
+    that came from the paper rather than from ``profile`` or the topology.
+    """
+
+    plan: Plan
+    shape: ModelShape
+    batch: int
+    seq: int
+    profile: str | None
+    rate_notes: tuple[str, ...]
+
+    @property
+    def placements(self) -> dict[str, Placement]:
+        """Placement per host tensor group, e.g. ``{"latency_critical": node0:0.8 + node1:0.2}``."""
+        return dict(self.plan.placements)
+
+    @property
+    def predicted_s(self) -> dict[str, float]:
+        """Predicted seconds of forward, backward, step, overhead and total."""
+        return dict(predicted_phases(self.plan.prediction))
+
+    def by_class(self) -> dict:
+        """Placement per tensor class, as the allocator takes it."""
+        return self.plan.result.by_class()
+
+    def table(self) -> pd.DataFrame:
+        """One row per group: bytes, rule, placement and bytes per node."""
+        return pd.DataFrame.from_records(
+            {
+                "group": item.group.name,
+                "nbytes": item.group.nbytes,
+                "rule": item.rule,
+                "placement": str(item.placement),
+                "nbytes_per_node": dict(item.nbytes_per_node),
+            }
+            for item in self.plan.result.groups
+        )
+
+
+def model_shape(model: nn.Module) -> tuple[ModelShape | None, str]:
+    """The model's decoder shape from its transformers ``config``, or None and the reason.
+
+    >>> model_shape(nn.Linear(2, 2))
+    (None, 'Linear has no transformers `config` to read its layers and sizes from')
+    """
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if to_dict is None:
+        name = type(model).__name__
+        return None, f"{name} has no transformers `config` to read its layers and sizes from"
+    try:
+        return shape_from_config(to_dict(), name=type(model).__name__), ""
+    except ModelShapeError as exc:
+        return None, str(exc)
+
+
+def load_rates(topology: Topology, profile: str | None) -> SimRates:
+    """The planner's rates: ``profile``'s measured ones over the topology's, else the topology's.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> load_rates(load_declared("paper-1aic"), None).nodes[1].d2h_gib_per_s > 0
+    True
+    >>> load_rates(load_declared("paper-1aic"), "/no/such.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    allocators.errors.ConfigError: profile = '/no/such.json': profile /no/such.json not found; ...
+    """
+    if profile is None:
+        return sim_rates(topology)
+    # Imported here: profilers sits beside offload, and only this setting needs it.
+    from profilers.machine_profile import load_profile
+
+    try:
+        loaded = load_profile(profile)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"profile = {profile!r}: {exc}. Give the JSON `offload-profile all --out DIR` "
+            "wrote, or drop the profile setting to plan with declared rates"
+        ) from exc
+    return profile_rates(topology, loaded)
+
+
+def plan_run(
+    topology: Topology,
+    budgets: Mapping[str, int | str],
+    *,
+    shape: ModelShape,
+    n_params: int,
+    batch: int,
+    seq: int,
+    profile: str | None = None,
+) -> RunPlan:
+    """Plan host memory with the ``planned`` policy for ``n_params`` of ``shape`` at ``batch`` x ``seq``.
+
+    Raises BudgetExceededError when the groups do not fit the budgets.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> from offload.model_shapes import MODELS
+    >>> shape = MODELS["llama-1.1b"]
+    >>> run = plan_run(load_declared("paper-1aic"), {"dram": "16GiB", "cxl": "64GiB"},
+    ...                shape=shape, n_params=shape.n_params, batch=1, seq=4096)
+    >>> run.plan.policy, sorted(run.placements)[0], run.predicted_s["total"] > 0
+    ('planned', 'activation_checkpoints', True)
+    """
+    rates = load_rates(topology, profile)
+    groups = host_tensor_groups(n_params, batch, seq, shape.hidden, shape.layers)
+    chosen = plan(
+        groups,
+        topology.tiers,
+        budgets,
+        "planned",
+        shape=shape,
+        batch=batch,
+        seq=seq,
+        rates=rates,
+        config=OUR_RUNTIME,
+    )
+    return RunPlan(chosen, shape, batch, seq, profile, tuple(rates.notes))
+
+
+def run_placements(
+    model: nn.Module,
+    topology: Topology,
+    policy: str,
+    budgets: Mapping[str, int | str],
+    *,
+    hidden: int,
+    layers: int,
+    tokens: int,
+    profile: str | None = None,
+) -> tuple[dict, RunPlan | None]:
+    """Placement per tensor class for ``model`` under ``policy``, and the plan behind it.
+
+    ``planned`` plans for micro-batches of ``tokens`` tokens (one sequence of that length) and
+    returns its RunPlan. The paper's policies need only sizes (``hidden``, ``layers``) and return
+    no plan. A model without a usable transformers config cannot be simulated: ``cxl_aware``
+    places it instead, with a warning that says why, and the plan is None.
+
+    >>> import warnings
+    >>> from allocators.declared_topology import load_declared
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     by_class, run = run_placements(nn.Linear(4, 4), load_declared("paper-1aic"),
+    ...                                    "planned", {"dram": "1GiB"}, hidden=4, layers=1,
+    ...                                    tokens=16)
+    >>> run is None, "'cxl_aware' instead" in str(caught[0].message)
+    (True, True)
+    """
+    n_params = max(sum(p.numel() for p in model.parameters()), 1)
+    sizes = {"n_params": n_params, "hidden": hidden, "layers": layers, "tokens": tokens}
+    if policy != "planned":
+        return plan_placements(topology, policy, budgets, **sizes), None
+    shape, reason = model_shape(model)
+    if shape is None:
+        warnings.warn(
+            f"policy='planned' needs the model's shape to predict the step, but {reason}; "
+            f"placing host memory with {FALLBACK_POLICY!r} instead. Use a transformers model "
+            f"or pass policy={FALLBACK_POLICY!r}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return plan_placements(topology, FALLBACK_POLICY, budgets, **sizes), None
+    run = plan_run(
+        topology, budgets, shape=shape, n_params=n_params, batch=1, seq=tokens, profile=profile
+    )
+    return run.by_class(), run
