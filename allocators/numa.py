@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from allocators.cpu_lists import parse_cpu_list
 from allocators.errors import NumaError, PlacementError
 
 # Syscall numbers per architecture (arch/x86/entry/syscalls/syscall_64.tbl and the generic
@@ -159,15 +160,6 @@ def _syscall(name: str, *args: ctypes._SimpleCData | ctypes.Array | None) -> tup
     return result, (ctypes.get_errno() if result < 0 else 0)
 
 
-def _parse_node_list(text: str) -> tuple[int, ...]:
-    """Parse a kernel cpulist/nodelist such as ``0-2,4``."""
-    nodes: list[int] = []
-    for part in filter(None, text.strip().split(",")):
-        low, _, high = part.partition("-")
-        nodes.extend(range(int(low), int(high or low) + 1))
-    return tuple(nodes)
-
-
 def online_nodes(sysfs_root: str | os.PathLike[str] = "/sys") -> tuple[int, ...]:
     """NUMA nodes that hold memory (``has_memory``; ``online`` on kernels without it).
 
@@ -179,7 +171,7 @@ def online_nodes(sysfs_root: str | os.PathLike[str] = "/sys") -> tuple[int, ...]
     node_dir = Path(sysfs_root) / "devices/system/node"
     for name in ("has_memory", "online"):
         if (node_dir / name).exists():
-            return _parse_node_list((node_dir / name).read_text())
+            return parse_cpu_list((node_dir / name).read_text(), what=str(node_dir / name))
     # A kernel built without CONFIG_NUMA has no node directory: everything is node 0.
     return (0,)
 
@@ -192,7 +184,7 @@ def allowed_nodes() -> tuple[int, ...]:
     """
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("Mems_allowed_list:"):
-            return _parse_node_list(line.split(":", 1)[1])
+            return parse_cpu_list(line.split(":", 1)[1], what="Mems_allowed_list")
     return online_nodes()
 
 
@@ -231,7 +223,9 @@ def kernel_maxnode_bits() -> int:
             bits = 4 * sum(c in "0123456789abcdefABCDEF" for c in line.split(":", 1)[1])
     possible = Path("/sys/devices/system/node/possible")
     if possible.exists():
-        bits = max(bits, max(_parse_node_list(possible.read_text()), default=0) + 1)
+        bits = max(
+            bits, max(parse_cpu_list(possible.read_text(), what=str(possible)), default=0) + 1
+        )
     return max(64, -(-bits // 64) * 64)
 
 
