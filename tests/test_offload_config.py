@@ -88,3 +88,31 @@ def test_bad_environment_boolean(monkeypatch):
     monkeypatch.setenv("OFFLOAD_OVERLAP_STEP", "maybe")
     with pytest.raises(ConfigError, match="write 1 or 0"):
         resolve_config(None)
+
+
+def test_planned_policy_and_profile_path_are_read_lazily(tmp_path):
+    missing = tmp_path / "not-yet-written.json"
+    # The profile is read when planning, so a config may name one the profiler has yet to write.
+    config = OffloadConfig.from_kwargs(policy="planned", profile=missing)
+    assert (config.policy, config.profile) == ("planned", str(missing))
+    assert OffloadConfig(policy="planned").profile is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "hint"),
+    [
+        ({"policy": "planned", "profile": 3}, "path of an offload-profile JSON"),
+        ({"policy": "planned", "profile": ""}, "path of an offload-profile JSON"),
+        ({"profile": "p.json"}, "set policy='planned' or drop profile"),
+    ],
+)
+def test_bad_profile_settings_say_what_to_write(kwargs, hint):
+    with pytest.raises(ConfigError, match=hint):
+        OffloadConfig.from_kwargs(**kwargs)
+
+
+def test_profile_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OFFLOAD_POLICY", "planned")
+    monkeypatch.setenv("OFFLOAD_PROFILE", "/data/profile.json")
+    config = resolve_config(None)
+    assert (config.policy, config.profile) == ("planned", "/data/profile.json")
