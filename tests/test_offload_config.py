@@ -116,3 +116,10 @@ def test_profile_from_the_environment(monkeypatch):
     monkeypatch.setenv("OFFLOAD_PROFILE", "/data/profile.json")
     config = resolve_config(None)
     assert (config.policy, config.profile) == ("planned", "/data/profile.json")
+
+
+def test_config_policies_are_the_planners():
+    from offload.config import POLICIES
+    from offload.planner import PLAN_POLICIES
+
+    assert set(POLICIES) == set(PLAN_POLICIES)
