@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from optim_cpu.host_optimizer import HostOptimizer, check_betas, check_number
-from optim_cpu.scheduler import StepScheduler
-from optim_cpu.state_alloc import OPTIMIZER_STATE, StateAllocator
+from optim_cpu.host_optimizer import (
+    HostOptimizer,
+    HostOptimizerOptions,
+    check_betas,
+    check_number,
+)
+from optim_cpu.state_alloc import OPTIMIZER_STATE
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _INF = float("inf")
 
@@ -34,7 +41,9 @@ class CPUAdamW(HostOptimizer):
             plan decides their NUMA node; both moments are tensor class
             "optimizer_state" (default: plain host memory).
         scheduler: a shared :class:`StepScheduler` (default: one of ``threads`` workers pinned
-            to ``numa_node``'s cores, started at the first step).
+            to ``numa_node``'s cores, or to ``cpus`` when given, started at the first step).
+        cpus: the CPU ids the workers are pinned to, each in this process's affinity mask
+            (ignored when ``scheduler`` is given; give ``numa_node`` or ``cpus``, not both).
         chunk_elems: elements per work item (the granularity of pacing and load balance).
 
     Raises:
@@ -57,23 +66,10 @@ class CPUAdamW(HostOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        *,
-        state_allocator: StateAllocator | None = None,
-        scheduler: StepScheduler | None = None,
-        threads: int | None = None,
-        numa_node: int | None = None,
-        chunk_elems: int = 1 << 18,
+        **options: Unpack[HostOptimizerOptions],
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        super().__init__(
-            params,
-            defaults,
-            state_allocator=state_allocator,
-            scheduler=scheduler,
-            threads=threads,
-            numa_node=numa_node,
-            chunk_elems=chunk_elems,
-        )
+        super().__init__(params, defaults, **options)
 
     def _check_hparams(self, group: dict[str, Any], *, where: str) -> None:
         check_number(group, "lr", 0.0, _INF, where=where)

@@ -11,19 +11,35 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import partial
 from types import ModuleType
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from optim_cpu import fallback
 from optim_cpu.bucket import Bucket
 from optim_cpu.native import load_kernel
+from optim_cpu.numa_cores import worker_cpus
 from optim_cpu.scheduler import Chunk, StepScheduler
 from optim_cpu.state_alloc import StateAllocator, allocate_state
 
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OUT_DTYPES = (torch.bfloat16, torch.float16)
 DEFAULT_CHUNK_ELEMS = 1 << 18
+
+
+class HostOptimizerOptions(TypedDict, total=False):
+    """The keyword options every HostOptimizer subclass takes (documented on CPUAdamW).
+
+    >>> sorted(HostOptimizerOptions.__annotations__)[:2]
+    ['chunk_elems', 'cpus']
+    """
+
+    state_allocator: StateAllocator | None
+    scheduler: StepScheduler | None
+    threads: int | None
+    numa_node: int | None
+    cpus: Iterable[int] | None
+    chunk_elems: int
 
 
 class HostOptimizer(torch.optim.Optimizer):
@@ -45,6 +61,7 @@ class HostOptimizer(torch.optim.Optimizer):
         scheduler: StepScheduler | None = None,
         threads: int | None = None,
         numa_node: int | None = None,
+        cpus: Iterable[int] | None = None,
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     ) -> None:
         if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
@@ -60,6 +77,8 @@ class HostOptimizer(torch.optim.Optimizer):
         self._own_scheduler = scheduler is None
         self._threads = threads
         self._numa_node = numa_node
+        # Checked now, not at the first step, so a bad list fails where it was written.
+        self._cpus = None if cpus is None or scheduler is not None else worker_cpus(numa_node, cpus)
         self._chunk_elems = chunk_elems
         self._kernel: ModuleType | None = None
         super().__init__(params, defaults)
@@ -207,7 +226,9 @@ class HostOptimizer(torch.optim.Optimizer):
     def scheduler(self) -> StepScheduler:
         """The worker pool that runs the chunks (created on first use unless one was given)."""
         if self._scheduler is None:
-            self._scheduler = StepScheduler(self._threads, numa_node=self._numa_node)
+            self._scheduler = StepScheduler(
+                self._threads, numa_node=self._numa_node, cpus=self._cpus
+            )
         return self._scheduler
 
     def step_bucket(self, bucket: Bucket) -> Future:

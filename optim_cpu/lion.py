@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from optim_cpu.host_optimizer import HostOptimizer, check_betas, check_number
-from optim_cpu.scheduler import StepScheduler
-from optim_cpu.state_alloc import OPTIMIZER_STATE, StateAllocator
+from optim_cpu.host_optimizer import (
+    HostOptimizer,
+    HostOptimizerOptions,
+    check_betas,
+    check_number,
+)
+from optim_cpu.state_alloc import OPTIMIZER_STATE
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _INF = float("inf")
 
@@ -40,23 +47,10 @@ class CPULion(HostOptimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        *,
-        state_allocator: StateAllocator | None = None,
-        scheduler: StepScheduler | None = None,
-        threads: int | None = None,
-        numa_node: int | None = None,
-        chunk_elems: int = 1 << 18,
+        **options: Unpack[HostOptimizerOptions],
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
-        super().__init__(
-            params,
-            defaults,
-            state_allocator=state_allocator,
-            scheduler=scheduler,
-            threads=threads,
-            numa_node=numa_node,
-            chunk_elems=chunk_elems,
-        )
+        super().__init__(params, defaults, **options)
 
     def _check_hparams(self, group: dict[str, Any], *, where: str) -> None:
         check_number(group, "lr", 0.0, _INF, where=where)

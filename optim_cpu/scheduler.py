@@ -11,11 +11,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 
 from optim_cpu.contention import DEFAULT_POLICY, ContentionPolicy, DmaSignal
-from optim_cpu.numa_cores import node_cpus
+from optim_cpu.numa_cores import worker_cpus
 
 Chunk = Callable[[], None]
 
@@ -39,6 +39,8 @@ class StepScheduler:
     Args:
         threads: worker count (default: the node's core count).
         numa_node: node whose cores the workers are pinned to.
+        cpus: the CPUs the workers are pinned to instead of a node's cores (each must be in
+            this process's affinity mask); give ``numa_node`` or ``cpus``, not both.
         policy: what workers do while ``dma`` is active (default :data:`DEFAULT_POLICY`).
         dma: the signal the runtime raises around transfers (default: a private, idle one).
 
@@ -55,11 +57,12 @@ class StepScheduler:
         threads: int | None = None,
         *,
         numa_node: int | None = None,
+        cpus: Iterable[int] | None = None,
         policy: ContentionPolicy | None = None,
         dma: DmaSignal | None = None,
         sysfs_root: str = "/sys",
     ) -> None:
-        self.cpus = node_cpus(numa_node, sysfs_root=sysfs_root)
+        self.cpus = worker_cpus(numa_node, cpus, sysfs_root=sysfs_root)
         if threads is None:
             threads = len(self.cpus)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

@@ -131,3 +131,37 @@ def test_a_missing_node_is_refused_with_the_nodes_that_exist(tmp_path):
     write_node(tmp_path, 0, "0")
     with pytest.raises(ValueError, match=r"NUMA node 3 does not exist .*\['node0'\]"):
         node_cpus(3, sysfs_root=tmp_path)
+
+
+def test_workers_are_pinned_to_the_cpus_given():
+    first = min(os.sched_getaffinity(0))
+    seen = []
+    with StepScheduler(threads=2, cpus=[first]) as sched:
+        assert sched.cpus == (first,)
+        tasks = [lambda: seen.append(os.sched_getaffinity(threading.get_native_id()))] * 4
+        sched.submit(tasks).result(timeout=30)
+    assert seen and all(cpus == {first} for cpus in seen)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cpus": []}, "names no CPU"),
+        ({"cpus": [-1]}, "not a CPU id"),
+        ({"cpus": "0-1"}, "not a list of CPU ids"),
+        ({"cpus": [max(os.sched_getaffinity(0)) + 4096]}, "not allowed for this process"),
+        ({"cpus": [0], "numa_node": 0}, "not both"),
+    ],
+)
+def test_bad_cpus_are_refused_with_the_allowed_list(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StepScheduler(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        CPUAdamW([torch.zeros(2)], **kwargs)
+
+
+def test_optimizer_cpus_reach_its_scheduler():
+    first = min(os.sched_getaffinity(0))
+    opt = CPUAdamW([torch.zeros(2)], cpus=[first], threads=1)
+    assert opt.scheduler.cpus == (first,)
+    opt.close()
