@@ -96,13 +96,11 @@ def enable(
     memory = HostMemory(topology, tier_budgets, placements)
     try:
         session = OffloadSession(
-            model, optimizer, settings, memory, CopyStreams(device), layers=layers
+            model, optimizer, settings, memory, CopyStreams(device), layers=layers, plan=run_plan
         )
     except BaseException:
         memory.close()
         raise
-    # The plan behind the placements (None unless policy="planned" could simulate the model).
-    session.plan = run_plan
     return session
 
 

@@ -18,6 +18,7 @@ from offload.config import OffloadConfig
 from offload.host_memory import HostMemory
 from offload.optimizer_offload import OptimizerOffload
 from offload.optimizer_patch import OptimizerPatch
+from offload.run_plan import RunPlan
 from offload.streams import CopyStreams
 
 
@@ -86,8 +87,11 @@ class OffloadSession:
         streams: CopyStreams,
         *,
         layers: nn.ModuleList | None,
+        plan: RunPlan | None = None,
     ) -> None:
         self.model = model
+        # The planner's placements and predicted phases; None unless policy="planned" ran.
+        self.plan = plan
         self.optimizer = optimizer
         self.config = config
         self.memory = memory
