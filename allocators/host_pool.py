@@ -88,6 +88,23 @@ class HostPool:
         self._by_key: dict[_Key, list[HostBuffer]] = {}
         self._hits = self._misses = self._evictions = 0
 
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes per stripe chunk in every buffer this pool makes (how a split placement is cut).
+
+        >>> HostPool(pin=False, chunk_nbytes=4 << 20).chunk_nbytes
+        4194304
+        """
+        return self._options["chunk_nbytes"]
+
+    def size_for(self, nbytes: int) -> int:
+        """The bytes :meth:`acquire` maps for a request of ``nbytes``: its size class.
+
+        >>> HostPool(pin=False).size_for(1) == PAGE_NBYTES
+        True
+        """
+        return size_class(nbytes)
+
     def acquire(
         self,
         nbytes: int | str,
@@ -101,7 +118,7 @@ class HostPool:
         request = parse_size(nbytes, what="HostPool.acquire nbytes")
         if request <= 0:
             raise ValueError(f"HostPool.acquire nbytes = {nbytes!r} must be > 0 bytes")
-        key = (size_class(request), as_placement(placement), self.pin if pin is None else pin)
+        key = (self.size_for(request), as_placement(placement), self.pin if pin is None else pin)
         with self._lock:
             shelf = self._by_key.get(key)
             if shelf:

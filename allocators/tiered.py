@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from allocators.errors import BudgetExceededError
 from allocators.host_buffer import PAGE_NBYTES
-from allocators.host_pool import HostPool, size_class
+from allocators.host_pool import HostPool
 from allocators.placement import Placement, as_placement
 from allocators.policies import Budgets, BudgetSpec, TierName, parse_budgets, split_nbytes
 from allocators.striping import DEFAULT_CHUNK_NBYTES
@@ -36,11 +36,17 @@ class HostBufferLike(Protocol):
 
     nbytes: int
 
-    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor: ...
+    def tensor(
+        self, dtype: torch.dtype, shape: tuple[int, ...], offset_bytes: int = 0
+    ) -> torch.Tensor: ...
 
 
 class Backing(Protocol):
-    """Where memory comes from: allocators.host_pool.HostPool, or a fake in tests."""
+    """Where memory comes from: allocators.host_pool.HostPool, or a fake in tests.
+
+    A backing may also have ``size_for(nbytes) -> int`` (the bytes it maps for a request) and
+    ``chunk_nbytes`` (its stripe chunk); without them whole pages and 2 MiB chunks are assumed.
+    """
 
     def acquire(self, nbytes: int, placement: Placement, pin: bool = True) -> HostBufferLike: ...
 
@@ -68,12 +74,17 @@ class Allocation:
     def charged_nbytes(self) -> int:
         return sum(self.nbytes_per_node.values())
 
-    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor view of the buffer; its memory stays valid only until this is released."""
+    def tensor(
+        self, dtype: torch.dtype, shape: tuple[int, ...], offset_bytes: int = 0
+    ) -> torch.Tensor:
+        """A tensor view of the buffer from ``offset_bytes``; valid only until this is released."""
         if self.released:
             raise ValueError(
                 f"this {self.tensor_class} allocation was released; allocate a new one"
             )
+        if offset_bytes:
+            return self.buffer.tensor(dtype, shape, offset_bytes)
+        # Without an offset, buffers whose tensor() predates offset_bytes keep working.
         return self.buffer.tensor(dtype, shape)
 
 
@@ -139,11 +150,10 @@ class TieredAllocator:
         self.pin = pin
         self._own_pool = HostPool() if backing is None else None
         self.backing: Backing = self._own_pool if backing is None else backing
-        # What the backing will really map, so the check before touching memory is exact: a
-        # pool hands out its size class, anything else is expected to round to whole pages.
-        self._size_for: Callable[[int], int] = (
-            size_class if isinstance(self.backing, HostPool) else _whole_pages
-        )
+        # What the backing will really map and how it stripes, so the check before touching
+        # memory is exact; a backing that does not say is expected to round to whole pages.
+        self._size_for: Callable[[int], int] = getattr(self.backing, "size_for", _whole_pages)
+        self._chunk_nbytes: int = getattr(self.backing, "chunk_nbytes", DEFAULT_CHUNK_NBYTES)
         self._lock = threading.Lock()
         self._closed = False
         self._live: set[Allocation] = set()
@@ -227,7 +237,7 @@ class TieredAllocator:
         ``replacing`` is an earlier charge for the same request, given back in the same locked
         step, so no other thread can take the budget in between.
         """
-        split = split_nbytes(charged_nbytes, placement, DEFAULT_CHUNK_NBYTES)
+        split = split_nbytes(charged_nbytes, placement, self._chunk_nbytes)
         per_node = {node: n for node, n in split.items() if n > 0}
         with self._lock:
             if replacing is not None:

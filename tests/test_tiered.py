@@ -31,6 +31,33 @@ class FakeBuffer:
         return self._memory.view(dtype)[: torch.Size(shape).numel()].view(shape)
 
 
+class OffsetBuffer(FakeBuffer):
+    """A buffer whose tensor() takes offset_bytes, as HostBuffer's does."""
+
+    def tensor(self, dtype, shape, offset_bytes=0):
+        start = offset_bytes // torch.empty((), dtype=dtype).element_size()
+        return self._memory.view(dtype)[start : start + torch.Size(shape).numel()].view(shape)
+
+
+class SizingBacking:
+    """A backing that says how it sizes and stripes buffers (as HostPool does)."""
+
+    def __init__(self, size_nbytes: int, chunk_nbytes: int):
+        self.chunk_nbytes = chunk_nbytes
+        self._size_nbytes = size_nbytes
+        self.acquired: list[FakeBuffer] = []
+
+    def size_for(self, nbytes):
+        return -(-nbytes // self._size_nbytes) * self._size_nbytes
+
+    def acquire(self, nbytes, placement, pin=True):
+        self.acquired.append(OffsetBuffer(nbytes, placement, self._size_nbytes))
+        return self.acquired[-1]
+
+    def release(self, buffer):
+        buffer.freed = True
+
+
 class FakeBacking:
     """Counts what was acquired and released; hands out small CPU tensors as memory."""
 
@@ -352,3 +379,53 @@ def test_release_with_live_views_is_refused_and_keeps_the_charge():
     alloc.close()
     assert acts.released and acts.buffer.freed
     assert row(alloc, "dram", 0).used_nbytes == 0
+
+
+def test_a_backing_that_says_its_size_and_chunk_is_charged_by_them():
+    # 9 MiB rounds to 12 MiB; 4 MiB chunks over {1, 2}: 3 chunks, two on node 1.
+    backing = SizingBacking(size_nbytes=4 * MIB, chunk_nbytes=4 * MIB)
+    alloc = TieredAllocator(
+        topology(), {"dram": "1GiB", "cxl": "2GiB"}, {"activations": interleave([1, 2])}, backing
+    )
+    act = alloc.allocate("activations", 9 * MIB)
+    assert act.nbytes_per_node == {1: 8 * MIB, 2: 4 * MIB}
+    with pytest.raises(BudgetExceededError):
+        alloc.allocate("activations", 2 * GIB - 11 * MIB)
+    assert len(backing.acquired) == 1
+
+
+def test_a_host_pool_is_charged_by_its_size_class_and_chunk_size():
+    from allocators.host_pool import HostPool
+
+    class FakeMemoryPool(HostPool):
+        """HostPool's sizing and chunking, with fake memory (nodes 1 and 2 are not real here)."""
+
+        def acquire(self, nbytes, placement, pin=None):
+            return FakeBuffer(self.size_for(nbytes), placement, PAGE)
+
+    pool = FakeMemoryPool(pin=False, chunk_nbytes=4 * MIB)
+    alloc = TieredAllocator(
+        topology(), {"dram": "1GiB", "cxl": "2GiB"}, {"activations": interleave([1, 2])}, pool
+    )
+    # 12 MiB splits 8/4 in the pool's 4 MiB chunks, where 2 MiB chunks would give 6/6.
+    assert alloc.allocate("activations", 12 * MIB).nbytes_per_node == {1: 8 * MIB, 2: 4 * MIB}
+    assert pool.size_for(12 * MIB + 1) == size_class(12 * MIB + 1)
+
+
+def test_allocation_views_start_at_the_offset_given():
+    backing = SizingBacking(size_nbytes=PAGE, chunk_nbytes=2 * MIB)
+    alloc = TieredAllocator(topology(), {"dram": "1GiB", "cxl": "2GiB"}, backing=backing)
+    grads = alloc.allocate("grads", 64)
+    grads.tensor(torch.int32, (4,)).copy_(torch.arange(4, dtype=torch.int32))
+    assert grads.tensor(torch.int32, (2,), offset_bytes=8).tolist() == [2, 3]
+
+
+def test_allocation_views_pass_the_offset_to_a_real_host_buffer():
+    alloc = TieredAllocator(topology(), {"dram": "64MiB"}, pin=False)
+    grads = alloc.allocate("grads", 4096)
+    grads.tensor(torch.int32, (4,)).copy_(torch.arange(4, dtype=torch.int32))
+    assert grads.tensor(torch.int32, (1,), offset_bytes=12).tolist() == [3]
+    with pytest.raises(ValueError, match="offset_bytes = 2 must be >= 0 and a multiple of 4"):
+        grads.tensor(torch.int32, (1,), offset_bytes=2)
+    alloc.release(grads)
+    alloc.close()
