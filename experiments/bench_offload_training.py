@@ -22,26 +22,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from offload.model_shapes import MODELS
+
 MODES = ("gpu_checkpointing", "offload_enable", "deepspeed_zero2_offload", "torch_save_on_cpu")
 
-# reference/MEASURED.md's Llama-shaped 1.1B, and the 7B shape of issue 5 (Qwen2.5-7B-like).
+# reference/MEASURED.md's Llama-shaped 1.1B, and the 7B shape of issue 5 (Qwen2.5-7B-like, built
+# as a Llama: no q/k/v bias).
 SHAPES = {
-    "llama-1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-    ),
+    "llama-1.1b": MODELS["llama-1.1b"].llama_config_kwargs(),
+    "7b": MODELS["qwen2.5-7b"].llama_config_kwargs(),
 }
 DEFAULT_RUNS = (("llama-1.1b", 8192), ("llama-1.1b", 32768), ("7b", 4096), ("7b", 32768))
 

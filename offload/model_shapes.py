@@ -80,6 +80,27 @@ class ModelShape:
         """Parameters of one decoder layer (what ZeRO-3 fetches per layer)."""
         return sum(self._layer_numels())
 
+    def llama_config_kwargs(self) -> dict[str, int]:
+        """The sizes as ``transformers.LlamaConfig`` keyword arguments (the inverse of
+        :func:`shape_from_config` for the sizes); ``qkv_bias`` is not carried, as Llama has no
+        bias on q, k, v alone, nor ``tied_embeddings`` (pass ``tie_word_embeddings`` yourself).
+
+        >>> MODELS["llama-1.1b"].llama_config_kwargs()["num_key_value_heads"]
+        4
+        >>> shape_from_config(MODELS["llama-1.1b"].llama_config_kwargs()).n_params == (
+        ...     MODELS["llama-1.1b"].n_params)
+        True
+        """
+        return {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+        }
+
 
 MODELS: dict[str, ModelShape] = {
     "qwen2.5-7b": ModelShape(
