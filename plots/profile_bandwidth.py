@@ -6,12 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from plots.profile_common import benchmark_rows, plt, save_png
 
 
 def plot(csv_path: str | Path, png_path: str | Path) -> Path:
@@ -20,8 +15,8 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     >>> plot("offload-profile-host/profile_bandwidth.csv", "/tmp/bw.png")  # doctest: +SKIP
     PosixPath('/tmp/bw.png')
     """
-    frame = pd.read_csv(csv_path)
-    rows = frame[(frame["benchmark"] == "bandwidth") & (frame["streams"] == 1)]
+    rows = benchmark_rows(csv_path, "bandwidth")
+    rows = rows[rows["streams"] == 1]
     directions = [d for d in ("h2d", "d2h", "both") if d in set(rows["case"])]
     fig, axes = plt.subplots(
         1, max(1, len(directions)), figsize=(5 * max(1, len(directions)), 4), squeeze=False
@@ -38,8 +33,4 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
         ax.set_title(f"{direction}, measured")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(png_path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_png(fig, png_path)

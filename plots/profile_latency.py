@@ -6,12 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from plots.profile_common import benchmark_rows, plt, save_png
 
 
 def plot(csv_path: str | Path, png_path: str | Path) -> Path:
@@ -20,8 +15,7 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     >>> plot("offload-profile-host/profile_latency.csv", "/tmp/latency.png")  # doctest: +SKIP
     PosixPath('/tmp/latency.png')
     """
-    frame = pd.read_csv(csv_path)
-    rows = frame[frame["benchmark"] == "latency"]
+    rows = benchmark_rows(csv_path, "latency")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (placement, page_size), group in rows.groupby(["placement", "page_size"]):
         group = group.sort_values("nbytes")
@@ -41,8 +35,4 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     ax.set_title(f"Pointer-chase latency, measured{degraded}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(png_path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_png(fig, png_path)

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from plots.profile_common import benchmark_rows, plt, save_png
 
 
 def plot(csv_path: str | Path, png_path: str | Path) -> Path:
@@ -20,8 +15,7 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     >>> plot("offload-profile-host/profile_memory.csv", "/tmp/memory.png")  # doctest: +SKIP
     PosixPath('/tmp/memory.png')
     """
-    frame = pd.read_csv(csv_path)
-    rows = frame[frame["benchmark"] == "memory"]
+    rows = benchmark_rows(csv_path, "memory")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (placement, case), group in rows.groupby(["placement", "case"]):
         group = group.sort_values("threads")
@@ -38,8 +32,4 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     ax.set_title("CPU memory bandwidth per node, measured")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(png_path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_png(fig, png_path)

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from plots.profile_common import benchmark_rows, plt, save_png
 
 
 def plot(csv_path: str | Path, png_path: str | Path) -> Path:
@@ -20,8 +15,7 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     >>> plot("offload-profile-host/profile_optimizer.csv", "/tmp/adamw.png")  # doctest: +SKIP
     PosixPath('/tmp/adamw.png')
     """
-    frame = pd.read_csv(csv_path)
-    rows = frame[frame["benchmark"] == "optimizer"]
+    rows = benchmark_rows(csv_path, "optimizer")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (placement, kernel), group in rows.groupby(["placement", "kernel"]):
         group = group.sort_values("elements")
@@ -33,8 +27,4 @@ def plot(csv_path: str | Path, png_path: str | Path) -> Path:
     ax.set_title("CPU AdamW step by state placement, measured")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(png_path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_png(fig, png_path)
