@@ -14,6 +14,7 @@ from allocators.declared_topology import load_declared
 from allocators.errors import BudgetExceededError, ConfigError
 from allocators.sysfs_topology import discover
 from offload.run_plan import RunPlan, model_shape, plan_run, run_placements
+from offload.tiny_finetune import tiny_llama as shared_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,19 +36,7 @@ def quiet_hf():
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    model.train()
-    return model
+    return shared_tiny_llama(seed, hidden=64, layers=2, vocab=128)
 
 
 def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
