@@ -15,7 +15,7 @@ from typing import Literal
 from allocators import numa
 from allocators.errors import ConfigError
 from allocators.host_buffer import HostBuffer
-from allocators.policies import parse_budgets
+from allocators.policies import Budgets, parse_budgets
 from allocators.sysfs_files import is_live, read_text
 from allocators.sysfs_topology import discover
 from allocators.topology import Topology
@@ -369,7 +369,7 @@ def check_gpus(
     return [nvml_line, cuda_line]
 
 
-def check_budgets(topo: Topology, budgets: Mapping[str, int | str] | None) -> CheckResult:
+def check_budgets(topo: Topology, budgets: Budgets | Mapping[str, int | str] | None) -> CheckResult:
     """Fail when a node's budget is more than the node has free, naming node and numbers.
 
     >>> root = Path(__file__).parents[1] / "tests/fixtures/sysfs/cxl-movable"
@@ -417,11 +417,12 @@ def run_checks(
     topo = discover(root, use_nvml=live)
     cap_eff = read_cap_eff()
     probe_node = topo.anchor_node() if live else numa.online_nodes()[0]
-    needed = sum(parse_budgets(budgets, topo.tiers_for()).node_nbytes.values()) if budgets else None
+    parsed = parse_budgets(budgets, topo.tiers_for()) if budgets else None
+    needed = sum(parsed.node_nbytes.values()) if parsed else None
     cuda = torch_cuda_count()
     results = [check_mbind(probe_node, cap_eff), check_thp(root), check_cxl_movable(topo)]
     results += check_cxl_pin(topo, live, cuda[1] if cuda[0] == 0 else None)
     results.append(check_memlock(read_memlock_limit(), cap_eff, os.getuid(), needed))
     results += check_gpus(nvml_gpu_count(), cuda, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    results.append(check_budgets(topo, budgets))
+    results.append(check_budgets(topo, parsed))
     return results

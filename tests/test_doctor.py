@@ -57,6 +57,13 @@ def test_pinning_that_keeps_pages_on_the_cxl_node_is_ok():
     assert result.status == "ok"
 
 
+def test_a_refused_pin_warns_and_points_at_memlock():
+    refused = PinProbe(pinned=False, reason="cudaError 2: out of memory", pages_per_node={1: 1024})
+    [result] = doctor.check_cxl_pin(topo("cxl-movable"), True, None, probe=lambda node: refused)
+    assert result.status == "warn" and "out of memory" in result.finding
+    assert "memlock" in result.fix
+
+
 def test_pin_test_is_skipped_without_cuda_or_on_a_captured_tree():
     def never(node):
         raise AssertionError("probed")
