@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 from allocators.cli_app import run_subcommands
 
-SUBCOMMANDS = ("offload.cli_demo", "offload.cli_topology", "offload.cli_plan")
+SUBCOMMANDS = (
+    "offload.cli_demo",
+    "offload.cli_topology",
+    "offload.cli_plan",
+    "offload.cli_doctor",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
