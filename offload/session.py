@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -19,6 +20,7 @@ from offload.host_memory import HostMemory
 from offload.optimizer_offload import OptimizerOffload
 from offload.optimizer_patch import OptimizerPatch
 from offload.run_plan import RunPlan
+from offload.run_record import record_run
 from offload.streams import CopyStreams
 
 
@@ -197,6 +199,16 @@ class OffloadSession:
         On CPU every copy is synchronous, so ``hidden_transfer_fraction`` is 0 there.
         """
         return pd.DataFrame.from_records(self.records)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the run record (``offload-run/1``: config, plan, topology, machine, step rows)
+        to ``path`` for ``offload report``; read it back with ``offload.run_record.load_run``.
+
+        >>> sess.save("run.json")  # doctest: +SKIP
+        PosixPath('run.json')
+        """
+        topology = self.memory.allocator.topology
+        return record_run(self.config, self.plan, topology, self.records).save(path)
 
     def state_dict(self) -> dict:
         """Steps taken, the report rows, and the (offloaded) optimizer state with fp32 masters."""

@@ -1,0 +1,283 @@
+"""The versioned run record (``offload-run/1``) that ``OffloadSession.save`` writes: config, plan,
+topology, machine facts and one row per step; loaded back typed. File format only; no measuring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from allocators.errors import OffloadError
+from allocators.topology import Topology
+from allocators.topology_json import topology_to_dict
+from offload.config import OffloadConfig
+from offload.run_plan import RunPlan
+
+SCHEMA = "offload-run/1"
+# A step column's name ends with its unit; "step" is the index.
+STEP_UNITS = ("_ms", "_nbytes", "_gb_per_s", "_fraction")
+PHASES = ("forward", "backward", "optimizer", "wait")
+
+
+class RunRecordError(OffloadError, ValueError):
+    """A run record file is missing a key, has a wrong type, or is of another schema."""
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """Where a run ran: host name, torch and CUDA versions, GPU name (None without a GPU)."""
+
+    hostname: str
+    torch: str
+    cuda: str | None
+    gpu_name: str | None
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """The planner's choice: ``[[node, share], ...]`` per host tensor group and predicted seconds."""
+
+    placements: dict[str, list[list[float]]]
+    predicted_s: dict[str, float]
+    batch: int
+    seq: int
+    profile: str | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One saved run; ``steps`` holds ``sess.report()``'s rows, units in column names.
+
+    >>> rec = RunRecord(SCHEMA, "2026-01-01T00:00:00Z", {}, None, {},
+    ...                 MachineFacts("h", "2.13", None, None), [{"step": 0, "forward_ms": 1.5}])
+    >>> run_from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
+    True
+    """
+
+    schema: str
+    created_utc: str
+    config: dict[str, Any]
+    plan: PlanRecord | None
+    topology: dict[str, Any]
+    machine: MachineFacts
+    steps: list[dict[str, float | int | None]]
+
+    def steps_frame(self) -> pd.DataFrame:
+        """The per-step rows as a DataFrame (``step``, ``forward_ms``, ``d2h_gb_per_s``, ...)."""
+        return pd.DataFrame.from_records(self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, the inverse of :func:`run_from_dict`."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the record as indented JSON and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def machine_facts() -> MachineFacts:
+    """This machine's facts; ``cuda``/``gpu_name`` are None without a GPU.
+
+    >>> machine_facts().torch == torch.__version__
+    True
+    """
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return MachineFacts(socket.gethostname(), torch.__version__, torch.version.cuda, gpu)
+
+
+def record_run(
+    config: OffloadConfig,
+    plan: RunPlan | None,
+    topology: Topology,
+    steps: Sequence[Mapping[str, Any]],
+) -> RunRecord:
+    """Build the record of a session's run from its config, plan, topology and report rows.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> rec = record_run(OffloadConfig(), None, load_declared("paper-1aic"), [{"step": 0}])
+    >>> rec.schema, rec.config["policy"], rec.topology["name"]
+    ('offload-run/1', 'cxl_aware', 'paper-1aic')
+    """
+    plan_record = None
+    if plan is not None:
+        plan_record = PlanRecord(
+            placements={
+                group: [[node, share] for node, share in placement.shares]
+                for group, placement in sorted(plan.placements.items())
+            },
+            predicted_s=dict(plan.predicted_s),
+            batch=plan.batch,
+            seq=plan.seq,
+            profile=plan.profile,
+        )
+    return RunRecord(
+        schema=SCHEMA,
+        created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        config=dataclasses.asdict(config),
+        plan=plan_record,
+        topology=topology_to_dict(topology),
+        machine=machine_facts(),
+        steps=[dict(row) for row in steps],
+    )
+
+
+def _get(data: Any, key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    path = f"{where}.{key}" if where else key
+    if not isinstance(data, dict):
+        raise RunRecordError(f"run record key '{where}' must be an object")
+    if key not in data:
+        raise RunRecordError(
+            f"run record is missing key '{path}'; write it with OffloadSession.save(path)"
+        )
+    value = data[key]
+    allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, allowed):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+        raise RunRecordError(f"run record key '{path}' = {value!r} must be {names}")
+    return value
+
+
+def _number(value: Any, path: str) -> float | int | None:
+    # bool is an int in Python, but a byte count written as true is still wrong.
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunRecordError(f"run record key '{path}' = {value!r} must be a finite number")
+        return value
+    raise RunRecordError(f"run record key '{path}' = {value!r} must be a number or null")
+
+
+def run_from_dict(data: Any) -> RunRecord:
+    """Validate decoded JSON and build the typed record; errors name the offending key.
+
+    >>> run_from_dict({"schema": "offload-profile/1"})
+    Traceback (most recent call last):
+    ...
+    offload.run_record.RunRecordError: run record key 'schema' = 'offload-profile/1' is not offload-run/1; save the run with OffloadSession.save(path)
+    """
+    schema = _get(data, "schema", str, "")
+    if schema != SCHEMA:
+        raise RunRecordError(
+            f"run record key 'schema' = {schema!r} is not {SCHEMA}; "
+            "save the run with OffloadSession.save(path)"
+        )
+    m = _get(data, "machine", dict, "")
+    machine = MachineFacts(
+        hostname=_get(m, "hostname", str, "machine"),
+        torch=_get(m, "torch", str, "machine"),
+        cuda=_get(m, "cuda", (str, type(None)), "machine"),
+        gpu_name=_get(m, "gpu_name", (str, type(None)), "machine"),
+    )
+    plan = None
+    p = _get(data, "plan", (dict, type(None)), "")
+    if p is not None:
+        placements = _get(p, "placements", dict, "plan")
+        for group, shares in placements.items():
+            ok = isinstance(shares, list) and all(
+                isinstance(s, list) and len(s) == 2 for s in shares
+            )
+            if not ok:
+                raise RunRecordError(
+                    f"run record key 'plan.placements.{group}' = {shares!r} must be "
+                    "[[node, share], ...]"
+                )
+        predicted = _get(p, "predicted_s", dict, "plan")
+        plan = PlanRecord(
+            placements=placements,
+            predicted_s={k: _number(v, f"plan.predicted_s.{k}") for k, v in predicted.items()},
+            batch=_get(p, "batch", int, "plan"),
+            seq=_get(p, "seq", int, "plan"),
+            profile=_get(p, "profile", (str, type(None)), "plan"),
+        )
+    steps = []
+    for i, row in enumerate(_get(data, "steps", list, "")):
+        if not isinstance(row, dict):
+            raise RunRecordError(f"run record key 'steps.{i}' must be an object of columns")
+        steps.append({k: _number(v, f"steps.{i}.{k}") for k, v in row.items()})
+    return RunRecord(
+        schema=schema,
+        created_utc=_get(data, "created_utc", str, ""),
+        config=_get(data, "config", dict, ""),
+        plan=plan,
+        topology=_get(data, "topology", dict, ""),
+        machine=machine,
+        steps=steps,
+    )
+
+
+def read_json(path: str | Path) -> Any:
+    """Decoded JSON of ``path``; a missing file or bad JSON is an error that says so.
+
+    >>> read_json("/no/such/run.json")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /no/such/run.json not found; save a run with OffloadSession.save(path)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; save a run with OffloadSession.save(path)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunRecordError(f"{path} is not JSON ({exc}); save the run again") from exc
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read and validate a run record written by ``OffloadSession.save``.
+
+    >>> load_run("/no/such/run.json")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /no/such/run.json not found; save a run with OffloadSession.save(path)
+    """
+    try:
+        return run_from_dict(read_json(path))
+    except RunRecordError as exc:
+        raise RunRecordError(f"{path}: {exc}") from None
+
+
+def run_summary(record: RunRecord) -> dict[str, float | int | str | None]:
+    """One comparison row: steps, median phase ms, GB/s each way, hidden fraction, peaks.
+
+    ``peak_hbm_nbytes`` is None on CPU; ``host_<tier>_nbytes`` are the most each tier held.
+
+    >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
+    ...     [{"step": 0, "forward_ms": 1.0, "host_dram_nbytes": 8},
+    ...      {"step": 1, "forward_ms": 3.0, "host_dram_nbytes": 4}])
+    >>> s = run_summary(rec); s["steps"], s["forward_ms_median"], s["host_dram_nbytes_max"]
+    (2, 2.0, 8)
+    """
+    frame = record.steps_frame()
+
+    def median(column: str) -> float | None:
+        values = frame[column].dropna() if column in frame else ()
+        return float(values.median()) if len(values) else None
+
+    def peak(column: str) -> int | None:
+        values = frame[column].dropna() if column in frame else ()
+        return int(values.max()) if len(values) else None
+
+    row: dict[str, float | int | str | None] = {"hostname": record.machine.hostname}
+    row["steps"] = len(frame)
+    for phase in PHASES:
+        row[f"{phase}_ms_median"] = median(f"{phase}_ms")
+    for direction in ("h2d", "d2h"):
+        row[f"{direction}_gb_per_s_median"] = median(f"{direction}_gb_per_s")
+    row["hidden_transfer_fraction_median"] = median("hidden_transfer_fraction")
+    row["peak_hbm_nbytes_max"] = peak("peak_hbm_nbytes")
+    tiers = sorted(c for c in frame.columns if c.startswith("host_") and c.endswith("_nbytes"))
+    for column in tiers:
+        row[f"{column}_max"] = peak(column)
+    return row

@@ -1,0 +1,83 @@
+"""Figures of saved runs for ``offload report --plot``: each step's phases as stacked bars per run,
+and host bytes per tier over steps. Reads run records only; it must not run or time anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from offload.run_record import PHASES, RunRecord
+from plots.profile_common import plt, save_png
+
+
+def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path:
+    """One panel per run: forward / backward / optimizer / wait ms of each step, stacked.
+
+    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
+    ...                 [{"step": 0, "forward_ms": 2.0, "backward_ms": 3.0}])
+    >>> plot_step_breakdown({"a": rec}, "/tmp/run_steps_doctest.png").stat().st_size > 0
+    True
+    """
+    fig, axes = plt.subplots(
+        1, len(runs), figsize=(4.5 * len(runs), 3.5), squeeze=False, sharey=True
+    )
+    for ax, (name, record) in zip(axes[0], runs.items(), strict=True):
+        frame = record.steps_frame()
+        steps = frame["step"] if "step" in frame else range(len(frame))
+        bottom = [0.0] * len(frame)
+        for phase in PHASES:
+            column = f"{phase}_ms"
+            if column not in frame:
+                continue
+            values = frame[column].fillna(0.0).tolist()
+            ax.bar(steps, values, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.set_title(f"{name} (measured on {record.machine.hostname})", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("ms")
+    axes[0][-1].legend(fontsize=8)
+    return save_png(fig, png_path)
+
+
+def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path:
+    """Host bytes held per tier (``host_<tier>_nbytes``, RSS excluded) over steps, line per run.
+
+    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
+    ...                 [{"step": 0, "host_dram_nbytes": 1 << 20}])
+    >>> plot_tier_bytes({"a": rec}, "/tmp/run_tiers_doctest.png").stat().st_size > 0
+    True
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, record in runs.items():
+        frame = record.steps_frame()
+        steps = frame["step"] if "step" in frame else range(len(frame))
+        for column in sorted(frame.columns):
+            if (
+                column.startswith("host_")
+                and column.endswith("_nbytes")
+                and column != "host_rss_nbytes"
+            ):
+                tier = column[len("host_") : -len("_nbytes")]
+                ax.plot(steps, frame[column] / (1 << 20), marker="o", label=f"{name}: {tier}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MiB held")
+    ax.set_title("host bytes per tier (measured)", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return save_png(fig, png_path)
+
+
+def plot_runs(runs: Mapping[str, RunRecord], out_dir: str | Path) -> list[Path]:
+    """Both figures into ``out_dir`` (created if missing): ``run_steps.png``, ``run_tiers.png``.
+
+    >>> plot_runs({}, "/tmp")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_step_breakdown(runs, out / "run_steps.png"),
+        plot_tier_bytes(runs, out / "run_tiers.png"),
+    ]
