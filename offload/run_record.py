@@ -24,8 +24,6 @@ from offload.config import OffloadConfig
 from offload.run_plan import RunPlan
 
 SCHEMA = "offload-run/1"
-# A step column's name ends with its unit; "step" is the index.
-STEP_UNITS = ("_ms", "_nbytes", "_gb_per_s", "_fraction")
 PHASES = ("forward", "backward", "optimizer", "wait")
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from matplotlib.ticker import MaxNLocator
+
 from offload.run_record import PHASES, RunRecord
 from plots.profile_common import plt, save_png
 
@@ -36,6 +38,7 @@ def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> 
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_title(f"{name} (measured on {record.machine.hostname})", fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("ms")
     axes[0][-1].legend(fontsize=8)
     return save_png(fig, png_path)
@@ -63,6 +66,7 @@ def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path
                 tier = column[len("host_") : -len("_nbytes")]
                 ax.plot(steps, frame[column] / (1 << 20), marker="o", label=f"{name}: {tier}")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("MiB held")
     ax.set_title("host bytes per tier (measured)", fontsize=9)
     if ax.get_legend_handles_labels()[0]:
