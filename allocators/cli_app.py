@@ -33,7 +33,7 @@ def run_subcommands(
         return int(args.func(args) or 0)
     except (OffloadError, FileNotFoundError) as exc:
         # Our errors already say what to do; a traceback would only hide that line.
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ SUBCOMMANDS = (
     "offload.cli_topology",
     "offload.cli_plan",
     "offload.cli_doctor",
+    "offload.cli_report",
 )
 
 
