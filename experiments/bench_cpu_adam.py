@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -36,10 +35,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from experiments.bench_host_buffer import machine_name
+from experiments.results_io import RESULTS_DIR, this_machine
 from profilers.trial_stats import MIN_TRIALS, summarize
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"1.84M": 1_840_000, "21M": 20_970_000, "68M": 67_900_000, "671M": 671_000_000}
 ROOFLINE_BYTES_PER_ELEM = 28
 TRIAD_ELEMS = 64 << 20
@@ -294,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"--sizes {unknown} unknown; write some of {','.join(SIZES)}")
-    machine = args.machine or machine_name()
+    machine = args.machine or this_machine()
     if args.worker is not None:
         worker(args.worker, sizes, args.trials, args.warmup, machine)
         return
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(AdamRow(**json.loads(ln)) for ln in lines)
     rows = add_ratios(rows)
     render(rows, Console())
-    folder = RESULTS / machine
+    folder = RESULTS_DIR / machine
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([asdict(r) for r in rows]).to_csv(folder / args.out, index=False)
     print(f"wrote {folder / args.out}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from rich.table import Table
 
 from allocators.host_buffer import HostBuffer
 from allocators.units import format_bytes, parse_size
+from experiments.results_io import RESULTS_DIR, this_machine
 from profilers.trial_stats import MIN_TRIALS, summarize
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GiB = 1 << 30
 DEFAULT_SIZES = ("1MiB", "4MiB", "16MiB", "64MiB", "256MiB", "1GiB")
 # Registration piece for the "split" case: copies above 64 MiB then span several
@@ -56,13 +55,6 @@ class BenchRow:
     noisy: bool
     ratio_vs_torch: float | None
     note: str
-
-
-def machine_name() -> str:
-    """``cpu-<cores>core`` without CUDA, else the GPU's name as a slug."""
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-    return f"cpu-{len(os.sched_getaffinity(0))}core"
 
 
 def _empty_torch_host_cache() -> None:
@@ -255,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # A file or pipe gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 150)
-    machine = args.machine or machine_name()
+    machine = args.machine or this_machine()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.init()  # context creation is not part of any measured case
@@ -270,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [parse_size(s, what="--sizes") for s in args.sizes]
         rows += measure_copies(sizes, args.node, args.trials, machine)
     print_table(rows, console)
-    out = args.out or RESULTS / machine / "host_buffer.csv"
+    out = args.out or RESULTS_DIR / machine / "host_buffer.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([asdict(r) for r in rows])
     if args.note:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from experiments.results_io import machine_slug
 from offload.model_shapes import MODELS
 
 MODES = ("gpu_checkpointing", "offload_enable", "deepspeed_zero2_offload", "torch_save_on_cpu")
@@ -182,15 +182,6 @@ def _deepspeed_trainer(model):
     return step, lambda: None
 
 
-def machine_name(gpu: str) -> str:
-    """A folder name for results from the GPU's name.
-
-    >>> machine_name("NVIDIA H100 80GB HBM3")
-    'nvidia-h100-80gb-hbm3'
-    """
-    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run every requested (shape, seq) with every mode; print the table and write the CSV."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     gpu = torch.cuda.get_device_name(0)
-    machine = args.machine or machine_name(gpu)
+    machine = args.machine or machine_slug(gpu)
     runs = [
         (shape, seq)
         for shape, seq in DEFAULT_RUNS

@@ -16,7 +16,6 @@ import argparse
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,10 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from experiments.bench_host_buffer import machine_name
+from experiments.results_io import RESULTS_DIR, this_machine
 from optim_cpu import ContentionPolicy, CPUAdamW, DmaSignal, StepScheduler
 
-RESULTS = Path(__file__).resolve().parent / "results"
 COPY_NBYTES = 512 << 20
 POLICIES = {
     "none (alone)": None,
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all policies")
     parser.add_argument("--machine", default=None)
     args = parser.parse_args(argv)
-    machine = args.machine or machine_name()
+    machine = args.machine or this_machine()
     rows = [copy_alone(args, machine)]
     for _ in range(args.repeats):  # rounds alternate policies so drift hits all alike
         rows.extend(run_policy(name, args, machine) for name in POLICIES)
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(r.policy, f"{r.optimizer_s:.2f}", f"{r.copy_s:.2f}", f"{r.makespan_s:.2f}",
                       f"{r.optimizer_elems_per_s / 1e9:.3f}", f"{r.copy_gib_per_s:.1f}")  # fmt: skip
     Console().print(table)
-    folder = RESULTS / machine
+    folder = RESULTS_DIR / machine
     folder.mkdir(parents=True, exist_ok=True)
     frame.to_csv(folder / "optimizer_contention.csv", index=False)
     print(f"wrote {folder / 'optimizer_contention.csv'} (DMA emulated by a memcpy thread)")

@@ -6,7 +6,8 @@ File layout only; it must not run experiments or draw plots.
 
 from __future__ import annotations
 
-import platform
+import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -17,13 +18,28 @@ SIMULATED_DIR = RESULTS_DIR / "paper-simulated"
 SOURCES = ("measured", "simulated")
 
 
-def this_machine() -> str:
-    """A name for the machine running this script (its hostname, lower case).
+def machine_slug(name: str) -> str:
+    """A results-folder name from a device name: lower case, runs of other characters as '-'.
 
-    >>> this_machine() == platform.node().lower() or this_machine() == "unknown"
+    >>> machine_slug("NVIDIA H100 80GB HBM3")
+    'nvidia-h100-80gb-hbm3'
+    """
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def this_machine() -> str:
+    """The results folder for this machine: the GPU's name when CUDA is there, else
+    ``cpu-<cores>core`` (the cores this process may use), so every script files alike.
+
+    >>> import torch
+    >>> torch.cuda.is_available() or this_machine() == f"cpu-{len(os.sched_getaffinity(0))}core"
     True
     """
-    return platform.node().lower() or "unknown"
+    import torch  # only here: writing a simulated CSV should not need torch
+
+    if torch.cuda.is_available():
+        return machine_slug(torch.cuda.get_device_name(0))
+    return f"cpu-{len(os.sched_getaffinity(0))}core"
 
 
 def write_results(rows: Iterable[Mapping], path: Path) -> pd.DataFrame:
