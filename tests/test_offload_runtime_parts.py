@@ -13,6 +13,7 @@ from offload.host_memory import HostMemory
 from offload.optimizer_offload import OptimizerOffload
 from offload.optimizer_patch import OptimizerPatch
 from offload.streams import CopyStreams
+from offload.tiny_finetune import tiny_llama
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -70,16 +71,8 @@ def test_backward_prefetches_the_layer_below(memory):
 
 
 def test_find_layers_picks_the_hugging_face_decoder_stack():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = tiny_llama(hidden=32, layers=3, vocab=64)
     assert find_layers(model) is model.model.layers
 
 
