@@ -122,9 +122,10 @@ class OptimizerOffload:
         self.buckets = self._make_buckets(bucket_nbytes)
         self._slot_of = {id(s.param): s for b in self.buckets for s in b.slots}
         self._bucket_of = {id(s.param): b for b in self.buckets for s in b.slots}
-        master_groups = [[] for _ in optimizer.param_groups]
-        for group_index, group in enumerate(optimizer.param_groups):
-            master_groups[group_index] = [self._slot_of[id(p)].master for p in group["params"]]
+        master_groups = [
+            [self._slot_of[id(p)].master for p in group["params"]]
+            for group in optimizer.param_groups
+        ]
         self.host = HostOptimizer(
             optimizer, master_groups, state_allocator=self._allocate_state, threads=threads
         )
