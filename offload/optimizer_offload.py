@@ -117,6 +117,9 @@ class OptimizerOffload:
         self._copy_backs: list[CopyEvent] = []
         self.optimizer_ms = 0.0
         self.wait_ms = 0.0
+        # Running totals of host optimizer work (any thread), read by the dashboard.
+        self.stepped_elements = 0
+        self.host_step_ms = 0.0
         self._state_blocks: list[HostBlock] = []
         self._check_params()
         self.buckets = self._make_buckets(bucket_nbytes)
@@ -272,9 +275,12 @@ class OptimizerOffload:
         stepped = [s for s in bucket.slots if s.arrivals > 0]
         if not stepped:
             return
+        start = time.perf_counter()
         self.host.step_params(
             [s.master for s in stepped], [s.grad for s in stepped], [s.half for s in stepped]
         )
+        self.host_step_ms += (time.perf_counter() - start) * 1e3
+        self.stepped_elements += sum(s.master.numel() for s in stepped)
         with torch.no_grad():
             for slot in stepped:
                 self._copy_back(slot, bucket.read_done, bucket.blocks[0].tier_shares)
