@@ -39,6 +39,8 @@ class OffloadConfig:
       ``profile`` (an ``offload-profile`` JSON, read when planning) or the declared/paper rates.
     - ``overlap_step`` steps buckets early: hyper-parameters are read when a bucket finishes in
       backward, so set lr before backward (as LR schedulers do), or turn it off.
+    - ``dashboard``: draw a live panel of memory per tier, transfer rates, the step's phases and
+      throughput from a background thread (one log line per step when stderr is not a terminal).
 
     >>> OffloadConfig.from_kwargs(budgets={"dram": "2GiB"}, activations="checkpoint").budgets
     {'dram': 2147483648}
@@ -57,12 +59,14 @@ class OffloadConfig:
     optimizer_threads: int | None = None
     plan_tokens: int = 8192
     profile: str | None = None
+    dashboard: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("activations", self.activations, ACTIVATION_MODES)
         _check_choice("policy", self.policy, POLICIES)
         _check_bool("optimizer_offload", self.optimizer_offload)
         _check_bool("overlap_step", self.overlap_step)
+        _check_bool("dashboard", self.dashboard)
         for key in self.budgets:
             if key not in BUDGET_TIERS:
                 raise ConfigError(

@@ -1,0 +1,302 @@
+"""The dashboard's background thread: reads an offload session's counters into snapshots a few times
+a second and draws them (a rich Live panel on a terminal, one log line per step elsewhere). It must
+never slow the step: it only reads, and the training thread never waits on it or renders.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from rich.console import Console
+from rich.live import Live
+
+from allocators.topology import Topology
+from offload.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
+
+if TYPE_CHECKING:
+    from offload.optimizer_offload import OptimizerOffload
+    from offload.session import OffloadSession
+
+GB_PER_GIB = (1 << 30) / 1e9
+TIER_LABELS = {"dram": "DRAM", "remote_dram": "remote DRAM", "cxl": "CXL"}
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferCeilings:
+    """The best H2D and D2H rates (GB/s) measured or declared for the nodes in use, and where
+    they came from; None where nothing is known."""
+
+    h2d_gb_per_s: float | None
+    d2h_gb_per_s: float | None
+    source: str | None
+
+
+def transfer_ceilings(
+    topology: Topology, profile: str | None, nodes: Iterable[int]
+) -> TransferCeilings:
+    """The ceilings the dashboard draws rates against: ``profile``'s measured rates (an
+    ``offload-profile`` JSON) if given, else the topology's declared NodeRates, over ``nodes``.
+
+    The best node is the ceiling: one link carries every copy, whichever node it reads.
+
+    >>> from allocators.topology import NodeRates, NumaNode
+    >>> node = NumaNode(0, "dram", (0,), 1 << 30, 1 << 30, rates=NodeRates(h2d_gib_per_s=50.0))
+    >>> topo = Topology(nodes=(node,), distances={}, gpus=(), source="declared:x.yaml")
+    >>> ceilings = transfer_ceilings(topo, None, [0])
+    >>> round(ceilings.h2d_gb_per_s, 2), ceilings.d2h_gb_per_s, ceilings.source
+    (53.69, None, 'declared rates (declared:x.yaml)')
+    """
+    nodes = set(nodes)
+    if profile is not None:
+        # Imported here: profilers sits beside offload, and only this setting needs it.
+        from profilers.machine_profile import load_profile
+
+        rates = load_profile(profile).to_node_rates()
+        source = f"profile {profile}"
+    else:
+        rates = {node.id: node.rates for node in topology.nodes}
+        source = f"declared rates ({topology.source})"
+    used = [r for node, r in rates.items() if node in nodes]
+    h2d = _best(r.h2d_gib_per_s for r in used)
+    d2h = _best(r.d2h_gib_per_s for r in used)
+    if h2d is None and d2h is None:
+        return TransferCeilings(None, None, None)
+    return TransferCeilings(h2d, d2h, source)
+
+
+def _best(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) * GB_PER_GIB if known else None
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """Counters when a new step count was first seen: rates are differences between marks."""
+
+    time_s: float
+    steps: int
+    tokens: int
+    elements: int
+    host_step_ms: float
+
+
+class SessionProbe:
+    """Reads an OffloadSession's counters into DashboardSnapshots; owns the forward pre-hook that
+    counts tokens (``input_ids.numel()`` per forward; None when no integer ids were seen).
+
+    Rates are averaged over the last ``window_steps`` steps seen. Only reads: the session's
+    step rows (complete dicts once appended), the allocator's usage (its lock is held for a
+    few dict sums) and plain counters.
+
+    >>> probe = SessionProbe(sess, optimizer=None)  # doctest: +SKIP
+    >>> probe.poll()[-1].step  # doctest: +SKIP
+    0
+    """
+
+    def __init__(
+        self,
+        session: OffloadSession,
+        optimizer: OptimizerOffload | None,
+        *,
+        window_steps: int = 16,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._session = session
+        self._optimizer = optimizer
+        self._clock = clock
+        self.tokens_seen = 0
+        self._saw_ids = False
+        allocator = session.memory.allocator
+        self.ceilings = transfer_ceilings(
+            allocator.topology, session.config.profile, allocator.budgets.node_nbytes
+        )
+        streams = session.streams
+        self._hbm_nbytes = (
+            torch.cuda.get_device_properties(streams.device).total_memory
+            if streams.is_cuda
+            else None
+        )
+        self._seen = 0
+        self._marks: deque[_Mark] = deque([self._mark(0)], maxlen=window_steps + 1)
+        self._hook = session.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+
+    def _count_tokens(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            self.tokens_seen += ids.numel()
+            self._saw_ids = True
+
+    def _mark(self, steps: int) -> _Mark:
+        opt = self._optimizer
+        return _Mark(
+            time_s=self._clock(),
+            steps=steps,
+            tokens=self.tokens_seen,
+            elements=opt.stepped_elements if opt else 0,
+            host_step_ms=opt.host_step_ms if opt else 0.0,
+        )
+
+    def memory_bars(self) -> tuple[MemoryBar, ...]:
+        """HBM (on CUDA) then each budgeted host node: bytes in use against its budget."""
+        bars = []
+        if self._hbm_nbytes is not None:
+            device = self._session.streams.device
+            used = torch.cuda.memory_allocated(device)
+            bars.append(MemoryBar(f"HBM {device}", used, self._hbm_nbytes))
+        for row in self._session.memory.allocator.usage():
+            if row.node is not None:
+                label = f"{TIER_LABELS.get(row.tier, row.tier)} node {row.node}"
+                bars.append(MemoryBar(label, row.used_nbytes, row.budget_nbytes))
+        return tuple(bars)
+
+    def poll(self) -> list[DashboardSnapshot]:
+        """A snapshot per optimizer step finished since the last poll (oldest first)."""
+        records = self._session.records
+        count = len(records)
+        if count < self._seen:
+            # load_state_dict() replaced the rows: start over from them.
+            self._seen = 0
+        new = records[self._seen : count]
+        self._seen = count
+        if not new:
+            return []
+        self._marks.append(self._mark(self._session.steps))
+        memory = self.memory_bars()
+        return [self._snapshot(row, memory) for row in new]
+
+    def latest(self) -> DashboardSnapshot:
+        """The last finished step's snapshot with the memory in use now."""
+        records = self._session.records
+        memory = self.memory_bars()
+        if not records:
+            return DashboardSnapshot(step=None, memory=memory, **self._ceiling_fields())
+        return self._snapshot(records[-1], memory)
+
+    def _ceiling_fields(self) -> dict:
+        return {
+            "h2d_ceiling_gb_per_s": self.ceilings.h2d_gb_per_s,
+            "d2h_ceiling_gb_per_s": self.ceilings.d2h_gb_per_s,
+            "ceiling_source": self.ceilings.source,
+        }
+
+    def _snapshot(self, row: dict, memory: tuple[MemoryBar, ...]) -> DashboardSnapshot:
+        first, last = self._marks[0], self._marks[-1]
+        elapsed_s = last.time_s - first.time_s
+        steps_per_s = tokens_per_s = elements_per_s = None
+        if last.steps > first.steps and elapsed_s > 0:
+            steps_per_s = (last.steps - first.steps) / elapsed_s
+            if self._saw_ids:
+                tokens_per_s = (last.tokens - first.tokens) / elapsed_s
+        step_ms = last.host_step_ms - first.host_step_ms
+        if step_ms > 0:
+            elements_per_s = (last.elements - first.elements) / (step_ms / 1e3)
+        return DashboardSnapshot(
+            step=row["step"],
+            memory=memory,
+            forward_ms=row["forward_ms"],
+            backward_ms=row["backward_ms"],
+            optimizer_ms=row["optimizer_ms"],
+            wait_ms=row["wait_ms"],
+            h2d_gb_per_s=row["h2d_gb_per_s"],
+            d2h_gb_per_s=row["d2h_gb_per_s"],
+            hidden_transfer_fraction=row["hidden_transfer_fraction"],
+            optimizer_elements_per_s=elements_per_s,
+            steps_per_s=steps_per_s,
+            tokens_per_s=tokens_per_s,
+            **self._ceiling_fields(),
+        )
+
+    def remove(self) -> None:
+        """Remove the tokens hook from the model."""
+        self._hook.remove()
+
+
+class DashboardThread:
+    """Draw a session's dashboard from a daemon thread until :meth:`stop`.
+
+    On a terminal (``console.is_terminal``) a rich Live panel is redrawn ``refresh_per_s`` times
+    a second; otherwise one plain line per optimizer step is written to the console's file
+    (stderr by default). stop() draws the steps not yet drawn, so none is missed.
+
+    >>> dash = DashboardThread(sess, optimizer=None).start()  # doctest: +SKIP
+    >>> dash.stop()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        session: OffloadSession,
+        optimizer: OptimizerOffload | None,
+        *,
+        console: Console | None = None,
+        refresh_per_s: float = 4.0,
+    ) -> None:
+        if not refresh_per_s > 0:
+            raise ValueError(f"refresh_per_s = {refresh_per_s!r} must be > 0, e.g. 4.0")
+        self.console = console or Console(stderr=True)
+        self.period_s = 1.0 / refresh_per_s
+        self.probe = SessionProbe(session, optimizer)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="offload-dashboard", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> DashboardThread:
+        """Start drawing; returns self."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Draw what is left, end the thread and remove the tokens hook (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self.probe.remove()
+
+    def _run(self) -> None:
+        try:
+            if self.console.is_terminal:
+                self._run_live()
+            else:
+                self._run_lines()
+        except Exception:
+            # A broken dashboard must not end the training run: say so once and stop drawing.
+            _log.exception("the offload dashboard failed and stopped; training goes on")
+
+    def _run_lines(self) -> None:
+        while True:
+            stopping = self._stop.wait(self.period_s)
+            for snapshot in self.probe.poll():
+                print(log_line(snapshot), file=self.console.file, flush=True)
+            if stopping:
+                return
+
+    def _run_live(self) -> None:
+        # No stdout/stderr redirection: rich would then render inside the training thread's
+        # print() calls, under Live's lock.
+        live = Live(
+            render_dashboard(self.probe.latest()),
+            console=self.console,
+            auto_refresh=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        with live:
+            while True:
+                stopping = self._stop.wait(self.period_s)
+                snapshots = self.probe.poll()
+                snapshot = snapshots[-1] if snapshots else self.probe.latest()
+                live.update(render_dashboard(snapshot), refresh=True)
+                if stopping:
+                    return
