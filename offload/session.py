@@ -5,7 +5,6 @@ optimizer step, and undoes everything on disable(). It must not decide what to o
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,9 +189,6 @@ class OffloadSession:
             row[f"{direction}_{tier}_nbytes"] = nbytes
         for tier, nbytes in self.memory.tier_nbytes().items():
             row[f"host_{tier}_nbytes"] = nbytes
-        fallbacks = self.memory.fallbacks()
-        row["host_unplaced_buffers"] = fallbacks.unplaced_buffers
-        row["host_unpinned_buffers"] = fallbacks.unpinned_buffers
         self.records.append(row)
         self.steps += 1
         self._clock.reset()
@@ -239,37 +235,24 @@ class OffloadSession:
         self._enabled = False
         if self._dashboard is not None:
             self._dashboard.stop()
-        try:
-            for hook in self._hooks:
-                hook.remove()
-            if self._patch is not None:
-                self._patch.remove()
-                self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)
-            if self._optimizer is not None:
-                self._optimizer.close()
-            if self._activations is not None:
-                self._activations.remove()
-            if self._checkpointing is not None:
-                self._checkpointing.remove()
-        finally:
-            self.memory.close()
+        for hook in self._hooks:
+            hook.remove()
+        if self._patch is not None:
+            self._patch.remove()
+            self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)
+        if self._optimizer is not None:
+            self._optimizer.close()
+        if self._activations is not None:
+            self._activations.remove()
+        if self._checkpointing is not None:
+            self._checkpointing.remove()
+        self.memory.close()
 
     def __enter__(self) -> OffloadSession:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        if exc_type is None:
-            self.disable()
-            return
-        # An error (or KeyboardInterrupt) is already on its way out: cleaning up must not hide it.
-        try:
-            self.disable()
-        except Exception as cleanup:
-            warnings.warn(
-                f"offload session cleanup after {exc_type.__name__} failed: {cleanup}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    def __exit__(self, *exc_info: object) -> None:
+        self.disable()
 
 
 def _gb_per_s(nbytes: int, ms: float) -> float:
