@@ -1,0 +1,382 @@
+"""TieredKVCache: a transformers Cache whose KV blocks live in placed host tiers and stream back to
+the device layer by layer, the next layer prefetched on a side stream. It must not pick placements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers.cache_utils import Cache
+
+from allocators.placement import Placement, as_placement
+from allocators.tiered import TieredAllocator
+from offload.host_memory import HostMemory
+from offload.kv_cache_layer import ON_FULL_CHOICES, OnFull, TieredKVLayer
+from offload.streams import CopyEvent, CopyStreams
+
+# Built against the per-layer Cache of transformers 5.x (CacheLayerMixin, Cache(layers=...));
+# tested with 5.24 (CPU) and written for 5.17 (the GPU machine's version in MEASURED.md).
+SUPPORTED_TRANSFORMERS = (5, 6)
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Raise RuntimeError unless ``version`` is a transformers 5.x this cache was built for.
+
+    >>> check_transformers_version("5.24.0")
+    >>> check_transformers_version("4.46.0")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: TieredKVCache needs transformers 5.x (per-layer Cache API); found 4.46.0. Install...
+    """
+    major = int(version.split(".")[0])
+    low, high = SUPPORTED_TRANSFORMERS
+    if not low <= major < high:
+        raise RuntimeError(
+            f"TieredKVCache needs transformers {low}.x (per-layer Cache API); found {version}. "
+            f"Install it with: pip install 'transformers>={low},<{high}'"
+        )
+
+
+@dataclass
+class _Slot:
+    """A device buffer holding one layer's blocks, [n_blocks, 2, B, H, block_tokens, D]."""
+
+    data: torch.Tensor | None = None
+    layer_idx: int | None = None
+    ready: CopyEvent | None = None
+    last_use: int = 0
+    prefetched: bool = False
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """What the cache holds and moved: host bytes per tier, device bytes, loads and copies."""
+
+    stored_tokens: int
+    host_nbytes_by_tier: dict[str, int]
+    device_nbytes: int
+    prefetched_loads: int
+    blocking_loads: int
+    h2d_nbytes: int
+    d2h_nbytes: int
+
+
+class TieredKVCache(Cache):
+    """A transformers Cache whose K/V live in fixed-size token blocks in placed host memory.
+
+    Each layer's tokens go into host blocks of ``block_tokens`` tokens (tensor class
+    ``kv_cache``, placed by the allocator's plan or by ``placement``); growing the context adds
+    blocks and never copies the past. ``hbm_layers`` device slots hold the layers in use: while
+    layer i computes, layer i + hbm_layers - 1 is copied in on the H2D stream; new tokens are
+    written into the slot and copied out on the D2H stream. On CPU the same calls run
+    synchronously and "HBM" is ordinary memory.
+
+    Args:
+        memory: a HostMemory or TieredAllocator; its budgets bound the cache per tier. The
+            cache releases only its own blocks.
+        device: where attention runs (default: CUDA if available, else CPU).
+        hbm_layers: device slots (>= 1); 2 overlaps the next layer's copy with this layer.
+        block_tokens: tokens per host block and layer (bigger blocks: fewer, larger copies).
+        placement: overrides the plan's kv_cache placement, e.g. ``[(0, 0.5), (2, 0.5)]``.
+        on_full: "error" raises BudgetExceededError naming tier, budget and request when a
+            block does not fit; "spill" tries the next tiers (DRAM, remote DRAM, CXL) first.
+
+    >>> from allocators.topology import NumaNode, Topology
+    >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+    >>> mem = HostMemory(topo, {"dram": "64MiB"}, pin=False)
+    >>> with TieredKVCache(mem, device="cpu", block_tokens=4) as cache:
+    ...     k, v = cache.update(torch.ones(1, 2, 6, 8), torch.ones(1, 2, 6, 8), 0)
+    ...     k.shape, cache.get_seq_length(), len(cache.layers[0].blocks)
+    (torch.Size([1, 2, 6, 8]), 6, 2)
+    """
+
+    def __init__(
+        self,
+        memory: HostMemory | TieredAllocator,
+        *,
+        device: torch.device | str | None = None,
+        hbm_layers: int = 2,
+        block_tokens: int = 1024,
+        placement: Placement | int | list[tuple[int, float]] | None = None,
+        on_full: OnFull = "error",
+    ) -> None:
+        check_transformers_version()
+        super().__init__(layers=[])
+        self.allocator = memory.allocator if isinstance(memory, HostMemory) else memory
+        if not isinstance(self.allocator, TieredAllocator):
+            raise TypeError(
+                f"memory = {type(memory).__name__} is not a HostMemory or TieredAllocator; "
+                "write TieredKVCache(HostMemory(discover(), {'dram': '64GiB'}))"
+            )
+        for name, value in (("hbm_layers", hbm_layers), ("block_tokens", block_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r} must be a positive int, e.g. {name}=2")
+        if on_full not in ON_FULL_CHOICES:
+            raise ValueError(f"on_full = {on_full!r} is not one of {ON_FULL_CHOICES}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.hbm_layers = hbm_layers
+        self.block_tokens = block_tokens
+        self.on_full = on_full
+        self.placement = (
+            as_placement(placement)
+            if placement is not None
+            else self.allocator.placements.get("kv_cache", as_placement(self.allocator.local_node))
+        )
+        self.streams = CopyStreams(self.device)
+        self._slots = [_Slot() for _ in range(hbm_layers)]
+        # The latest D2H: a slot may be refilled, and a layer's blocks read back, only after it.
+        self._last_d2h: CopyEvent | None = None
+        # All layers are known once layer 0 comes round again; only then does prefetch wrap.
+        self._layers_complete = False
+        self._uses = 0
+        self._prefetched_loads = 0
+        self._blocking_loads = 0
+        self._h2d_nbytes = 0
+        self._d2h_nbytes = 0
+        self._closed = False
+
+    # -- the Cache interface ------------------------------------------------------------------
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new K/V of ``layer_idx`` and return all of its K/V on the device.
+
+        Example: see the class docstring.
+        """
+        if self._closed:
+            raise RuntimeError("this TieredKVCache was closed; make a new one")
+        if key_states.device != self.device:
+            raise ValueError(
+                f"key_states are on {key_states.device} but the cache was made for {self.device}; "
+                f"write TieredKVCache(..., device='{key_states.device}')"
+            )
+        while len(self.layers) <= layer_idx:
+            self.layers.append(
+                TieredKVLayer(
+                    self.allocator,
+                    self.placement,
+                    self.block_tokens,
+                    self.on_full,
+                    len(self.layers),
+                )
+            )
+        if layer_idx == 0 and self.layers[0].length > 0:
+            self._layers_complete = True
+            self._collect()
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        slot = self._load(layer_idx)
+        self._prefetch(self._prefetch_target(layer_idx), current=slot)
+        return self._append(layer, slot, key_states, value_states)
+
+    def reset(self) -> None:
+        """Drop every token (blocks go back to the pool); the cache can be filled again."""
+        self._drain()
+        super().reset()
+        self._forget_slots()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens of every layer."""
+        self._drain()
+        super().crop(tokens_to_remove)
+        self._forget_slots()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search (in the host blocks; device slots are refilled)."""
+        self._drain()
+        super().reorder_cache(beam_idx)
+        self._forget_slots()
+
+    # -- accounting and lifetime --------------------------------------------------------------
+
+    def tier_nbytes(self) -> dict[str, int]:
+        """Host bytes charged per tier for this cache's blocks, e.g. ``{"dram": 1048576}``."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for tier, n in layer.tier_nbytes().items():
+                out[tier] = out.get(tier, 0) + n
+        return out
+
+    def device_nbytes(self) -> int:
+        """Bytes of the device slots (the HBM window), not counting the K/V handed out."""
+        return sum(
+            s.data.numel() * s.data.element_size() for s in self._slots if s.data is not None
+        )
+
+    def stats(self) -> KVCacheStats:
+        """Tokens stored, bytes per tier, device bytes, loads and bytes copied so far."""
+        self._collect()
+        return KVCacheStats(
+            stored_tokens=self.get_seq_length(),
+            host_nbytes_by_tier=self.tier_nbytes(),
+            device_nbytes=self.device_nbytes(),
+            prefetched_loads=self._prefetched_loads,
+            blocking_loads=self._blocking_loads,
+            h2d_nbytes=self._h2d_nbytes,
+            d2h_nbytes=self._d2h_nbytes,
+        )
+
+    def close(self) -> None:
+        """Wait for copies in flight, then give every block and device slot back (idempotent)."""
+        if self._closed:
+            return
+        self._drain()
+        self._collect()
+        self._forget_slots()
+        for slot in self._slots:
+            slot.data = None
+        for layer in self.layers:
+            layer.release_blocks_from(0)
+            layer.length = 0
+        self._closed = True
+
+    def __enter__(self) -> TieredKVCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- data movement ------------------------------------------------------------------------
+
+    def _holding(self, layer_idx: int) -> _Slot | None:
+        return next((slot for slot in self._slots if slot.layer_idx == layer_idx), None)
+
+    def _victim(self, keep: _Slot | None) -> _Slot:
+        """The slot to refill: empty first, then the least recently used one that is neither
+        ``keep`` (this layer's) nor prefetched and waiting for its layer. Its layer ran before,
+        so its attention is already queued ahead of the copy.
+        """
+        candidates = [s for s in self._slots if s is not keep and not s.prefetched]
+        candidates = candidates or [s for s in self._slots if s is not keep] or self._slots
+        return min(candidates, key=lambda s: (s.layer_idx is not None, s.last_use))
+
+    def _prefetch_target(self, layer_idx: int) -> int | None:
+        # With W slots, layer i + W - 1 takes the slot of the layer used W - 1 updates ago; the
+        # copy starts now and overlaps the W - 1 layers that compute before it is needed.
+        if self.hbm_layers < 2:
+            return None
+        target = layer_idx + self.hbm_layers - 1
+        if target < len(self.layers):
+            return target
+        if self._layers_complete:
+            return target % len(self.layers)
+        return None
+
+    def _prefetch(self, layer_idx: int | None, current: _Slot) -> None:
+        if layer_idx is None or self._holding(layer_idx) is not None:
+            return
+        slot = self._victim(keep=current)
+        self._fill(slot, layer_idx)
+        slot.prefetched = True
+        self._prefetched_loads += 1
+
+    def _load(self, layer_idx: int) -> _Slot:
+        """The slot holding ``layer_idx``'s stored tokens, ready for the compute stream."""
+        slot = self._holding(layer_idx)
+        if slot is None:
+            slot = self._victim(keep=None)
+            self._fill(slot, layer_idx)
+            self._blocking_loads += 1
+        if slot.ready is not None:
+            self.streams.wait(slot.ready)
+        self._uses += 1
+        slot.last_use = self._uses
+        slot.prefetched = False
+        return slot
+
+    def _fill(self, slot: _Slot, layer_idx: int) -> None:
+        """Copy the stored blocks of ``layer_idx`` into ``slot`` on the H2D stream."""
+        layer = self.layers[layer_idx]
+        n_blocks = layer.n_blocks_for(layer.length)
+        self._reserve(slot, layer, n_blocks + 1, keep_blocks=0)
+        slot.layer_idx = layer_idx
+        # Until a copy is queued, the slot may still be read by the last D2H.
+        slot.ready = self._last_d2h
+        for index in range(n_blocks):
+            block = layer.blocks[index]
+            slot.ready = self.streams.h2d(
+                block.view,
+                slot.data[index],
+                after=self._last_d2h if index == 0 else None,
+                tiers=block.tier_shares,
+            )
+
+    def _reserve(self, slot: _Slot, layer: TieredKVLayer, n_blocks: int, keep_blocks: int) -> None:
+        """Make ``slot`` hold at least ``n_blocks`` blocks of ``layer``'s shape, keeping the first
+        ``keep_blocks`` (a device copy on the compute stream: device memory, never the host past).
+        """
+        shape = (n_blocks, *layer.block_shape)
+        data = slot.data
+        if (
+            data is not None
+            and data.dtype == layer.dtype
+            and data.shape[1:] == shape[1:]
+            and data.shape[0] >= n_blocks
+        ):
+            return
+        grown = torch.empty(shape, dtype=layer.dtype, device=self.device)
+        if keep_blocks and data is not None:
+            grown[:keep_blocks].copy_(data[:keep_blocks])
+        slot.data = grown
+
+    def _append(
+        self, layer: TieredKVLayer, slot: _Slot, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, count = layer.length, keys.shape[-2]
+        end = start + count
+        if (keys.shape[0], keys.shape[1], keys.shape[3]) != tuple(
+            layer.block_shape[i] for i in (1, 2, 4)
+        ):
+            raise ValueError(
+                f"layer {layer.layer_idx} got keys of shape {tuple(keys.shape)}; the cache holds "
+                f"blocks of {layer.block_shape} (batch, kv_heads, head_dim fixed at the first "
+                "update); make a new TieredKVCache for a new batch"
+            )
+        n_stored = layer.n_blocks_for(start)
+        # One spare block, so decoding does not regrow the slot at every block boundary.
+        self._reserve(slot, layer, layer.n_blocks_for(end) + 1, keep_blocks=n_stored)
+        layer.ensure_blocks(end)
+        bt = self.block_tokens
+        first, last = start // bt, (end - 1) // bt
+        for index in range(first, last + 1):
+            lo, hi = max(start, index * bt), min(end, (index + 1) * bt)
+            dst = slot.data[index, :, :, :, lo - index * bt : hi - index * bt]
+            dst[0].copy_(keys[:, :, lo - start : hi - start])
+            dst[1].copy_(values[:, :, lo - start : hi - start])
+        for index in range(first, last + 1):
+            block = layer.blocks[index]
+            self._last_d2h = self.streams.d2h(slot.data[index], block.view, block.tier_shares)
+        layer.length = end
+        n_blocks = last + 1
+        # [n, 2, B, H, bt, D] -> [2, B, H, n * bt, D]: one device gather for K and V together.
+        gathered = (
+            slot.data[:n_blocks]
+            .permute(1, 2, 3, 0, 4, 5)
+            .reshape(2, *layer.block_shape[1:3], n_blocks * bt, layer.block_shape[4])
+        )
+        return gathered[0, :, :, :end], gathered[1, :, :, :end]
+
+    def _collect(self) -> None:
+        # The streams keep a timing event pair per copy until collected; fold them in once per
+        # forward, at layer 0, when the host waits for the layer-0 copy anyway.
+        done = self.streams.collect()
+        self._h2d_nbytes += done.h2d_nbytes
+        self._d2h_nbytes += done.d2h_nbytes
+
+    def _drain(self) -> None:
+        """Block the host until the last D2H is done, so the host blocks are complete."""
+        if self._last_d2h is not None:
+            self.streams.host_wait(self._last_d2h)
+
+    def _forget_slots(self) -> None:
+        for slot in self._slots:
+            slot.layer_idx = None
+            slot.ready = None
+            slot.prefetched = False

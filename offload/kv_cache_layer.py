@@ -1,0 +1,233 @@
+"""One layer's KV cache as fixed-size token blocks in placed host buffers (tensor class kv_cache),
+charged to the TieredAllocator's tiers. It must not move data to the device or pick placements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from allocators.errors import BudgetExceededError
+from allocators.placement import Placement, as_placement
+from allocators.tiered import Allocation, TieredAllocator
+from allocators.units import format_bytes
+
+OnFull = Literal["error", "spill"]
+ON_FULL_CHOICES: tuple[OnFull, ...] = ("error", "spill")
+
+
+@dataclass(eq=False)
+class KVBlock:
+    """``block_tokens`` tokens of K and V for one layer: a host view of shape [2, B, H, T, D]."""
+
+    allocation: Allocation
+    view: torch.Tensor = field(repr=False)
+    tier_shares: dict[str, float]
+
+
+def spill_placements(allocator: TieredAllocator, planned: Placement) -> list[Placement]:
+    """The planned placement, then one placement per budgeted tier (DRAM, remote DRAM, CXL).
+
+    A block that does not fit where the plan puts it is tried on each next tier in that order.
+
+    >>> from allocators.topology import NumaNode, Topology
+    >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+    >>> alloc = TieredAllocator(topo, {"dram": "1GiB"}, pin=False)
+    >>> [p.nodes for p in spill_placements(alloc, as_placement(0))]
+    [(0,)]
+    """
+    tiers = allocator.tiers
+    candidates = [planned]
+    for nodes in (tiers.local_dram, tiers.remote_dram, tiers.cxl):
+        budgeted = [n.id for n in nodes if n.id in allocator.budgets.node_nbytes]
+        if budgeted:
+            placement = as_placement([(node, 1.0) for node in budgeted])
+            if placement != planned:
+                candidates.append(placement)
+    return candidates
+
+
+def allocate_block(
+    allocator: TieredAllocator,
+    nbytes: int,
+    placement: Placement,
+    on_full: OnFull,
+    what: str,
+) -> Allocation:
+    """One kv_cache buffer of ``nbytes`` on ``placement``, or on the next tiers with "spill".
+
+    Raises BudgetExceededError naming the block, its size and every tier's refusal.
+
+    >>> from allocators.topology import NumaNode, Topology
+    >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+    >>> with TieredAllocator(topo, {"dram": "1MiB"}, pin=False) as alloc:
+    ...     allocate_block(alloc, 1 << 21, as_placement(0), "error", "layer 0 block 0")
+    Traceback (most recent call last):
+    ...
+    allocators.errors.BudgetExceededError: KV cache layer 0 block 0 (2.00 MiB) ...
+    """
+    candidates = [placement] if on_full == "error" else spill_placements(allocator, placement)
+    refusals = []
+    for candidate in candidates:
+        try:
+            return allocator.allocate("kv_cache", nbytes, candidate)
+        except BudgetExceededError as exc:
+            refusals.append(f"on {candidate}: {exc}")
+    hint = (
+        "raise the budget of the tier named above, shorten the context, or pass on_full='spill' "
+        "to use the next tier"
+        if on_full == "error"
+        else "every budgeted tier is full; raise a tier's budget or shorten the context"
+    )
+    raise BudgetExceededError(
+        f"KV cache {what} ({format_bytes(nbytes)}) does not fit: {' | '.join(refusals)}; {hint}"
+    )
+
+
+class TieredKVLayer(CacheLayerMixin):
+    """The host block store of one attention layer; TieredKVCache moves the data.
+
+    ``length`` tokens are stored, token ``t`` in block ``t // block_tokens``; blocks are only
+    added or dropped at the end, so the past is never reallocated or copied.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        allocator: TieredAllocator,
+        placement: Placement,
+        block_tokens: int,
+        on_full: OnFull,
+        layer_idx: int,
+    ) -> None:
+        super().__init__()
+        self.allocator = allocator
+        self.placement = placement
+        self.block_tokens = block_tokens
+        self.on_full = on_full
+        self.layer_idx = layer_idx
+        self.blocks: list[KVBlock] = []
+        self.length = 0
+        self.block_shape: tuple[int, ...] = ()
+        self.dtype: torch.dtype | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Fix the block shape [2, batch, kv_heads, block_tokens, head_dim] and dtype."""
+        if key_states.shape != value_states.shape or key_states.dtype != value_states.dtype:
+            raise ValueError(
+                f"keys {tuple(key_states.shape)} {key_states.dtype} and values "
+                f"{tuple(value_states.shape)} {value_states.dtype} differ; TieredKVCache "
+                "stores K and V of the same shape and dtype (use DynamicCache for MLA-style models)"
+            )
+        batch, heads, _, head_dim = key_states.shape
+        self.block_shape = (2, batch, heads, self.block_tokens, head_dim)
+        self.dtype = key_states.dtype
+        self.device = key_states.device
+        self.is_initialized = True
+
+    @property
+    def block_nbytes(self) -> int:
+        count = 1
+        for dim in self.block_shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_shape[1] if self.block_shape else -1
+
+    def n_blocks_for(self, tokens: int) -> int:
+        """Blocks needed to hold ``tokens`` tokens."""
+        return -(-tokens // self.block_tokens)
+
+    def ensure_blocks(self, tokens: int) -> None:
+        """Add host blocks at the end until ``tokens`` tokens fit."""
+        node_tier = self.allocator.budgets.node_tier
+        while len(self.blocks) < self.n_blocks_for(tokens):
+            what = f"layer {self.layer_idx} block {len(self.blocks)}"
+            allocation = allocate_block(
+                self.allocator, self.block_nbytes, self.placement, self.on_full, what
+            )
+            total = sum(allocation.nbytes_per_node.values()) or 1
+            shares: dict[str, float] = {}
+            for node, n in allocation.nbytes_per_node.items():
+                tier = node_tier.get(node, "dram")
+                shares[tier] = shares.get(tier, 0.0) + n / total
+            # No local name for the view: a traceback holding this frame would keep it alive
+            # and make the pool refuse the block at close().
+            self.blocks.append(
+                KVBlock(allocation, allocation.tensor(self.dtype, self.block_shape), shares)
+            )
+
+    def tier_nbytes(self) -> dict[str, int]:
+        """Bytes charged per host tier for this layer's blocks."""
+        node_tier = self.allocator.budgets.node_tier
+        out: dict[str, int] = {}
+        for block in self.blocks:
+            for node, n in block.allocation.nbytes_per_node.items():
+                tier = node_tier.get(node, "dram")
+                out[tier] = out.get(tier, 0) + n
+        return out
+
+    def release_blocks_from(self, first: int) -> None:
+        """Give blocks ``first`` and later back to the allocator."""
+        dropped, self.blocks = self.blocks[first:], self.blocks[:first]
+        for block in dropped:
+            block.view = None
+            self.allocator.release(block.allocation)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Not used: TieredKVCache.update moves the data of all layers (it owns the streams)."""
+        raise NotImplementedError(
+            "TieredKVLayer.update is not called directly; call TieredKVCache.update(k, v, layer_idx)"
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the attention mask: all stored tokens plus the query."""
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens stored."""
+        return self.length
+
+    def get_max_length(self) -> int:
+        """No maximum: blocks are added as the context grows (bounded by the tier budgets)."""
+        return -1
+
+    def reset(self) -> None:
+        """Drop every token and give the blocks back to the pool (shape is kept)."""
+        self.release_blocks_from(0)
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' negative convention)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}) is not supported; pass a negative number of tokens "
+                "to remove, e.g. crop(-4)"
+            )
+        self.length = max(self.length + tokens_to_remove, 0)
+        self.release_blocks_from(self.n_blocks_for(self.length))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beam search) in place in the host blocks."""
+        for block in self.blocks:
+            block.view.copy_(block.view.index_select(1, beam_idx.to("cpu")))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Not supported: the batch size is fixed by the block shape."""
+        raise NotImplementedError(
+            "TieredKVCache has a fixed batch size per block; for contrastive search or "
+            "num_return_sequences > 1 with a shared prompt, use DynamicCache"
+        )
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Not supported: the batch size is fixed by the block shape."""
+        self.batch_repeat_interleave(0)

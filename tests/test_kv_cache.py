@@ -1,0 +1,245 @@
+"""TieredKVCache on CPU: same tokens as DynamicCache, block store, per-tier accounting, limits."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+from allocators.errors import BudgetExceededError
+from allocators.tiered import TieredAllocator
+from allocators.topology import NumaNode, Topology
+from offload.host_memory import HostMemory
+from offload.kv_cache import TieredKVCache, check_transformers_version
+from offload.tiny_finetune import tiny_llama
+
+BLOCK_TOKENS = 16
+PROMPT_TOKENS = 37  # more than two blocks
+NEW_TOKENS = 20  # crosses the block boundaries at 48 and 64
+
+
+def one_node() -> Topology:
+    node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    return Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="test machine")
+
+
+def dram_and_cxl() -> Topology:
+    dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    cxl = NumaNode(id=1, kind="cxl", cpus=(), total_bytes=1 << 34, free_bytes=1 << 33)
+    distances = {0: {0: 10, 1: 20}, 1: {0: 20, 1: 10}}
+    return Topology(nodes=(dram, cxl), distances=distances, gpus=(), source="test dram+cxl")
+
+
+class MemoryBuffer:
+    """Ordinary memory standing in for a placed buffer (node 1 does not exist here)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = -(-nbytes // 4096) * 4096
+        self._memory = torch.zeros(self.nbytes, dtype=torch.uint8)
+
+    def tensor(self, dtype, shape, offset_bytes=0):
+        count = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return self._memory[offset_bytes : offset_bytes + count].view(dtype).view(shape)
+
+
+class MemoryBacking:
+    def __init__(self):
+        self.live = 0
+
+    def acquire(self, nbytes, placement, pin=True):
+        self.live += 1
+        return MemoryBuffer(nbytes)
+
+    def release(self, buffer):
+        self.live -= 1
+
+
+def prompt(batch: int = 1, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(
+        0, vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(3)
+    )
+
+
+def generate(model, ids, cache, **kwargs) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # transformers 5.24 renames past_key_values to cache; 5.17 knows only the old name.
+        warnings.simplefilter("ignore", FutureWarning)
+        return model.generate(
+            ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=cache, **kwargs
+        )
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {layers: tiny_llama(0, hidden=64, layers=layers, vocab=128).eval() for layers in (2, 3)}
+
+
+@pytest.mark.parametrize(("layers", "hbm_layers"), [(2, 1), (3, 2), (2, 2), (3, 3)])
+def test_greedy_tokens_match_dynamic_cache(models, layers, hbm_layers):
+    model, ids = models[layers], prompt()
+    expected = generate(model, ids, DynamicCache())
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS, hbm_layers=hbm_layers) as c:
+        assert torch.equal(generate(model, ids, c), expected)
+        stats = c.stats()
+    assert stats.stored_tokens == PROMPT_TOKENS + NEW_TOKENS - 1
+    if layers > hbm_layers > 1:
+        assert stats.prefetched_loads > stats.blocking_loads
+    if hbm_layers >= layers:
+        assert stats.h2d_nbytes == 0  # every layer keeps its device slot: nothing comes back
+
+
+def test_greedy_tokens_match_with_one_kv_head_and_batch_two():
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        vocab_size=128,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = prompt(batch=2)
+    expected = generate(model, ids, DynamicCache())
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS) as cache:
+        assert torch.equal(generate(model, ids, cache), expected)
+        assert cache.layers[0].block_shape == (2, 2, 1, BLOCK_TOKENS, 8)
+
+
+def test_beam_search_matches_dynamic_cache(models):
+    model, ids = models[2], prompt()
+    expected = generate(model, ids, DynamicCache(), num_beams=2)
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS, hbm_layers=1) as cache:
+        assert torch.equal(generate(model, ids, cache, num_beams=2), expected)
+
+
+def test_host_bytes_per_tier_match_the_blocks_stored(models):
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS) as cache:
+        generate(models[2], prompt(), cache)
+        tokens = PROMPT_TOKENS + NEW_TOKENS - 1
+        n_blocks = -(-tokens // BLOCK_TOKENS)
+        layer = cache.layers[0]
+        assert layer.block_nbytes == 2 * 1 * 2 * BLOCK_TOKENS * 16 * 4  # K+V, B, kv heads, D, fp32
+        assert [len(lay.blocks) for lay in cache.layers] == [n_blocks, n_blocks]
+        charged = sum(b.allocation.charged_nbytes for lay in cache.layers for b in lay.blocks)
+        assert cache.tier_nbytes() == {"dram": charged}
+        assert charged >= 2 * n_blocks * layer.block_nbytes
+        assert mem.tier_nbytes()["dram"] == charged
+
+
+def test_growing_never_moves_the_stored_blocks():
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=4) as cache:
+        cache.update(torch.ones(1, 1, 6, 2), torch.ones(1, 1, 6, 2), 0)
+        first = [block.view.data_ptr() for block in cache.layers[0].blocks]
+        for step in range(5):
+            k = torch.full((1, 1, 1, 2), float(step))
+            keys, _ = cache.update(k, k, 0)
+        assert [b.view.data_ptr() for b in cache.layers[0].blocks][:2] == first
+        assert keys.shape == (1, 1, 11, 2)
+        assert keys[0, 0, 6:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert cache.layers[0].blocks[2].view[0, 0, 0, :3, 0].tolist() == [2.0, 3.0, 4.0]
+
+
+def test_full_tier_raises_naming_tier_budget_and_request(models):
+    mem = HostMemory(one_node(), {"dram": "8KiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS) as cache:
+        with pytest.raises(BudgetExceededError) as info:
+            generate(models[2], prompt(), cache)
+    message = str(info.value)
+    assert "KV cache layer" in message and "kv_cache request" in message
+    assert "tier 'dram' has a budget of 8.00 KiB" in message
+    assert "on_full='spill'" in message
+
+
+def test_spill_puts_blocks_on_the_next_tier_and_keeps_tokens(models):
+    model, ids = models[2], prompt()
+    expected = generate(model, ids, DynamicCache())
+    backing = MemoryBacking()
+    allocator = TieredAllocator(
+        dram_and_cxl(), {"dram": "16KiB", "cxl": "1MiB"}, backing=backing, pin=False
+    )
+    with TieredKVCache(
+        allocator, device="cpu", block_tokens=BLOCK_TOKENS, placement=0, on_full="spill"
+    ) as cache:
+        assert torch.equal(generate(model, ids, cache), expected)
+        by_tier = cache.tier_nbytes()
+        assert by_tier["dram"] == 16 * 1024
+        assert by_tier["cxl"] > 0
+        used = {row.tier: row.used_nbytes_by_class["kv_cache"] for row in allocator.usage()}
+        assert used == {"dram": by_tier["dram"], "cxl": by_tier["cxl"]}
+    assert backing.live == 0
+
+
+def test_spill_with_every_tier_full_says_so():
+    allocator = TieredAllocator(
+        dram_and_cxl(), {"dram": "4KiB", "cxl": "4KiB"}, backing=MemoryBacking(), pin=False
+    )
+    with TieredKVCache(allocator, device="cpu", block_tokens=64, on_full="spill") as cache:
+        with pytest.raises(BudgetExceededError, match="every budgeted tier is full"):
+            cache.update(torch.ones(1, 2, 8, 16), torch.ones(1, 2, 8, 16), 0)
+
+
+def test_close_gives_every_block_back_and_refuses_later_updates(models):
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    cache = TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS)
+    generate(models[2], prompt(), cache)
+    assert mem.pool_stats().in_use_nbytes > 0
+    cache.close()
+    cache.close()
+    assert mem.pool_stats().in_use_nbytes == 0
+    assert cache.tier_nbytes() == {} and cache.device_nbytes() == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.update(torch.ones(1, 2, 1, 16), torch.ones(1, 2, 1, 16), 0)
+
+
+def test_crop_and_reset_release_trailing_blocks():
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=4) as cache:
+        values = torch.arange(10.0).view(1, 1, 10, 1)
+        cache.update(values, values, 0)
+        cache.crop(-5)
+        assert cache.get_seq_length() == 5 and len(cache.layers[0].blocks) == 2
+        keys, _ = cache.update(values[:, :, :1], values[:, :, :1], 0)
+        assert keys[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0]
+        with pytest.raises(ValueError, match="negative"):
+            cache.crop(3)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and mem.pool_stats().in_use_nbytes == 0
+
+
+def test_batch_changes_raise_naming_the_alternative():
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu") as cache:
+        cache.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), 0)
+        with pytest.raises(NotImplementedError, match="DynamicCache"):
+            cache.batch_repeat_interleave(2)
+        with pytest.raises(ValueError, match="new TieredKVCache"):
+            cache.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hbm_layers": 0}, "hbm_layers = 0"),
+        ({"block_tokens": 1.5}, "block_tokens"),
+        ({"on_full": "drop"}, "on_full = 'drop'"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    mem = HostMemory(one_node(), {"dram": "1MiB"}, pin=False)
+    with pytest.raises(ValueError, match=match):
+        TieredKVCache(mem, device="cpu", **kwargs)
+
+
+def test_unsupported_transformers_is_refused():
+    with pytest.raises(RuntimeError, match="transformers 5.x"):
+        check_transformers_version("4.57.1")
