@@ -10,6 +10,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from allocators.errors import OffloadError
 from offload.host_memory import HostBlock, HostMemory
 from offload.streams import CopyEvent, CopyStreams
 
@@ -50,6 +51,12 @@ class SavedActivation:
 
     def fetch(self) -> tuple[torch.Tensor, CopyEvent]:
         """Start the H2D copy back into a new device tensor (once) and return it with its event."""
+        if self.host is None:
+            raise OffloadError(
+                "this saved activation was freed when its offload session was disabled (or left "
+                "its `with` block) before backward ran; run the forward pass again, and call "
+                "backward before disabling the session"
+            )
         if self.prefetched is None:
             out = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
             copy = self.owner.streams.h2d(
@@ -59,11 +66,17 @@ class SavedActivation:
             self.last_copy = copy
         return self.prefetched
 
-    def __del__(self) -> None:
+    def drop(self) -> None:
+        """Give the host block back now (after its last copy), leaving this activation unusable."""
+        if getattr(self, "host", None) is None:  # dropped already, or __init__ failed
+            return
         # The pool takes a block back only once no view of it is left.
-        del self.host
+        self.host = None
         self.prefetched = None
         self.owner._retire(self.block, self.last_copy)
+
+    def __del__(self) -> None:
+        self.drop()
 
 
 class ActivationOffloader:
@@ -109,6 +122,9 @@ class ActivationOffloader:
         self._backward_tag: int | None = None
         self._by_tag: dict[int, list[weakref.ref]] = defaultdict(list)
         self._retired: list[tuple[HostBlock, CopyEvent]] = []
+        # Activations autograd still holds: a graph kept alive by an exception's traceback (an
+        # error or KeyboardInterrupt mid-step) must not keep host memory after remove().
+        self._live: weakref.WeakSet[SavedActivation] = weakref.WeakSet()
         self._handles = [
             model.register_forward_pre_hook(self._enter_forward),
             model.register_forward_hook(self._exit_forward, always_call=True),
@@ -122,14 +138,27 @@ class ActivationOffloader:
             )
 
     def remove(self) -> None:
-        """Remove every hook; activations already saved stay valid until autograd drops them."""
+        """Remove every hook and give back every host block, waiting for copies in flight.
+
+        Activations saved and not yet used by backward are freed too (a graph that outlives
+        the session, e.g. one held by the traceback of an error raised mid-step, must not pin
+        host memory); using one later raises an OffloadError that says to run forward again.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
         if self._hooks_context is not None:
+            # A KeyboardInterrupt in forward skips the always-call hook that would have left it.
             self._hooks_context.__exit__(None, None, None)
             self._hooks_context = None
-        self.reap()
+        self._depth = 0
+        for saved in list(self._live):
+            saved.drop()
+        self._by_tag = defaultdict(list)
+        pending, self._retired = self._retired, []
+        for block, event in pending:
+            event.synchronize()
+            self.memory.release(block)
 
     def reap(self) -> None:
         """Give back the host blocks of dropped activations whose D2H copy has finished."""
@@ -183,6 +212,7 @@ class ActivationOffloader:
         nbytes = tensor.numel() * tensor.element_size()
         block = self.memory.allocate("activations", nbytes)
         saved = SavedActivation(self, block, tensor, self._tag)
+        self._live.add(saved)
         self._by_tag[self._tag].append(weakref.ref(saved))
         self.offloaded_count += 1
         self.offloaded_nbytes += nbytes

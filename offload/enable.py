@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from allocators.errors import OffloadError
+from allocators import numa
+from allocators.errors import OffloadError, PlacementError
 from allocators.sysfs_topology import discover
 from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
@@ -93,6 +94,7 @@ def enable(
         tokens=settings.plan_tokens,
         profile=settings.profile,
     )
+    _check_nodes_exist(placements, topology)
     memory = HostMemory(topology, tier_budgets, placements)
     try:
         session = OffloadSession(
@@ -102,6 +104,28 @@ def enable(
         memory.close()
         raise
     return session
+
+
+def _check_nodes_exist(placements: dict, topology: Topology) -> None:
+    """Refuse, before any memory or hook, a plan that places on a node this machine lacks.
+
+    A declared or hand-built topology can name nodes (a CXL card) that are not here; finding
+    that out at the first buffer would leave half a session installed.
+    """
+    by_node: dict[int, list[str]] = {}
+    for tensor_class, placement in placements.items():
+        for node in getattr(placement, "nodes", ()):
+            by_node.setdefault(node, []).append(tensor_class)
+    try:
+        numa.check_nodes(sorted(by_node))
+    except PlacementError as exc:
+        missing = [n for n in sorted(by_node) if n not in numa.online_nodes()]
+        classes = sorted({c for n in missing for c in by_node[n]})
+        raise PlacementError(
+            f"{exc}. The plan for {topology.name or topology.source} puts {', '.join(classes)} "
+            "there; nothing was allocated and the model was not changed. Leave topology unset "
+            "to plan for this machine, or raise budget 'dram' so nothing spills to that node"
+        ) from None
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -4,6 +4,7 @@ the policy's plan, pooled by its HostPool), viewable at byte offsets. It must no
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,6 +48,21 @@ class HostBlock:
                 f"{offset_bytes + nbytes} bytes; this block has {self.nbytes}"
             )
         return self._bytes[offset_bytes : offset_bytes + nbytes].view(dtype).view(shape)
+
+
+@dataclass(frozen=True)
+class HostFallbacks:
+    """Host buffers that did not get what was asked for, counted once per buffer.
+
+    ``unplaced_buffers``: the OS refused mbind (EPERM without CAP_SYS_NICE, ENOSYS), so their
+    pages sit wherever the kernel put them. ``unpinned_buffers``: pinning was asked for and
+    cudaHostRegister refused, so their copies are pageable (slower, synchronous). ``reasons``
+    holds each distinct reason, as the buffers gave it.
+    """
+
+    unplaced_buffers: int = 0
+    unpinned_buffers: int = 0
+    reasons: tuple[str, ...] = ()
 
 
 def plan_placements(
@@ -103,10 +119,14 @@ class HostMemory:
             placements=placements,
             pin=torch.cuda.is_available() if pin is None else pin,
         )
+        # Buffers already counted in fallbacks(); a pooled buffer handed out again counts once.
+        self._seen_buffers: weakref.WeakSet = weakref.WeakSet()
+        self._fallbacks = HostFallbacks()
 
     def allocate(self, tensor_class: str, nbytes: int) -> HostBlock:
         """A block of at least ``nbytes`` for ``tensor_class`` (pooled: reuse is cheap)."""
         allocation = self.allocator.allocate(tensor_class, max(int(nbytes), 1))
+        self._count_fallbacks(allocation.buffer)
         node_tier = self.allocator.budgets.node_tier
         total = sum(allocation.nbytes_per_node.values()) or 1
         shares: dict[str, float] = {}
@@ -115,6 +135,46 @@ class HostMemory:
             shares[tier] = shares.get(tier, 0.0) + n / total
         view = allocation.tensor(torch.uint8, (allocation.nbytes,))
         return HostBlock(allocation, view, shares)
+
+    def _count_fallbacks(self, buffer: object) -> None:
+        try:
+            if buffer in self._seen_buffers:
+                return
+            self._seen_buffers.add(buffer)
+        except TypeError:  # a backing whose buffers take no weak references: count each time
+            pass
+        unplaced = getattr(buffer, "placement_enforced", True) is False
+        # pin_reason is None when pinned, "pin=False" or "CUDA is not available" when pinning
+        # was not attempted; only a driver refusal is a fallback.
+        reason = getattr(buffer, "pin_reason", None)
+        unpinned = self.allocator.pin and not getattr(buffer, "pinned", True) and bool(reason)
+        unpinned = unpinned and not str(reason).startswith("CUDA is not available")
+        if not (unplaced or unpinned):
+            return
+        old = self._fallbacks
+        new_reasons = [
+            r
+            for r, bad in ((getattr(buffer, "fallback_reason", None), unplaced), (reason, unpinned))
+            if bad and r and r not in old.reasons
+        ]
+        self._fallbacks = HostFallbacks(
+            unplaced_buffers=old.unplaced_buffers + unplaced,
+            unpinned_buffers=old.unpinned_buffers + unpinned,
+            reasons=old.reasons + tuple(new_reasons),
+        )
+
+    def fallbacks(self) -> HostFallbacks:
+        """How many buffers were not placed (mbind refused) or not pinned (driver refused).
+
+        >>> from allocators.topology import NumaNode
+        >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+        >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+        >>> mem = HostMemory(topo, {"dram": "1GiB"}, pin=False)
+        >>> mem.release(mem.allocate("grads", 4096)); mem.fallbacks().unplaced_buffers
+        0
+        >>> mem.close()
+        """
+        return self._fallbacks
 
     def release(self, block: HostBlock) -> None:
         """Give ``block`` back; views taken from it must be gone."""

@@ -4,7 +4,10 @@ optimizer step, and undoes everything on disable(). It must not decide what to o
 
 from __future__ import annotations
 
+import gc
 import time
+import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,7 +119,11 @@ class OffloadSession:
             self._install(layers)
             if config.dashboard:
                 self._dashboard = DashboardThread(self, self._optimizer).start()
-        except BaseException:
+        except BaseException as exc:
+            # The frames of a half-built piece hold views of host blocks that would keep them
+            # from going back; drop their locals (the traceback's lines stay) and the pieces.
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
             self.disable()
             raise
 
@@ -189,6 +196,9 @@ class OffloadSession:
             row[f"{direction}_{tier}_nbytes"] = nbytes
         for tier, nbytes in self.memory.tier_nbytes().items():
             row[f"host_{tier}_nbytes"] = nbytes
+        fallbacks = self.memory.fallbacks()
+        row["host_unplaced_buffers"] = fallbacks.unplaced_buffers
+        row["host_unpinned_buffers"] = fallbacks.unpinned_buffers
         self.records.append(row)
         self.steps += 1
         self._clock.reset()
@@ -200,6 +210,9 @@ class OffloadSession:
         """One row per optimizer step: phase ms, bytes and GB/s per direction (and per tier),
         hidden transfer fraction, peak HBM (None on CPU), host RSS and host bytes per tier.
 
+        ``host_unplaced_buffers`` and ``host_unpinned_buffers`` count the host buffers so far
+        whose placement the OS refused (mbind) and whose pinning the driver refused
+        (cudaHostRegister): they work, pageable or wherever the kernel put them.
         On CPU every copy is synchronous, so ``hidden_transfer_fraction`` is 0 there.
         """
         return pd.DataFrame.from_records(self.records)
@@ -235,24 +248,37 @@ class OffloadSession:
         self._enabled = False
         if self._dashboard is not None:
             self._dashboard.stop()
-        for hook in self._hooks:
-            hook.remove()
-        if self._patch is not None:
-            self._patch.remove()
-            self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)
-        if self._optimizer is not None:
-            self._optimizer.close()
-        if self._activations is not None:
-            self._activations.remove()
-        if self._checkpointing is not None:
-            self._checkpointing.remove()
-        self.memory.close()
+        try:
+            for hook in self._hooks:
+                hook.remove()
+            if self._patch is not None:
+                self._patch.remove()
+                self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)
+            if self._optimizer is not None:
+                self._optimizer.close()
+            if self._activations is not None:
+                self._activations.remove()
+            if self._checkpointing is not None:
+                self._checkpointing.remove()
+        finally:
+            self.memory.close()
 
     def __enter__(self) -> OffloadSession:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.disable()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.disable()
+            return
+        # An error (or KeyboardInterrupt) is already on its way out: cleaning up must not hide it.
+        try:
+            self.disable()
+        except Exception as cleanup:
+            warnings.warn(
+                f"offload session cleanup after {exc_type.__name__} failed: {cleanup}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def _gb_per_s(nbytes: int, ms: float) -> float:
