@@ -118,7 +118,11 @@ class TieredKVCache(Cache):
             raise ValueError(f"on_full = {on_full!r} is not one of {ON_FULL_CHOICES}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # Key states arrive as cuda:N; compare like with like.
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.hbm_layers = hbm_layers
         self.block_tokens = block_tokens
         self.on_full = on_full
@@ -371,9 +375,11 @@ class TieredKVCache(Cache):
         self._d2h_nbytes += done.d2h_nbytes
 
     def _drain(self) -> None:
-        """Block the host until the last D2H is done, so the host blocks are complete."""
-        if self._last_d2h is not None:
-            self.streams.host_wait(self._last_d2h)
+        """Block the host until every copy is done: host blocks complete and no longer read."""
+        pending = [self._last_d2h, *(slot.ready for slot in self._slots)]
+        for event in pending:
+            if event is not None:
+                self.streams.host_wait(event)
 
     def _forget_slots(self) -> None:
         for slot in self._slots:

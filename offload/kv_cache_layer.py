@@ -94,6 +94,19 @@ class TieredKVLayer(CacheLayerMixin):
 
     ``length`` tokens are stored, token ``t`` in block ``t // block_tokens``; blocks are only
     added or dropped at the end, so the past is never reallocated or copied.
+
+    >>> from allocators.topology import NumaNode, Topology
+    >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+    >>> alloc = TieredAllocator(topo, {"dram": "1GiB"}, pin=False)
+    >>> layer = TieredKVLayer(alloc, as_placement(0), block_tokens=256, on_full="error",
+    ...                       layer_idx=0)
+    >>> layer.lazy_initialization(torch.zeros(1, 4, 0, 64), torch.zeros(1, 4, 0, 64))
+    >>> layer.block_nbytes, layer.n_blocks_for(300)
+    (524288, 2)
+    >>> layer.ensure_blocks(300); layer.tier_nbytes()
+    {'dram': 1048576}
+    >>> layer.reset(); alloc.close()
     """
 
     is_sliding = False
