@@ -226,7 +226,8 @@ class DashboardThread:
 
     On a terminal (``console.is_terminal``) a rich Live panel is redrawn ``refresh_per_s`` times
     a second; otherwise one plain line per optimizer step is written to the console's file
-    (stderr by default). stop() draws the steps not yet drawn, so none is missed.
+    (stderr by default). stop() draws the steps not yet drawn, so none is missed. After stop(),
+    ``cpu_s`` is the CPU time the thread used: what the dashboard cost, free of other load's noise.
 
     >>> dash = DashboardThread(sess, optimizer=None).start()  # doctest: +SKIP
     >>> dash.stop()  # doctest: +SKIP
@@ -246,6 +247,7 @@ class DashboardThread:
         self.period_s = 1.0 / refresh_per_s
         self.probe = SessionProbe(session, optimizer)
         self._stop = threading.Event()
+        self.cpu_s = 0.0
         self._thread = threading.Thread(target=self._run, name="offload-dashboard", daemon=True)
 
     @property
@@ -265,6 +267,7 @@ class DashboardThread:
         self.probe.remove()
 
     def _run(self) -> None:
+        start_s = time.thread_time()
         try:
             if self.console.is_terminal:
                 self._run_live()
@@ -273,6 +276,7 @@ class DashboardThread:
         except Exception:
             # A broken dashboard must not end the training run: say so once and stop drawing.
             _log.exception("the offload dashboard failed and stopped; training goes on")
+        self.cpu_s = time.thread_time() - start_s
 
     def _run_lines(self) -> None:
         while True:
@@ -285,8 +289,9 @@ class DashboardThread:
     def _run_live(self) -> None:
         # No stdout/stderr redirection: rich would then render inside the training thread's
         # print() calls, under Live's lock.
+        shown = self.probe.latest()
         live = Live(
-            render_dashboard(self.probe.latest()),
+            render_dashboard(shown),
             console=self.console,
             auto_refresh=False,
             redirect_stdout=False,
@@ -297,6 +302,9 @@ class DashboardThread:
                 stopping = self._stop.wait(self.period_s)
                 snapshots = self.probe.poll()
                 snapshot = snapshots[-1] if snapshots else self.probe.latest()
-                live.update(render_dashboard(snapshot), refresh=True)
+                # Between steps often nothing changed; drawing costs about a millisecond.
+                if snapshot != shown:
+                    live.update(render_dashboard(snapshot), refresh=True)
+                    shown = snapshot
                 if stopping:
                     return

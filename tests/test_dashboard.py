@@ -175,7 +175,10 @@ def test_no_rates_means_no_ceiling(topology):
     assert transfer_ceilings(topology, None, [0]).source is None
 
 
-def test_non_terminal_prints_one_log_line_per_step(topology, capsys):
+def test_non_terminal_prints_one_log_line_per_step(topology, capsys, monkeypatch):
+    # These make rich treat any output as a terminal.
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
     model = tiny_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with offload.enable(model, opt, budgets=BUDGETS, topology=topology, dashboard=True):
