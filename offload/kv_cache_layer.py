@@ -202,8 +202,13 @@ class TieredKVLayer(CacheLayerMixin):
             "TieredKVLayer.update is not called directly; call TieredKVCache.update(k, v, layer_idx)"
         )
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) for the attention mask: all stored tokens plus the query."""
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the attention mask: all stored tokens plus the query.
+
+        Earlier 5.x releases pass the query's cache positions (a tensor) instead of its length.
+        """
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -213,6 +218,9 @@ class TieredKVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         """No maximum: blocks are added as the context grows (bounded by the tier budgets)."""
         return -1
+
+    # The name of get_max_length in earlier 5.x releases.
+    get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
         """Drop every token and give the blocks back to the pool (shape is kept)."""

@@ -243,3 +243,18 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_unsupported_transformers_is_refused():
     with pytest.raises(RuntimeError, match="transformers 5.x"):
         check_transformers_version("4.57.1")
+
+
+def test_mask_sizes_count_stored_tokens_and_the_query():
+    mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+    with TieredKVCache(mem, device="cpu", block_tokens=4) as cache:
+        cache.update(torch.ones(1, 1, 5, 2), torch.ones(1, 1, 5, 2), 0)
+        assert cache.get_mask_sizes(3, 0) == (8, 0)
+        # earlier 5.x releases pass the query's cache positions
+        assert cache.layers[0].get_mask_sizes(torch.arange(5, 8)) == (8, 0)
+
+
+def test_exported_from_the_package():
+    import offload
+
+    assert offload.TieredKVCache is TieredKVCache
