@@ -309,6 +309,8 @@ class TieredKVCache(Cache):
                 block.view,
                 slot.data[index],
                 after=self._last_d2h if index == 0 else None,
+                # The stream runs in order: only the first copy needs to wait for compute.
+                wait_compute=index == 0,
                 tiers=block.tier_shares,
             )
 
