@@ -1,0 +1,245 @@
+"""While active, upstream DeepSpeed's ZeRO offload host buffers come from our TieredAllocator, by
+tensor class. It hooks only deepspeed.initialize's time; it must not plan or change DeepSpeed's math.
+
+Supported: deepspeed 0.19.x (see offload.deepspeed.call_sites). Three narrow hooks, all undone on
+exit: DeepSpeed's pinned-memory backend lookup (``deepspeed.utils.pin_memory.
+get_active_native_pinned_memory``, through which every ``get_accelerator().pin_memory`` goes), so
+pinned fp32 master partitions, gradient and parameter buffers are ours; ZeRO-3's unpinned fp32
+master partitions, moved into ours right after ``_create_fp32_partitions`` makes them; and the CPU
+Adam moments, made in ours (or moved there) by :meth:`DeepSpeedPlacement.adopt_optimizer_states`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from allocators.tiered import Allocation, TieredAllocator
+from offload.deepspeed.call_sites import check_version, classify
+
+
+@dataclass(frozen=True)
+class PlacedBuffer:
+    """One DeepSpeed host buffer we made: where DeepSpeed asked for it, its class and bytes."""
+
+    site: str
+    tensor_class: str
+    nbytes: int
+    allocation: Allocation = field(repr=False)
+
+
+_STATE_SITE = "optimizer.state"
+
+
+def _master_partitions(zero_optimizer: Any, inner: Any) -> list[torch.Tensor]:
+    """The fp32 partitions the CPU optimizer steps: ZeRO-3 swaps them in and out of its param
+    groups one sub-group at a time, so they are read from the ZeRO optimizer, not the groups."""
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        partitions = getattr(zero_optimizer, name, None)
+        if partitions is not None:
+            return list(partitions)
+    return [p for group in inner.param_groups for p in group["params"]]
+
+
+class DeepSpeedPlacement:
+    """Route ZeRO offload host buffers to ``allocator`` while used as a context manager.
+
+    Buffers stay ours after exit (DeepSpeed keeps using them); :meth:`close` gives them back once
+    the engine is gone. Pins DeepSpeed asks for from a place we do not know go the stock way and
+    are listed in ``unplaced``, so nothing is silently misfiled.
+
+    >>> from allocators.topology import NumaNode, Topology
+    >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+    >>> placement = DeepSpeedPlacement(TieredAllocator(topo, {"dram": "1GiB"}, pin=False))
+    >>> with placement:  # doctest: +SKIP
+    ...     engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config)
+    >>> placement.adopt_optimizer_states(engine.optimizer)  # doctest: +SKIP
+    >>> placement.close()
+    """
+
+    def __init__(self, allocator: TieredAllocator) -> None:
+        self.allocator = allocator
+        self.placed: list[PlacedBuffer] = []
+        self.unplaced: list[str] = []
+        self._bypass = threading.local()
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> DeepSpeedPlacement:
+        import deepspeed
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.utils import pin_memory as ds_pin_memory
+
+        check_version(deepspeed.__version__)
+        if self._undo:
+            raise RuntimeError("this DeepSpeedPlacement is already active; do not nest it")
+        stock_backend = ds_pin_memory.get_active_native_pinned_memory
+        stock_create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
+
+        def active_backend() -> Any:
+            return stock_backend() if getattr(self._bypass, "on", False) else self
+
+        def create_fp32_partitions(optimizer: Any) -> None:
+            stock_create(optimizer)
+            self._adopt_stage3_fp32(optimizer)
+
+        self._swap(ds_pin_memory, "get_active_native_pinned_memory", active_backend)
+        self._swap(DeepSpeedZeroOptimizer_Stage3, "_create_fp32_partitions", create_fp32_partitions)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        while self._undo:
+            owner, name, original = self._undo.pop()
+            setattr(owner, name, original)
+
+    def _swap(self, owner: Any, name: str, replacement: Any) -> None:
+        self._undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
+
+    @contextmanager
+    def _stock(self) -> Iterator[None]:
+        self._bypass.on = True
+        try:
+            yield
+        finally:
+            self._bypass.on = False
+
+    def _new(self, site: str, tensor_class: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        allocation = self.allocator.allocate(tensor_class, nbytes)
+        self.placed.append(PlacedBuffer(site, tensor_class, nbytes, allocation))
+        return allocation.tensor(dtype, tuple(shape))
+
+    # DeepSpeed's pinned-memory backend interface (pin, pin_empty, is_pinned, unpin).
+    def pin(self, tensor: torch.Tensor, make_copy: bool = True, match_shape: bool = True):
+        """DeepSpeed's pin: a copy of ``tensor`` in our memory, classed by who asked."""
+        from deepspeed.accelerator import get_accelerator
+
+        site = classify(sys._getframe(1))
+        if site is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+            self.unplaced.append(f"{tuple(tensor.shape)} {tensor.dtype} from an unknown site")
+            with self._stock():
+                return get_accelerator().pin_memory(
+                    tensor, make_copy=make_copy, match_shape=match_shape
+                )
+        shape = tuple(tensor.shape) if match_shape else (tensor.numel(),)
+        label = f"{site.file}:{site.function}:{site.token}"
+        ours = self._new(label, site.tensor_class, tensor.dtype, shape)
+        if make_copy:
+            ours.copy_(tensor.reshape(shape))
+        return ours
+
+    def pin_empty(self, example: torch.Tensor, shape: tuple):
+        """DeepSpeed's empty pinned tensor: not made by a known site, so stock."""
+        from deepspeed.accelerator import get_accelerator
+
+        self.unplaced.append(f"{tuple(shape)} {example.dtype} (empty pinned)")
+        with self._stock():
+            return get_accelerator()._torch_empty_pinned(example, shape)
+
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        """True for our buffers when CUDA pinned them, else what DeepSpeed would say."""
+        from deepspeed.accelerator import get_accelerator
+
+        if self._owns(tensor):
+            return self.allocator.pin
+        with self._stock():
+            return bool(get_accelerator().is_pinned(tensor))
+
+    def unpin(self, tensor: torch.Tensor) -> Any:
+        """Our buffers are released by :meth:`close`, not by DeepSpeed; others go the stock way."""
+        from deepspeed.accelerator import get_accelerator
+
+        if self._owns(tensor):
+            return None
+        with self._stock():
+            return get_accelerator().unpin_memory(tensor)
+
+    def _owns(self, tensor: torch.Tensor) -> bool:
+        ptr = tensor.data_ptr()
+        return any(
+            p.allocation.buffer.ptr <= ptr < p.allocation.buffer.ptr + p.allocation.buffer.nbytes
+            for p in self.placed
+            if not p.allocation.released
+        )
+
+    def _adopt_stage3_fp32(self, optimizer: Any) -> None:
+        """Move ZeRO-3's fresh CPU fp32 master partitions into ours before anything views them."""
+        for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
+            fp16 = optimizer.fp16_partitioned_groups_flat[i]
+            shared = fp16 is not None and fp16.numel() and fp16.data_ptr() == flat.data_ptr()
+            if flat.device.type != "cpu" or flat.numel() == 0 or shared:
+                continue
+            ours = self._new(
+                "stage3.py:_create_fp32_partitions", "master_params", flat.dtype, tuple(flat.shape)
+            )
+            ours.copy_(flat)
+            flat.data = ours
+
+    def adopt_optimizer_states(self, zero_optimizer: Any) -> int:
+        """Put the CPU optimizer's moments in our memory (class ``optimizer_state``); returns bytes.
+
+        DeepSpeedCPUAdam makes its state at its first step; we make it first, exactly as it would
+        (step 0, zeroed moments). State an optimizer already has is copied into ours. Other
+        optimizers' lazy state is left to them and noted in ``unplaced`` (call this again after
+        their first step). Call it after deepspeed.initialize, before the first step.
+        """
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
+        placed_nbytes = 0
+        for param in _master_partitions(zero_optimizer, inner):
+            if param.device.type != "cpu":
+                continue
+            state = inner.state[param]
+            if not state and isinstance(inner, DeepSpeedCPUAdam):
+                dtype = torch.float if inner.fp32_optimizer_states else param.dtype
+                state["step"] = 0
+                state["exp_avg"] = self._new(
+                    _STATE_SITE, "optimizer_state", dtype, param.shape
+                ).zero_()
+                state["exp_avg_sq"] = self._new(
+                    _STATE_SITE, "optimizer_state", dtype, param.shape
+                ).zero_()
+            elif not state:
+                self.unplaced.append(
+                    f"{type(inner).__name__} state for {tuple(param.shape)} (made lazily at "
+                    "its first step; call adopt_optimizer_states again after it)"
+                )
+            for key, value in list(state.items()):
+                if not torch.is_tensor(value) or value.shape != param.shape:
+                    continue
+                if not self._owns(value):
+                    state[key] = self._new(_STATE_SITE, "optimizer_state", value.dtype, value.shape)
+                    state[key].copy_(value)
+                placed_nbytes += value.numel() * value.element_size()
+        return placed_nbytes
+
+    def nbytes_by_class(self) -> dict[str, int]:
+        """Bytes we placed for DeepSpeed per tensor class (live buffers only).
+
+        >>> from allocators.topology import NumaNode, Topology
+        >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+        >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+        >>> placement = DeepSpeedPlacement(TieredAllocator(topo, {"dram": "1GiB"}, pin=False))
+        >>> moment = placement._new("example", "optimizer_state", torch.float32, (1024,))
+        >>> placement.nbytes_by_class()
+        {'optimizer_state': 4096}
+        >>> del moment; placement.close(); placement.nbytes_by_class()
+        {}
+        """
+        totals: dict[str, int] = {}
+        for p in self.placed:
+            if not p.allocation.released:
+                totals[p.tensor_class] = totals.get(p.tensor_class, 0) + p.nbytes
+        return totals
+
+    def close(self) -> None:
+        """Give every buffer back (the engine and its tensors must be gone) and close the allocator."""
+        self.allocator.close()

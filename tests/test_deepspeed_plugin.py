@@ -1,0 +1,323 @@
+"""offload.deepspeed: per-rank plans, the version gate, and upstream DeepSpeed ZeRO offload on CPU
+(gloo, DeepSpeed's CPU accelerator) with its host buffers placed by our allocator.
+
+The DeepSpeed runs happen in child processes (this file is also their worker), so torch.distributed
+and DeepSpeed's accelerator choice never leak into the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from allocators.errors import ConfigError
+from allocators.topology import GpuInfo, NumaNode, Topology
+from offload.deepspeed.call_sites import check_version
+from offload.deepspeed.engine import pinned_offload_config
+from offload.deepspeed.rank_plan import local_rank_and_size, plan_rank, split_budgets
+
+GIB = 1 << 30
+STEPS = 10
+
+
+def two_socket_two_cxl() -> Topology:
+    """Sockets 0 and 1 with a GPU each; CXL node 2 hangs off socket 0, CXL node 3 off socket 1."""
+    nodes = (
+        NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=64 * GIB, free_bytes=64 * GIB),
+        NumaNode(id=1, kind="dram", cpus=(1,), total_bytes=64 * GIB, free_bytes=64 * GIB),
+        NumaNode(id=2, kind="cxl", cpus=(), total_bytes=128 * GIB, free_bytes=128 * GIB),
+        NumaNode(id=3, kind="cxl", cpus=(), total_bytes=128 * GIB, free_bytes=128 * GIB),
+    )
+    distances = {
+        0: {0: 10, 1: 21, 2: 14, 3: 24},
+        1: {0: 21, 1: 10, 2: 24, 3: 14},
+        2: {0: 14, 1: 24, 2: 10, 3: 28},
+        3: {0: 24, 1: 14, 2: 28, 3: 10},
+    }
+    gpus = tuple(
+        GpuInfo(i, "test gpu", f"0000:0{i}:00.0", i, True, 80 * GIB, "declared") for i in (0, 1)
+    )
+    return Topology(nodes=nodes, distances=distances, gpus=gpus, source="two sockets, two CXL")
+
+
+def test_each_rank_places_on_the_numa_node_of_its_gpu():
+    for rank in (0, 1):
+        plan = plan_rank(
+            two_socket_two_cxl(),
+            "cxl_aware",
+            {"dram": "32GiB", "cxl": "64GiB"},
+            n_params=10**8,
+            hidden=1024,
+            layers=8,
+            tokens=4096,
+            dp_world_size=2,
+            local_rank=rank,
+            local_world_size=2,
+        )
+        assert plan.placements["master_params"].nodes == (rank,)
+        assert plan.placements["optimizer_state"].nodes == (rank,)
+
+
+def test_a_rank_spills_to_the_cxl_device_nearest_its_gpu():
+    # 2 GB of DRAM per rank holds 1.6 GB of CPU-touched state, 0.2 GB of bf16 params and the
+    # checkpoints; the bf16 gradients, last in priority, are interleaved onto CXL.
+    plan = plan_rank(
+        two_socket_two_cxl(),
+        "cxl_aware",
+        {"dram": "4GB", "cxl": "64GiB"},
+        n_params=2 * 10**8,
+        hidden=1024,
+        layers=8,
+        tokens=4096,
+        dp_world_size=2,
+        local_rank=1,
+        local_world_size=2,
+    )
+    assert plan.placements["grads"].nodes == (1, 3)
+    assert plan.budgets_nbytes["cxl"] == {3: 32 * GIB}
+
+
+def test_budgets_are_split_between_the_ranks_of_a_machine():
+    assert split_budgets({"dram": "64GiB", "cxl": "128GiB"}, 4) == {
+        "dram": 16 * GIB,
+        "cxl": 32 * GIB,
+    }
+
+
+def test_a_rank_plan_is_refused_when_its_share_of_dram_is_too_small():
+    with pytest.raises(Exception, match="budget"):
+        plan_rank(
+            two_socket_two_cxl(),
+            "local_only",
+            {"dram": "1GiB"},
+            n_params=10**9,
+            hidden=1024,
+            layers=8,
+            tokens=4096,
+            local_world_size=8,
+        )
+
+
+def test_planned_policy_is_refused_per_rank_with_the_alternatives():
+    with pytest.raises(ConfigError, match="cxl_aware"):
+        plan_rank(
+            two_socket_two_cxl(),
+            "planned",
+            {"dram": "64GiB"},
+            n_params=1000,
+            hidden=8,
+            layers=1,
+            tokens=16,
+        )
+
+
+def test_local_rank_beyond_local_size_is_refused():
+    with pytest.raises(ConfigError, match="LOCAL_SIZE"):
+        local_rank_and_size({"LOCAL_RANK": "2", "LOCAL_SIZE": "2"})
+
+
+@pytest.mark.parametrize("version", ["0.18.9", "0.20.0", "1.0.0"])
+def test_unsupported_deepspeed_versions_fail_clearly(version):
+    with pytest.raises(ConfigError, match=r"supported.*0\.19\.x"):
+        check_version(version)
+
+
+def test_offload_configs_are_made_to_pin_without_touching_the_callers_dict():
+    config = {
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu", "pin_memory": False},
+            "offload_param": {"device": "nvme"},
+        }
+    }
+    pinned = pinned_offload_config(config)["zero_optimization"]
+    assert pinned["offload_optimizer"]["pin_memory"] is True
+    assert "pin_memory" not in pinned["offload_param"]
+    assert config["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
+
+
+def test_the_hook_is_active_only_inside_the_context_and_unknown_pins_go_the_stock_way():
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.utils import pin_memory as ds_pin_memory
+
+    from allocators.tiered import TieredAllocator
+    from offload.deepspeed.placement import DeepSpeedPlacement
+
+    stock_lookup = ds_pin_memory.get_active_native_pinned_memory
+    stock_create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
+    allocator = TieredAllocator(two_socket_two_cxl(), {"dram": "1GiB"}, pin=False)
+    with DeepSpeedPlacement(allocator) as placement:
+        assert ds_pin_memory.get_active_native_pinned_memory() is placement
+        tensor = torch.ones(4)
+        assert placement.pin(tensor) is not None
+    assert ds_pin_memory.get_active_native_pinned_memory is stock_lookup
+    assert DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions is stock_create
+    assert placement.placed == [] and len(placement.unplaced) == 1
+    placement.close()
+
+
+# --- DeepSpeed ZeRO offload on CPU, in child processes ------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_ranks(tmp_path: Path, stage: int, world_size: int) -> list[dict]:
+    port = str(_free_port())
+    procs = []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR="cpu",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_SIZE=str(world_size),
+            OMP_NUM_THREADS="1",
+        )
+        out = tmp_path / f"rank{rank}.json"
+        cmd = [sys.executable, __file__, "--stage", str(stage), "--out", str(out)]
+        procs.append(
+            (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), out)
+        )
+    results = []
+    for proc, out in procs:
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log.decode(errors="replace")[-4000:]
+        results.append(json.loads(out.read_text()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def zero2_one_rank(tmp_path_factory) -> dict:
+    pytest.importorskip("deepspeed")
+    return _run_ranks(tmp_path_factory.mktemp("zero2"), stage=2, world_size=1)[0]
+
+
+def test_zero2_offload_gives_the_same_losses_with_our_placement(zero2_one_rank):
+    assert len(zero2_one_rank["stock"]) == STEPS
+    assert zero2_one_rank["patched"] == zero2_one_rank["stock"]
+
+
+def test_zero2_offload_buffers_are_ours_and_accounted_per_class(zero2_one_rank):
+    by_class = zero2_one_rank["placed_nbytes_by_class"]
+    n_params = zero2_one_rank["n_params"]
+    assert by_class["master_params"] >= 4 * n_params
+    assert by_class["master_grads"] >= 4 * n_params
+    assert by_class["optimizer_state"] >= 8 * n_params
+    assert by_class["params"] > 0 and by_class["grads"] > 0
+    assert zero2_one_rank["unplaced"] == []
+    charged = zero2_one_rank["dram_node0_by_class"]
+    assert all(charged[cls] >= nbytes for cls, nbytes in by_class.items())
+
+
+def test_zero2_offload_buffers_sit_on_the_planned_node(zero2_one_rank):
+    assert zero2_one_rank["pages_per_node"] and set(zero2_one_rank["pages_per_node"]) == {"0"}
+
+
+@pytest.mark.slow
+def test_zero3_offload_gives_the_same_losses_with_our_placement(tmp_path):
+    pytest.importorskip("deepspeed")
+    result = _run_ranks(tmp_path, stage=3, world_size=1)[0]
+    assert result["patched"] == result["stock"]
+    assert {"master_params", "optimizer_state"} <= set(result["placed_nbytes_by_class"])
+
+
+@pytest.mark.slow
+def test_two_ranks_on_one_machine_split_the_budget_and_match_stock(tmp_path):
+    pytest.importorskip("deepspeed")
+    ranks = _run_ranks(tmp_path, stage=2, world_size=2)
+    for result in ranks:
+        assert result["patched"] == result["stock"]
+        assert result["rank_budget_nbytes"] == WORKER_DRAM_BUDGET_NBYTES // 2
+        assert result["placed_nbytes_by_class"]["master_params"] >= 4 * result["n_params"] // 2
+
+
+# --- the worker: stock DeepSpeed, then the same run under offload.deepspeed.enable ------------
+
+WORKER_DRAM_BUDGET_NBYTES = GIB
+
+
+def _train(engine, rank: int) -> list[float]:
+    import torch
+
+    generator = torch.Generator().manual_seed(100 + rank)
+    losses = []
+    for _ in range(STEPS):
+        ids = torch.randint(0, 128, (2, 16), generator=generator)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _worker(stage: int, out: Path) -> None:
+    import deepspeed
+
+    import offload.deepspeed as ods
+    from allocators.sysfs_topology import discover
+    from offload.tiny_finetune import tiny_llama
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
+        "steps_per_print": 10**6,
+    }
+    rank = int(os.environ["RANK"])
+    model = tiny_llama(0, hidden=64, layers=2, vocab=128)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine, *_ = deepspeed.initialize(model=model, config=ods.pinned_offload_config(config))
+    stock = _train(engine, rank)
+    del engine
+
+    run = ods.enable(
+        tiny_llama(0, hidden=64, layers=2, vocab=128),
+        config=config,
+        policy="cxl_aware",
+        budgets={"dram": WORKER_DRAM_BUDGET_NBYTES},
+        topology=discover(),
+        tokens=32,
+    )
+    patched = _train(run.engine, rank)
+    node0 = next(r for r in run.placement.allocator.usage() if r.tier == "dram" and r.node == 0)
+    pages: dict[int, int] = {}
+    for placed in run.placement.placed:
+        for node, count in placed.allocation.buffer.pages_per_node().items():
+            pages[node] = pages.get(node, 0) + count
+    result = {
+        "stock": stock,
+        "patched": patched,
+        "n_params": n_params,
+        "placed_nbytes_by_class": run.placement.nbytes_by_class(),
+        "dram_node0_by_class": {k: v for k, v in node0.used_nbytes_by_class.items() if v},
+        "pages_per_node": pages,
+        "unplaced": run.placement.unplaced,
+        "rank_budget_nbytes": run.plan.budgets_nbytes["dram"],
+    }
+    out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="one rank of a DeepSpeed CPU offload run")
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    _worker(args.stage, args.out)
