@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,9 +92,9 @@ class SessionProbe:
     """Reads an OffloadSession's counters into DashboardSnapshots; owns the forward pre-hook that
     counts tokens (``input_ids.numel()`` per forward; None when no integer ids were seen).
 
-    Rates are averaged over the last ``window_steps`` steps seen. Only reads: the session's
-    step rows (complete dicts once appended), the allocator's usage (its lock is held for a
-    few dict sums) and plain counters.
+    Rates are averaged over the last ``window`` polls that saw a new step (each such poll marks
+    the time and the counters). Only reads: the session's step rows (complete dicts once
+    appended), the allocator's usage (its lock is held for a few dict sums) and plain counters.
 
     >>> probe = SessionProbe(sess, optimizer=None)  # doctest: +SKIP
     >>> probe.poll()[-1].step  # doctest: +SKIP
@@ -106,12 +106,10 @@ class SessionProbe:
         session: OffloadSession,
         optimizer: OptimizerOffload | None,
         *,
-        window_steps: int = 16,
-        clock: Callable[[], float] = time.perf_counter,
+        window: int = 16,
     ) -> None:
         self._session = session
         self._optimizer = optimizer
-        self._clock = clock
         self.tokens_seen = 0
         self._saw_ids = False
         allocator = session.memory.allocator
@@ -125,7 +123,7 @@ class SessionProbe:
             else None
         )
         self._seen = 0
-        self._marks: deque[_Mark] = deque([self._mark(0)], maxlen=window_steps + 1)
+        self._marks: deque[_Mark] = deque([self._mark(0)], maxlen=window + 1)
         self._hook = session.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
 
     def _count_tokens(self, module, args, kwargs) -> None:
@@ -139,7 +137,7 @@ class SessionProbe:
     def _mark(self, steps: int) -> _Mark:
         opt = self._optimizer
         return _Mark(
-            time_s=self._clock(),
+            time_s=time.perf_counter(),
             steps=steps,
             tokens=self.tokens_seen,
             elements=opt.stepped_elements if opt else 0,

@@ -18,7 +18,7 @@ from allocators.declared_topology import load_declared
 from allocators.errors import ConfigError
 from allocators.sysfs_topology import discover
 from offload.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
-from offload.dashboard_thread import DashboardThread, transfer_ceilings
+from offload.dashboard_thread import DashboardThread, SessionProbe, transfer_ceilings
 from offload.tiny_finetune import tiny_llama as shared_tiny_llama
 
 pytest.importorskip("transformers")
@@ -250,3 +250,18 @@ def test_config_checks_and_reads_dashboard(monkeypatch):
         offload.OffloadConfig(dashboard="yes")
     monkeypatch.setenv("OFFLOAD_DASHBOARD", "1")
     assert offload.OffloadConfig.from_kwargs(**offload.OffloadConfig.from_env()).dashboard
+
+
+def test_a_failing_dashboard_logs_and_leaves_training_alone(topology, caplog, monkeypatch):
+    def broken(self):
+        raise RuntimeError("cannot read counters")
+
+    monkeypatch.setattr(SessionProbe, "poll", broken)
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with offload.enable(model, opt, budgets=BUDGETS, topology=topology, dashboard=True) as sess:
+        losses = train(model, opt, batches(2))
+        sess._dashboard.stop()
+    assert len(losses) == 2 and len(sess.report()) == 2
+    assert "the offload dashboard failed and stopped" in caplog.text
+    assert dashboard_threads() == []
