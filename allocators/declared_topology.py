@@ -85,12 +85,26 @@ def load_declared(path_or_name: str | Path) -> Topology:
     where = _Where(path.name)
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise where.fail(f"not valid YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise where.fail(f"cannot be read as a text file ({exc}); give a UTF-8 YAML file") from None
+    except Exception as exc:  # PyYAML raises more than YAMLError on odd tags ('!!int' alone)
+        raise where.fail(f"not valid YAML{yaml_problem(exc)}") from None
     return parse_declared(data, source=path.name)
+
+
+def yaml_problem(exc: Exception) -> str:
+    """Where and why PyYAML could not read a text, for a message: ``" at line 2, ...: ..."``.
+
+    >>> try:
+    ...     yaml.safe_load("a: [1")
+    ... except yaml.YAMLError as exc:
+    ...     yaml_problem(exc)
+    " at line 1, column 6: expected ',' or ']', but got '<stream end>'"
+    """
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
+    return f"{at}: {problem}"
 
 
 def parse_declared(data: object, *, source: str) -> Topology:

@@ -65,7 +65,12 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
         raise ConfigError(
             f"{what} = {value!r} is not a size; write '64GiB', '512MiB', '2GB' or a byte count"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    nbytes = float(match.group(1)) * _UNITS[unit]
+    if nbytes == float("inf"):
+        raise ConfigError(
+            f"{what} = {value!r} is too large to be a size; write '64GiB', '512MiB' or bytes"
+        )
+    return int(nbytes)
 
 
 def format_bytes(nbytes: int | float) -> str:

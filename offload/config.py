@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from allocators.declared_topology import yaml_problem
 from allocators.errors import ConfigError
 from allocators.units import parse_size
 
@@ -67,7 +68,13 @@ class OffloadConfig:
         _check_bool("optimizer_offload", self.optimizer_offload)
         _check_bool("overlap_step", self.overlap_step)
         _check_bool("dashboard", self.dashboard)
-        for key in self.budgets:
+        if not isinstance(self.budgets, Mapping):
+            raise ConfigError(
+                f"budgets = {self.budgets!r} is not a mapping; write "
+                "{'dram': '64GiB', 'cxl': '256GiB'}"
+            )
+        for key, value in self.budgets.items():
+            _size(value, f"budget {key!r}")
             if key not in BUDGET_TIERS:
                 raise ConfigError(
                     f"budgets has a tier {key!r}; tiers are {list(BUDGET_TIERS)}, "
@@ -133,12 +140,28 @@ class OffloadConfig:
         """
         import yaml
 
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"offload config {path}: cannot be read ({exc}); give the path of a UTF-8 YAML "
+                "file such as offload.yaml"
+            ) from None
+        except Exception as exc:  # PyYAML raises more than YAMLError on odd tags ('!!int' alone)
+            raise ConfigError(
+                f"offload config {path} is not valid YAML{yaml_problem(exc)}; write one "
+                "'setting: value' per line"
+            ) from None
         if not isinstance(data, Mapping):
             raise ConfigError(
                 f"{path} holds a {type(data).__name__}; write a mapping such as "
                 "'activations: checkpoint' one setting per line"
+            )
+        odd = [key for key in data if not isinstance(key, str)]
+        if odd:
+            raise ConfigError(
+                f"{path} has setting name(s) {odd!r} that are not text; write names such as "
+                "'activations: checkpoint'"
             )
         return cls.from_kwargs(**data)
 
