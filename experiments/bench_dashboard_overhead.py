@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import statistics
 import time
@@ -108,7 +109,7 @@ def write_svg(sess, path: Path) -> None:
     """The panel the dashboard thread would draw now, recorded as SVG."""
     # Let the thread see the last step first, so the rates include it.
     time.sleep(0.5)
-    console = Console(record=True, width=100, file=open(os.devnull, "w"))
+    console = Console(record=True, width=100, file=io.StringIO())
     console.print(render_dashboard(sess._dashboard.probe.latest()))
     path.parent.mkdir(parents=True, exist_ok=True)
     console.save_svg(str(path), title="offload.enable(..., dashboard=True): tiny Llama on CPU")

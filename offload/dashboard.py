@@ -67,8 +67,9 @@ def render_dashboard(snapshot: DashboardSnapshot) -> RenderableType:
     Drawn as one Text of fixed-width columns: rich tables cost about 10 ms a frame on a small
     core, and this runs a few times a second beside the training thread.
 
+    >>> import io
     >>> from rich.console import Console
-    >>> console = Console(record=True, width=100, file=open("/dev/null", "w"))
+    >>> console = Console(record=True, width=100, file=io.StringIO())
     >>> console.print(render_dashboard(DashboardSnapshot(step=None, memory=())))
     >>> "waiting for the first optimizer step" in console.export_text()
     True
