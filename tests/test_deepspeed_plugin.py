@@ -228,6 +228,11 @@ def test_zero2_offload_buffers_sit_on_the_planned_node(zero2_one_rank):
     assert zero2_one_rank["pages_per_node"] and set(zero2_one_rank["pages_per_node"]) == {"0"}
 
 
+def test_checkpoint_offload_under_a_deepspeed_engine_keeps_the_losses(zero2_one_rank):
+    assert zero2_one_rank["activations_offloaded"] > 0
+    assert zero2_one_rank["activation_offload_losses"] == zero2_one_rank["stock"]
+
+
 @pytest.mark.slow
 def test_zero3_offload_gives_the_same_losses_with_our_placement(tmp_path):
     pytest.importorskip("deepspeed")
@@ -310,6 +315,18 @@ def _worker(stage: int, out: Path) -> None:
         "unplaced": run.placement.unplaced,
         "rank_budget_nbytes": run.plan.budgets_nbytes["dram"],
     }
+    run.close()
+    with_activations = ods.enable(
+        tiny_llama(0, hidden=64, layers=2, vocab=128),
+        config=config,
+        budgets={"dram": WORKER_DRAM_BUDGET_NBYTES},
+        tokens=32,
+        activations="checkpoint",
+        activation_min_nbytes=1024,
+    )
+    result["activation_offload_losses"] = _train(with_activations.engine, rank)
+    result["activations_offloaded"] = with_activations.activations.offloader.offloaded_count
+    with_activations.close()
     out.write_text(json.dumps(result))
 
 

@@ -5,6 +5,7 @@ TieredAllocator, per rank. Importing it must not import DeepSpeed (that happens 
 ``DeepSpeedPlacement(allocator)`` is the hook itself, a context manager around your own call.
 """
 
+from offload.deepspeed.activations import DeepSpeedActivations, offload_activations
 from offload.deepspeed.call_sites import SUPPORTED_SERIES, check_version
 from offload.deepspeed.engine import DeepSpeedRun, enable, pinned_offload_config
 from offload.deepspeed.placement import DeepSpeedPlacement, PlacedBuffer
@@ -12,6 +13,7 @@ from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank
 
 __all__ = [
     "SUPPORTED_SERIES",
+    "DeepSpeedActivations",
     "DeepSpeedPlacement",
     "DeepSpeedRun",
     "PlacedBuffer",
@@ -19,6 +21,7 @@ __all__ = [
     "check_version",
     "enable",
     "local_rank_and_size",
+    "offload_activations",
     "pinned_offload_config",
     "plan_rank",
     "split_budgets",

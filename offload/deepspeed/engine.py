@@ -5,6 +5,7 @@ It plans, hooks and initializes; it must not change the DeepSpeed config beyond 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 from collections.abc import Mapping
@@ -17,6 +18,11 @@ from torch import nn
 from allocators.errors import ConfigError
 from allocators.tiered import DEFAULT_BUDGETS, TieredAllocator
 from allocators.topology import Topology
+from offload.deepspeed.activations import (
+    ActivationMode,
+    DeepSpeedActivations,
+    offload_activations,
+)
 from offload.deepspeed.call_sites import check_version
 from offload.deepspeed.placement import DeepSpeedPlacement
 from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank
@@ -32,6 +38,23 @@ class DeepSpeedRun:
     lr_scheduler: Any
     placement: DeepSpeedPlacement
     plan: RankPlan
+    activations: DeepSpeedActivations | None = None
+
+    def close(self) -> None:
+        """Take our hooks off, destroy the engine and give every host buffer back.
+
+        Raises BufferError (naming the buffers) while tensors of the engine are still held
+        elsewhere: by the caller's own references to the engine, its optimizer or the model
+        """
+        if self.activations is not None:
+            self.activations.remove()
+        if self.engine is not None:
+            self.engine.destroy()
+        # The model's ZeRO hooks keep the optimizer (and its buffers) alive as long as the model.
+        self.engine = self.optimizer = self.dataloader = self.lr_scheduler = None
+        self.activations = None
+        gc.collect()
+        self.placement.close()
 
 
 def pinned_offload_config(config: Mapping[str, Any] | str) -> dict[str, Any]:
@@ -80,6 +103,8 @@ def enable(
     budgets: Mapping[str, Any] | None = None,
     topology: Topology | None = None,
     tokens: int = 4096,
+    activations: ActivationMode = "off",
+    activation_min_nbytes: int = 1 << 20,
     local_rank: int | None = None,
     local_world_size: int | None = None,
     **initialize_kwargs: Any,
@@ -95,6 +120,9 @@ def enable(
         topology: the machine (default: discovered from /sys); tiers are seen from GPU
             ``local_rank``, so each rank places on the NUMA node and CXL devices nearest its GPU.
         tokens: tokens per micro-batch, to size activations in the plan.
+        activations: ``checkpoint`` (each decoder layer checkpointed, its input offloaded),
+            ``all`` (every saved tensor of ``activation_min_nbytes`` or more) or ``off``;
+            offloaded activations share this rank's allocator and budgets.
         local_rank, local_world_size: default from LOCAL_RANK and LOCAL_SIZE (or
             LOCAL_WORLD_SIZE), as the deepspeed launcher and torchrun set them.
 
@@ -152,7 +180,12 @@ def enable(
                 **initialize_kwargs,
             )
         placement.adopt_optimizer_states(engine.optimizer)
+        hooks = None
+        if activations != "off":
+            hooks = offload_activations(
+                engine, allocator, activations, min_nbytes=activation_min_nbytes
+            )
     except BaseException:
         allocator.close()
         raise
-    return DeepSpeedRun(engine, ds_optimizer, dataloader, scheduler, placement, plan)
+    return DeepSpeedRun(engine, ds_optimizer, dataloader, scheduler, placement, plan, hooks)
