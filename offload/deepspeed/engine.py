@@ -44,7 +44,7 @@ class DeepSpeedRun:
         """Take our hooks off, destroy the engine and give every host buffer back.
 
         Raises BufferError (naming the buffers) while tensors of the engine are still held
-        elsewhere: by the caller's own references to the engine, its optimizer or the model
+        elsewhere: by the caller's own references to the engine, its optimizer or the model.
         """
         if self.activations is not None:
             self.activations.remove()
