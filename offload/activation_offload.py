@@ -4,6 +4,7 @@ and bring them back in backward, prefetching the layer below. Parameters and buf
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import defaultdict
 
@@ -174,6 +175,10 @@ class ActivationOffloader:
         return {t.untyped_storage().data_ptr() for t in tensors}
 
     def _enter_forward(self, module: nn.Module, args) -> None:
+        if self._depth > 0 and not self._model_call_running():
+            # The last forward was cut by a KeyboardInterrupt, which skips always-call hooks;
+            # leaving the hooks installed would offload every autograd op of the process.
+            self._exit_forward(module, args, None, ended=True)
         if self._depth == 0:
             self.reap()
             self._tag = -1
@@ -183,8 +188,18 @@ class ActivationOffloader:
             self._hooks_context.__enter__()
         self._depth += 1
 
-    def _exit_forward(self, module: nn.Module, args, output) -> None:
-        self._depth -= 1
+    def _model_call_running(self) -> bool:
+        """Whether a call of the model is still running below the one now starting."""
+        calls = 0
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is self.model:
+                calls += 1
+            frame = frame.f_back
+        return calls > 1
+
+    def _exit_forward(self, module: nn.Module, args, output, *, ended: bool = False) -> None:
+        self._depth = 0 if ended else self._depth - 1
         if self._depth == 0 and self._hooks_context is not None:
             self._hooks_context.__exit__(None, None, None)
             self._hooks_context = None

@@ -456,3 +456,29 @@ def test_a_checkpoint_written_under_offload_resumes_in_plain_torch(topology):
     assert all(opt.state[p]["step"] == 4 for p in model.parameters())
     second = train(model, opt, data[4:])
     assert_close(first + second, straight)
+
+
+def test_training_goes_on_in_the_same_session_after_a_keyboard_interrupt_in_forward(topology):
+    """A notebook user interrupts a cell mid-forward, then runs the loop again."""
+    data = batches(6)
+    reference = tiny_mlp()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    expected = train(reference, ref_opt, data[:2]) + train(reference, ref_opt, data[3:])
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle = raise_in_forward_of_step(model, 3, KeyboardInterrupt("stop here"))
+    with offload.enable(
+        model, opt, topology=topology, budgets=BUDGETS, activation_min_nbytes=0
+    ) as sess:
+        with pytest.raises(KeyboardInterrupt):
+            train(model, opt, data)
+        handle.remove()
+        opt.zero_grad()
+        losses = train(model, opt, data[3:])
+        # The interrupted forward's hooks are gone: other autograd work is not offloaded.
+        offloaded = sess._activations.offloaded_count
+        x = torch.randn(64, 64, requires_grad=True)
+        (x * x).sum().backward()
+        assert sess._activations.offloaded_count == offloaded
+    assert_close(losses, expected[2:])
+    assert_released(sess.memory)
