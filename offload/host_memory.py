@@ -57,11 +57,13 @@ class HostFallbacks:
     ``unplaced_buffers``: the OS refused mbind (EPERM without CAP_SYS_NICE, ENOSYS), so their
     pages sit wherever the kernel put them. ``unpinned_buffers``: pinning was asked for and
     cudaHostRegister refused, so their copies are pageable (slower, synchronous). ``reasons``
-    holds each distinct reason, as the buffers gave it.
+    holds each distinct reason, as the buffers gave it; ``*_nbytes`` are those buffers' sizes.
     """
 
     unplaced_buffers: int = 0
     unpinned_buffers: int = 0
+    unplaced_nbytes: int = 0
+    unpinned_nbytes: int = 0
     reasons: tuple[str, ...] = ()
 
 
@@ -157,9 +159,12 @@ class HostMemory:
             for r, bad in ((getattr(buffer, "fallback_reason", None), unplaced), (reason, unpinned))
             if bad and r and r not in old.reasons
         ]
+        nbytes = int(getattr(buffer, "nbytes", 0))
         self._fallbacks = HostFallbacks(
             unplaced_buffers=old.unplaced_buffers + unplaced,
             unpinned_buffers=old.unpinned_buffers + unpinned,
+            unplaced_nbytes=old.unplaced_nbytes + nbytes * unplaced,
+            unpinned_nbytes=old.unpinned_nbytes + nbytes * unpinned,
             reasons=old.reasons + tuple(new_reasons),
         )
 

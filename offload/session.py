@@ -197,8 +197,8 @@ class OffloadSession:
         for tier, nbytes in self.memory.tier_nbytes().items():
             row[f"host_{tier}_nbytes"] = nbytes
         fallbacks = self.memory.fallbacks()
-        row["host_unplaced_buffers"] = fallbacks.unplaced_buffers
-        row["host_unpinned_buffers"] = fallbacks.unpinned_buffers
+        row["host_unplaced_nbytes"] = fallbacks.unplaced_nbytes
+        row["host_unpinned_nbytes"] = fallbacks.unpinned_nbytes
         self.records.append(row)
         self.steps += 1
         self._clock.reset()
@@ -210,9 +210,10 @@ class OffloadSession:
         """One row per optimizer step: phase ms, bytes and GB/s per direction (and per tier),
         hidden transfer fraction, peak HBM (None on CPU), host RSS and host bytes per tier.
 
-        ``host_unplaced_buffers`` and ``host_unpinned_buffers`` count the host buffers so far
+        ``host_unplaced_nbytes`` and ``host_unpinned_nbytes`` add up the host buffers so far
         whose placement the OS refused (mbind) and whose pinning the driver refused
-        (cudaHostRegister): they work, pageable or wherever the kernel put them.
+        (cudaHostRegister): they work, pageable or wherever the kernel put them; their counts
+        and reasons are in ``sess.memory.fallbacks()``.
         On CPU every copy is synchronous, so ``hidden_transfer_fraction`` is 0 there.
         """
         return pd.DataFrame.from_records(self.records)
