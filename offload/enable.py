@@ -60,6 +60,10 @@ def enable(
     Raises:
         ConfigError: a setting has a wrong value (the message says what to write).
         OffloadError: the optimizer cannot be offloaded (the message says what to use).
+        PlacementError: the plan puts memory on a NUMA node this machine lacks (a declared
+            topology's CXL card); BudgetExceededError: the budgets or a node's free memory
+            cannot hold what is needed (the message has both numbers). Either way nothing is
+            left allocated and the model and optimizer are as they were.
 
     >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
