@@ -315,6 +315,11 @@ def _worker(stage: int, out: Path) -> None:
         "unplaced": run.placement.unplaced,
         "rank_budget_nbytes": run.plan.budgets_nbytes["dram"],
     }
+    if stage == 3:
+        # ZeRO-3 in deepspeed 0.19.8 keeps the model in parameter_offload.FWD_MODULE_STACK after
+        # a forward, so its buffers outlive the engine until the process exits.
+        out.write_text(json.dumps(result))
+        return
     run.close()
     with_activations = ods.enable(
         tiny_llama(0, hidden=64, layers=2, vocab=128),

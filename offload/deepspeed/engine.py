@@ -44,7 +44,10 @@ class DeepSpeedRun:
         """Take our hooks off, destroy the engine and give every host buffer back.
 
         Raises BufferError (naming the buffers) while tensors of the engine are still held
-        elsewhere: by the caller's own references to the engine, its optimizer or the model.
+        elsewhere: by the caller's own references to the engine, its optimizer or the model, or
+        under ZeRO-3 by DeepSpeed 0.19 itself, which keeps the model it last ran in
+        ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` (those buffers are freed
+        when the process exits).
         """
         if self.activations is not None:
             self.activations.remove()
