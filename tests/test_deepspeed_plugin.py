@@ -234,11 +234,13 @@ def test_checkpoint_offload_under_a_deepspeed_engine_keeps_the_losses(zero2_one_
 
 
 @pytest.mark.slow
-def test_zero3_offload_gives_the_same_losses_with_our_placement(tmp_path):
+def test_zero3_param_and_optimizer_offload_gives_the_same_losses_with_our_placement(tmp_path):
     pytest.importorskip("deepspeed")
     result = _run_ranks(tmp_path, stage=3, world_size=1)[0]
     assert result["patched"] == result["stock"]
-    assert {"master_params", "optimizer_state"} <= set(result["placed_nbytes_by_class"])
+    placed = {"params", "master_params", "master_grads", "optimizer_state"}
+    assert placed <= set(result["placed_nbytes_by_class"])
+    assert result["unplaced"] == []
 
 
 @pytest.mark.slow
@@ -284,6 +286,8 @@ def _worker(stage: int, out: Path) -> None:
         "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
         "steps_per_print": 10**6,
     }
+    if stage == 3:
+        config["zero_optimization"]["offload_param"] = {"device": "cpu"}
     rank = int(os.environ["RANK"])
     model = tiny_llama(0, hidden=64, layers=2, vocab=128)
     n_params = sum(p.numel() for p in model.parameters())
