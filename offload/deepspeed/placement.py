@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -116,32 +117,49 @@ class DeepSpeedPlacement:
         self.placed.append(PlacedBuffer(site, tensor_class, nbytes, allocation))
         return allocation.tensor(dtype, tuple(shape))
 
+    def _place_for_caller(
+        self, frame: FrameType | None, dtype: torch.dtype, shape: tuple, device: torch.device
+    ) -> torch.Tensor | None:
+        """Our tensor for the ZeRO call site that asked, or None (noted) to leave it to DeepSpeed."""
+        site = classify(frame)
+        why = ""
+        if site is None:
+            why = "not a deepspeed 0.19 call site this plugin knows"
+        elif device.type != "cpu":
+            why = f"a {device.type} tensor, not host memory"
+        elif torch.Size(shape).numel() == 0:
+            why = "empty"
+        if site is None or why:
+            self.unplaced.append(f"{tuple(shape)} {dtype}: {why}")
+            return None
+        label = f"{site.file}:{site.function}:{site.token}"
+        return self._new(label, site.tensor_class, dtype, tuple(shape))
+
     # DeepSpeed's pinned-memory backend interface (pin, pin_empty, is_pinned, unpin).
     def pin(self, tensor: torch.Tensor, make_copy: bool = True, match_shape: bool = True):
         """DeepSpeed's pin: a copy of ``tensor`` in our memory, classed by who asked."""
         from deepspeed.accelerator import get_accelerator
 
-        site = classify(sys._getframe(1))
-        if site is None or tensor.device.type != "cpu" or tensor.numel() == 0:
-            self.unplaced.append(f"{tuple(tensor.shape)} {tensor.dtype} from an unknown site")
+        shape = tuple(tensor.shape) if match_shape else (tensor.numel(),)
+        ours = self._place_for_caller(sys._getframe(1), tensor.dtype, shape, tensor.device)
+        if ours is None:
             with self._stock():
                 return get_accelerator().pin_memory(
                     tensor, make_copy=make_copy, match_shape=match_shape
                 )
-        shape = tuple(tensor.shape) if match_shape else (tensor.numel(),)
-        label = f"{site.file}:{site.function}:{site.token}"
-        ours = self._new(label, site.tensor_class, tensor.dtype, shape)
         if make_copy:
             ours.copy_(tensor.reshape(shape))
         return ours
 
     def pin_empty(self, example: torch.Tensor, shape: tuple):
-        """DeepSpeed's empty pinned tensor: not made by a known site, so stock."""
+        """DeepSpeed's empty pinned tensor of ``example``'s dtype, classed by who asked."""
         from deepspeed.accelerator import get_accelerator
 
-        self.unplaced.append(f"{tuple(shape)} {example.dtype} (empty pinned)")
-        with self._stock():
-            return get_accelerator()._torch_empty_pinned(example, shape)
+        ours = self._place_for_caller(sys._getframe(1), example.dtype, tuple(shape), example.device)
+        if ours is None:
+            with self._stock():
+                return get_accelerator()._pin_fresh(example, shape)
+        return ours
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         """True for our buffers when CUDA pinned them, else what DeepSpeed would say."""
@@ -162,6 +180,8 @@ class DeepSpeedPlacement:
             return get_accelerator().unpin_memory(tensor)
 
     def _owns(self, tensor: torch.Tensor) -> bool:
+        if tensor.device.type != "cpu":
+            return False
         ptr = tensor.data_ptr()
         return any(
             p.allocation.buffer.ptr <= ptr < p.allocation.buffer.ptr + p.allocation.buffer.nbytes
