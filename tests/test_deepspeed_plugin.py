@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from allocators.errors import ConfigError
+from allocators.errors import BudgetExceededError, ConfigError
 from allocators.topology import GpuInfo, NumaNode, Topology
 from offload.deepspeed.call_sites import check_version
 from offload.deepspeed.engine import pinned_offload_config
@@ -91,7 +91,7 @@ def test_budgets_are_split_between_the_ranks_of_a_machine():
 
 
 def test_a_rank_plan_is_refused_when_its_share_of_dram_is_too_small():
-    with pytest.raises(Exception, match="budget"):
+    with pytest.raises(BudgetExceededError, match="dram"):
         plan_rank(
             two_socket_two_cxl(),
             "local_only",
