@@ -17,10 +17,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from experiments.bench_offload_training import _host_budgets, build_model
+from experiments.bench_offload_training import build_model, host_budgets, time_steps
 from experiments.results_io import RESULTS_DIR, machine_slug, write_results
 
 MODES = ("deepspeed_zero3_stock", "deepspeed_zero3_placed", "offload_enable")
@@ -69,7 +68,7 @@ def _trainer(mode: str, model, seq: int, policy: str):
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         sess = offload.enable(
-            model, opt, activations="checkpoint", policy=policy, budgets=_host_budgets()
+            model, opt, activations="checkpoint", policy=policy, budgets=host_budgets()
         )
 
         def plain_step(ids):
@@ -95,7 +94,7 @@ def _trainer(mode: str, model, seq: int, policy: str):
         import offload.deepspeed as ods
 
         run = ods.enable(
-            model, config=zero3_offload_config(), policy=policy, budgets=_host_budgets(), tokens=seq
+            model, config=zero3_offload_config(), policy=policy, budgets=host_budgets(), tokens=seq
         )
         engine = run.engine
 
@@ -120,33 +119,14 @@ def _trainer(mode: str, model, seq: int, policy: str):
 
 def run_one(mode: str, seq: int, iters: int, warmup: int, policy: str) -> dict:
     """Train ``iters`` steps of ``mode`` in this process; return its measurements (child side)."""
-    import resource
-
     import torch
 
     torch.manual_seed(0)
     model = build_model(SHAPE, seq)
-    vocab = model.config.vocab_size
     step, extra = _trainer(mode, model, seq, policy)
-    times = []
-    for i in range(iters):
-        ids = torch.randint(0, vocab, (1, seq), device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(ids)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        if i == warmup - 1:
-            torch.cuda.reset_peak_memory_stats()
-    kept = times[warmup:] or times
-    mean = sum(kept) / len(kept)
-    return {
-        "tokens_per_s": seq / mean,
-        "step_s": mean,
-        "peak_hbm_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-        **extra(),
-    }
+    measured = time_steps(step, model.config.vocab_size, seq, iters, warmup)
+    measured["step_s"] = measured.pop("iter_s")
+    return {**measured, **extra()}
 
 
 def _run_child(mode: str, args: argparse.Namespace, base: dict) -> dict:

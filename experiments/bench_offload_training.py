@@ -71,16 +71,14 @@ def build_model(shape: str, seq: int):
     return model
 
 
-def run_one(mode: str, shape: str, seq: int, iters: int, warmup: int) -> dict:
-    """Train ``iters`` steps in this process and return the measurements (child side)."""
+def time_steps(step, vocab: int, seq: int, iters: int, warmup: int) -> dict:
+    """Run ``step(ids)`` ``iters`` times on random tokens; tokens/s and step time over the steps
+    after ``warmup``, peak HBM after warm-up, and the process's peak RSS (child side).
+    """
     import resource
 
     import torch
 
-    torch.manual_seed(0)
-    model = build_model(shape, seq)
-    vocab = SHAPES[shape]["vocab_size"]
-    step, cleanup = _trainer(mode, model)
     times = []
     for i in range(iters):
         ids = torch.randint(0, vocab, (1, seq), device="cuda")
@@ -91,7 +89,6 @@ def run_one(mode: str, shape: str, seq: int, iters: int, warmup: int) -> dict:
         times.append(time.perf_counter() - start)
         if i == warmup - 1:
             torch.cuda.reset_peak_memory_stats()
-    cleanup()
     kept = times[warmup:] or times
     mean = sum(kept) / len(kept)
     return {
@@ -100,6 +97,18 @@ def run_one(mode: str, shape: str, seq: int, iters: int, warmup: int) -> dict:
         "peak_hbm_gib": torch.cuda.max_memory_allocated() / 2**30,
         "host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
     }
+
+
+def run_one(mode: str, shape: str, seq: int, iters: int, warmup: int) -> dict:
+    """Train ``iters`` steps in this process and return the measurements (child side)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(shape, seq)
+    step, cleanup = _trainer(mode, model)
+    measured = time_steps(step, SHAPES[shape]["vocab_size"], seq, iters, warmup)
+    cleanup()
+    return measured
 
 
 def _trainer(mode: str, model):
@@ -125,7 +134,7 @@ def _trainer(mode: str, model):
         import offload
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        sess = offload.enable(model, opt, activations="checkpoint", budgets=_host_budgets())
+        sess = offload.enable(model, opt, activations="checkpoint", budgets=host_budgets())
         return _plain_step(model, opt), sess.disable
     if mode == "deepspeed_zero2_offload":
         return _deepspeed_trainer(model)
@@ -142,7 +151,7 @@ def _plain_step(model, opt):
     return step
 
 
-def _host_budgets() -> dict[str, int]:
+def host_budgets() -> dict[str, int]:
     import psutil
 
     # Leave a sixth of RAM to the process itself, pinned staging and the page cache.
