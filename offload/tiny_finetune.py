@@ -47,8 +47,14 @@ def tiny_llama(seed: int = 0, *, hidden: int = 128, layers: int = 4, vocab: int 
     return transformers.LlamaForCausalLM(config).train()
 
 
-def _train(model, optimizer, batches: list[torch.Tensor]) -> tuple[float, ...]:
-    # The user's loop, unchanged whether or not offload is on.
+def train_steps(model, optimizer, batches: list[torch.Tensor]) -> tuple[float, ...]:
+    """The user's causal-LM loop, unchanged whether or not offload is on; one loss per batch.
+
+    >>> model = tiny_llama(hidden=64, layers=2, vocab=128)
+    >>> ids = torch.randint(0, 128, (1, 8))
+    >>> len(train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), [ids, ids]))
+    2
+    """
     losses = []
     for ids in batches:
         loss = model(input_ids=ids, labels=ids).loss
@@ -73,11 +79,11 @@ def run_tiny_finetune(
     batches = [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(steps)]
 
     model = tiny_llama()
-    plain = _train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches)
+    plain = train_steps(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches)
 
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with offload.enable(model, optimizer, budgets={"dram": "2GiB"}, topology=topology) as sess:
-        ours = _train(model, optimizer, batches)
+        ours = train_steps(model, optimizer, batches)
         report = sess.report()
     return TinyFinetuneResult(plain_losses=plain, offload_losses=ours, report=report)

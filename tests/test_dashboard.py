@@ -20,6 +20,7 @@ from allocators.sysfs_topology import discover
 from offload.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
 from offload.dashboard_thread import DashboardThread, SessionProbe, transfer_ceilings
 from offload.tiny_finetune import tiny_llama as shared_tiny_llama
+from offload.tiny_finetune import train_steps
 
 pytest.importorskip("transformers")
 
@@ -70,14 +71,7 @@ def batches(n: int) -> list[torch.Tensor]:
 
 
 def train(model, optimizer, data) -> list[float]:
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return list(train_steps(model, optimizer, data))
 
 
 def dashboard_threads() -> list[threading.Thread]:

@@ -15,6 +15,7 @@ from allocators.errors import BudgetExceededError, ConfigError
 from allocators.sysfs_topology import discover
 from offload.run_plan import RunPlan, model_shape, plan_run, run_placements
 from offload.tiny_finetune import tiny_llama as shared_tiny_llama
+from offload.tiny_finetune import train_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,14 +46,7 @@ def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
 
 
 def train(model, optimizer, data) -> list[float]:
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-        optimizer.step()
-        optimizer.zero_grad()
-    return losses
+    return list(train_steps(model, optimizer, data))
 
 
 def assert_within_budgets(run: RunPlan) -> None:
