@@ -114,8 +114,11 @@ class HostMemory:
         placements: Mapping[str, object] | None = None,
         *,
         pin: bool | None = None,
+        allocator: TieredAllocator | None = None,
     ) -> None:
-        self.allocator = TieredAllocator(
+        # A given allocator (e.g. one rank's, seeing the tiers from its own GPU) is shared, so
+        # one ledger holds every user's bytes; budgets, placements and pin are then its own.
+        self.allocator = allocator or TieredAllocator(
             topology,
             budgets=dict(budgets or DEFAULT_BUDGETS),
             placements=placements,

@@ -16,18 +16,6 @@ from offload.streams import CopyStreams
 ActivationMode = Literal["off", "all", "checkpoint"]
 
 
-def _rank_host_memory(allocator: TieredAllocator) -> HostMemory:
-    """HostMemory over this rank's allocator, shared with ZeRO's buffers so one ledger holds both.
-
-    HostMemory builds its allocator seeing the tiers from GPU 0, so its own (which has mapped
-    nothing yet) is closed and replaced.
-    """
-    memory = HostMemory(allocator.topology, {"dram": 1}, pin=False)
-    memory.allocator.close()
-    memory.allocator = allocator
-    return memory
-
-
 @dataclass
 class DeepSpeedActivations:
     """The hooks that offload a DeepSpeed engine's activations; :meth:`remove` takes them off."""
@@ -65,7 +53,7 @@ def offload_activations(
     checkpointing = LayerCheckpointing(layers) if mode == "checkpoint" and layers else None
     offloader = ActivationOffloader(
         model,
-        _rank_host_memory(allocator),
+        HostMemory(allocator.topology, allocator=allocator),
         CopyStreams(engine.device),
         min_nbytes=min_nbytes,
         prefetch_layers=prefetch_layers,
