@@ -39,7 +39,9 @@ class OffloadConfig:
       asks the planner for the placement with the shortest predicted step, using the rates of
       ``profile`` (an ``offload-profile`` JSON, read when planning) or the declared/paper rates.
     - ``overlap_step`` steps buckets early: hyper-parameters are read when a bucket finishes in
-      backward, so set lr before backward (as LR schedulers do), or turn it off.
+      backward, so set lr before backward (as LR schedulers do), or turn it off. If backward
+      fails midway, buckets already stepped stay stepped (a ``PartialStepWarning`` says so when
+      the step is dropped); turned off, every step is all-or-nothing.
     - ``dashboard``: draw a live panel of memory per tier, transfer rates, the step's phases and
       throughput from a background thread (one log line per step when stderr is not a terminal).
 

@@ -17,6 +17,7 @@ offload.optimizer_patch.
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -27,6 +28,10 @@ from allocators.errors import OffloadError
 from offload.host_memory import HostBlock, HostMemory
 from offload.host_optimizer import HostOptimizer
 from offload.streams import CopyEvent, CopyStreams
+
+
+class PartialStepWarning(RuntimeWarning):
+    """A step was abandoned after some buckets had been stepped early (backward failed)."""
 
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -120,6 +125,8 @@ class OptimizerOffload:
         # Running totals of host optimizer work (any thread), read by the dashboard.
         self.stepped_elements = 0
         self.host_step_ms = 0.0
+        # Steps abandoned after part of the model was already updated (see zero_grad).
+        self.partial_steps = 0
         self._state_blocks: list[HostBlock] = []
         self._check_params()
         self.buckets = self._make_buckets(bucket_nbytes)
@@ -318,11 +325,37 @@ class OptimizerOffload:
         self.optimizer_ms += (time.perf_counter() - start) * 1e3
 
     def zero_grad(self) -> None:
-        """Drop the gradients gathered since the last step (none are left on the device)."""
+        """Drop the gradients gathered since the last step (none are left on the device).
+
+        If backward stopped (an exception, a KeyboardInterrupt) after some buckets had been
+        stepped early, those parameters were updated and the others were not: this cannot be
+        undone without a copy of the state, so a :class:`PartialStepWarning` says so, with the
+        counts and the remedies, and ``partial_steps`` counts it.
+        """
         for bucket in self.buckets:
             self._wait_for(bucket)
             self._land(bucket, step=False)
+        self._warn_if_partly_stepped("optimizer.zero_grad()")
         self._reset_window()
+
+    def _warn_if_partly_stepped(self, where: str) -> None:
+        stepped = [s for b in self.buckets if b.stepped for s in b.slots if s.arrivals > 0]
+        if not stepped:
+            return
+        self.partial_steps += 1
+        total = sum(len(b.slots) for b in self.buckets)
+        elements = sum(s.master.numel() for s in stepped)
+        warnings.warn(
+            f"{where} dropped a step that was partly applied: backward stopped after "
+            f"{len(stepped)} of {total} parameter tensors ({elements:,} elements) had already "
+            "been updated by the early step that overlaps backward, so those parameters and "
+            "their optimizer state moved and the others did not (plain torch would have "
+            "updated none). To undo it, load the last checkpoint (optimizer.load_state_dict "
+            "and the model's); to make every step all-or-nothing, at the cost of the overlap, "
+            "pass overlap_step=False to offload.enable()",
+            PartialStepWarning,
+            stacklevel=3,
+        )
 
     def _reset_window(self) -> None:
         for bucket in self.buckets:
@@ -379,6 +412,7 @@ class OptimizerOffload:
             hook.remove()
         self._hooks = []
         self.zero_grad_pending_check()
+        self._warn_if_partly_stepped("disable()")
         self.host.close()
         # The inner optimizer keeps views of the masters and of its state; drop it first.
         self.host = None

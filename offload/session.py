@@ -164,6 +164,14 @@ class OffloadSession:
         """The total gradient norm of the last step when ``max_grad_norm`` clips (else None)."""
         return self._optimizer.last_grad_norm if self._optimizer else None
 
+    @property
+    def partial_steps(self) -> int:
+        """Steps abandoned after part of the model was already updated: backward stopped (an
+        error, a KeyboardInterrupt) after some buckets had been stepped early. Each one also
+        raised a ``PartialStepWarning`` saying how to undo it (``overlap_step=False`` prevents
+        them)."""
+        return self._optimizer.partial_steps if self._optimizer else 0
+
     def _record_step(self) -> None:
         now = time.perf_counter()
         opt = self._optimizer

@@ -484,3 +484,58 @@ def test_training_goes_on_in_the_same_session_after_a_keyboard_interrupt_in_forw
         assert sess._activations.offloaded_count == offloaded
     assert_close(losses, expected[2:])
     assert_released(sess.memory)
+
+
+def test_a_step_abandoned_after_early_buckets_stepped_is_reported_with_its_counts(topology):
+    """Backward fails after the upper layers were stepped early: the user is told, not left to
+    find a model that is half a step ahead."""
+    from offload.optimizer_offload import PartialStepWarning
+
+    data = batches(3)
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle = raise_in_backward_of_step(model, 2, Interrupted("stop here"))
+    with offload.enable(
+        model, opt, topology=topology, budgets=BUDGETS, bucket_nbytes="256B"
+    ) as sess:
+        with pytest.raises(Interrupted):
+            train(model, opt, data)
+        handle.remove()
+        with pytest.warns(PartialStepWarning, match=r"of 6 parameter tensors .*overlap_step=False"):
+            opt.zero_grad()
+        assert sess.partial_steps == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PartialStepWarning)
+            opt.zero_grad()
+            train(model, opt, data[2:])
+    assert sess.partial_steps == 1
+
+
+def test_without_overlap_an_abandoned_step_changes_nothing(topology):
+    """overlap_step=False makes every step all-or-nothing: skipping the failed batch gives
+    exactly what plain torch gives when the same batch is skipped."""
+    data = batches(5)
+    reference = tiny_mlp()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    expected = train(reference, ref_opt, data[:1]) + train(reference, ref_opt, data[2:])
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle = raise_in_backward_of_step(model, 2, Interrupted("stop here"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with offload.enable(
+            model,
+            opt,
+            topology=topology,
+            budgets=BUDGETS,
+            bucket_nbytes="256B",
+            overlap_step=False,
+        ) as sess:
+            losses = train(model, opt, data[:1])
+            with pytest.raises(Interrupted):
+                train(model, opt, data[1:2])
+            handle.remove()
+            opt.zero_grad()
+            losses += train(model, opt, data[2:])
+    assert sess.partial_steps == 0
+    assert_close(losses, expected)
