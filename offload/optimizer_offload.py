@@ -34,7 +34,12 @@ class PartialStepWarning(RuntimeWarning):
     """A step was abandoned after some buckets had been stepped early (backward failed)."""
 
 
-def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_by_global_norm(
+    grads: list[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor:
     """Scale ``grads`` in place as ``torch.nn.utils.clip_grad_norm_`` scales ``param.grad``s,
     with the same norm and the same clamped coefficient; return the total norm.
 
@@ -42,7 +47,7 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Ten
     >>> float(clip_by_global_norm(g, 1.0)), round(float(g[0].norm()), 4)
     (6.0, 1.0)
     """
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for grad in grads:
         grad.mul_(coef.to(grad.device))
@@ -127,6 +132,8 @@ class OptimizerOffload:
         self.host_step_ms = 0.0
         # Steps abandoned after part of the model was already updated (see zero_grad).
         self.partial_steps = 0
+        # Params the user's loop clipped this window (torch.nn.utils.clip_grad_norm_, routed).
+        self._clipped_ids: set[int] = set()
         self._state_blocks: list[HostBlock] = []
         self._check_params()
         self.buckets = self._make_buckets(bucket_nbytes)
@@ -312,8 +319,12 @@ class OptimizerOffload:
         for bucket in self.buckets:
             self._wait_for(bucket)
             self._land(bucket, step=False)
-        if self.max_grad_norm is not None:
-            grads = [s.grad for s in self.slots if s.arrivals > 0]
+        received = [s for s in self.slots if s.arrivals > 0]
+        # A clip the loop already did over every gradient is the clip: doing it twice would
+        # scale by a second coefficient a hair below 1.
+        loop_clipped = all(id(s.param) in self._clipped_ids for s in received)
+        if self.max_grad_norm is not None and not (received and loop_clipped):
+            grads = [s.grad for s in received]
             self.last_grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
         for bucket in self.buckets:
             if not bucket.stepped:
@@ -323,6 +334,50 @@ class OptimizerOffload:
         self._copy_backs = []
         self._reset_window()
         self.optimizer_ms += (time.perf_counter() - start) * 1e3
+
+    def manages(self, params: list[torch.Tensor]) -> set[int]:
+        """The ids of those of ``params`` whose gradients this object keeps on the host."""
+        return {id(p) for p in params if id(p) in self._slot_of}
+
+    def clip_grad_norm_(
+        self,
+        params: list[torch.Tensor],
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_(params, ...)`` for a loop under offload: the
+        managed params' gradients are on the host (``param.grad`` is None on the device), so
+        the norm and the scaling use the host copies, and the others' ``.grad`` as usual.
+
+        Clipping needs every gradient of the step before any of it is applied, so it refuses
+        when buckets were already stepped early (``overlap_step`` without ``max_grad_norm``).
+        """
+        for bucket in self.buckets:
+            self._wait_for(bucket)
+            self._land(bucket, step=False)
+        managed = self.manages(params)
+        if any(b.stepped for b in self.buckets):
+            raise OffloadError(
+                "torch.nn.utils.clip_grad_norm_ was called on parameters offload.enable() "
+                "manages after part of this step had already been applied by the early step "
+                "that overlaps backward; clipping needs every gradient first. Pass "
+                f"max_grad_norm={max_norm} to offload.enable() (the same clip by global norm): "
+                "then this call works and returns the norm. This step's early buckets were "
+                "applied unclipped, so start the run again with it"
+            )
+        # In the caller's order, so the norm sums what torch's would, in the same order.
+        grads = []
+        for p in params:
+            slot = self._slot_of.get(id(p))
+            if slot is None and p.grad is not None:
+                grads.append(p.grad)
+            elif slot is not None and slot.arrivals > 0:
+                grads.append(slot.grad)
+        total = clip_by_global_norm(grads, max_norm, norm_type, error_if_nonfinite)
+        self._clipped_ids |= {i for i in managed if self._slot_of[i].arrivals > 0}
+        self.last_grad_norm = total
+        return total
 
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (none are left on the device).
@@ -346,11 +401,11 @@ class OptimizerOffload:
         total = sum(len(b.slots) for b in self.buckets)
         elements = sum(s.master.numel() for s in stepped)
         warnings.warn(
-            f"{where} dropped a step that was partly applied: backward stopped after "
-            f"{len(stepped)} of {total} parameter tensors ({elements:,} elements) had already "
-            "been updated by the early step that overlaps backward, so those parameters and "
-            "their optimizer state moved and the others did not (plain torch would have "
-            "updated none). To undo it, load the last checkpoint (optimizer.load_state_dict "
+            f"{where} dropped a step that was partly applied: {len(stepped)} of {total} "
+            f"parameter tensors ({elements:,} elements) had already been updated by the early "
+            "step that overlaps backward when the step stopped short of optimizer.step(), so "
+            "those parameters and their optimizer state moved and the others did not (plain "
+            "torch would have updated none). To undo it, load the last checkpoint (optimizer.load_state_dict "
             "and the model's); to make every step all-or-nothing, at the cost of the overlap, "
             "pass overlap_step=False to offload.enable()",
             PartialStepWarning,
@@ -358,6 +413,7 @@ class OptimizerOffload:
         )
 
     def _reset_window(self) -> None:
+        self._clipped_ids = set()
         for bucket in self.buckets:
             bucket.stepped = False
             bucket.copies = []

@@ -18,6 +18,7 @@ from torch import nn
 
 from offload.activation_offload import ActivationOffloader
 from offload.checkpoint_offload import LayerCheckpointing
+from offload.clip_patch import ClipPatch
 from offload.config import OffloadConfig
 from offload.dashboard_thread import DashboardThread
 from offload.host_memory import HostMemory
@@ -110,6 +111,7 @@ class OffloadSession:
         self._activations: ActivationOffloader | None = None
         self._optimizer: OptimizerOffload | None = None
         self._patch: OptimizerPatch | None = None
+        self._clip: ClipPatch | None = None
         self._dashboard: DashboardThread | None = None
         self._hooks = [
             model.register_forward_pre_hook(lambda *_: self._clock.forward_started()),
@@ -152,6 +154,7 @@ class OffloadSession:
                 threads=config.optimizer_threads,
             )
             self._patch = OptimizerPatch(self.optimizer, self._optimizer, self._record_step)
+            self._clip = ClipPatch(self._optimizer)
         if self.streams.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.streams.device)
 
@@ -260,6 +263,8 @@ class OffloadSession:
         try:
             for hook in self._hooks:
                 hook.remove()
+            if self._clip is not None:
+                self._clip.remove()
             if self._patch is not None:
                 self._patch.remove()
                 self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)

@@ -539,3 +539,52 @@ def test_without_overlap_an_abandoned_step_changes_nothing(topology):
             losses += train(model, opt, data[2:])
     assert sess.partial_steps == 0
     assert_close(losses, expected)
+
+
+def train_clipping(model, optimizer, data, max_norm=0.05) -> list[float]:
+    """A loop that clips as most loops do, through torch's function."""
+    losses = []
+    for x, y in data:
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("settings", [{"max_grad_norm": 0.05}, {"overlap_step": False}])
+def test_a_loop_that_clips_with_torch_clips_the_host_gradients(topology, settings):
+    data = batches(6)
+    reference = tiny_mlp()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    expected = train_clipping(reference, ref_opt, data)
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with offload.enable(
+        model, opt, topology=topology, budgets=BUDGETS, bucket_nbytes="256B", **settings
+    ) as sess:
+        losses = train_clipping(model, opt, data)
+        # The norm the loop got back is the real one, not the 0 of an empty gradient list.
+        assert float(sess.last_grad_norm) > 0.05
+    assert_close(losses, expected)
+    assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
+    assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
+
+
+def test_clipping_after_an_early_step_is_refused_with_the_setting_to_use(topology):
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    from offload.optimizer_offload import PartialStepWarning
+
+    with (
+        pytest.warns(PartialStepWarning, match="6 of 6 parameter tensors"),
+        offload.enable(model, opt, topology=topology, budgets=BUDGETS, bucket_nbytes="256B"),
+    ):
+        with pytest.raises(OffloadError, match=r"max_grad_norm=0\.05 to offload\.enable"):
+            train_clipping(model, opt, batches(1))
+        # Parameters outside the session still clip through torch's own code.
+        other = nn.Linear(3, 1)
+        other(torch.ones(2, 3)).sum().backward()
+        assert float(torch.nn.utils.clip_grad_norm_(other.parameters(), 1.0)) > 0
