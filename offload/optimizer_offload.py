@@ -121,6 +121,10 @@ class OptimizerOffload:
         self.grad_accumulation_steps = grad_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.early_step = overlap_step and max_grad_norm is None
+        # The first step is never stepped early: it shows whether the loop clips with
+        # torch.nn.utils.clip_grad_norm_, which needs every gradient before any is applied.
+        self._first_window = True
+        self.loop_clips = False
         self.last_grad_norm: torch.Tensor | None = None
         # H2D copies of updated params since the last step; list.append is atomic, and the
         # worker thread appends while the autograd thread runs.
@@ -264,7 +268,11 @@ class OptimizerOffload:
     def _bucket_complete(self, bucket: Bucket) -> None:
         # Everything that reads these params on the device has been queued before their grads.
         bucket.read_done = self.streams.mark()
-        step_now = self.early_step and bucket.micro_step == self.grad_accumulation_steps
+        step_now = (
+            self.early_step
+            and not self._first_window
+            and bucket.micro_step == self.grad_accumulation_steps
+        )
         if step_now:
             bucket.stepped = True
         bucket.future = self.host.submit(lambda: self._land(bucket, step_now))
@@ -332,6 +340,11 @@ class OptimizerOffload:
         for event in self._copy_backs:
             self.streams.wait(event)
         self._copy_backs = []
+        if self._clipped_ids:
+            # The loop clips: from now on every bucket waits for optimizer.step().
+            self.loop_clips = True
+            self.early_step = False
+        self._first_window = False
         self._reset_window()
         self.optimizer_ms += (time.perf_counter() - start) * 1e3
 
@@ -350,8 +363,10 @@ class OptimizerOffload:
         managed params' gradients are on the host (``param.grad`` is None on the device), so
         the norm and the scaling use the host copies, and the others' ``.grad`` as usual.
 
-        Clipping needs every gradient of the step before any of it is applied, so it refuses
-        when buckets were already stepped early (``overlap_step`` without ``max_grad_norm``).
+        Clipping needs every gradient of the step before any of it is applied. The first step
+        is never stepped early, so a loop that clips from its first step turns early stepping
+        off and is exact; one that starts clipping later, after buckets were stepped early,
+        is refused with the setting to use.
         """
         for bucket in self.buckets:
             self._wait_for(bucket)
@@ -363,8 +378,9 @@ class OptimizerOffload:
                 "manages after part of this step had already been applied by the early step "
                 "that overlaps backward; clipping needs every gradient first. Pass "
                 f"max_grad_norm={max_norm} to offload.enable() (the same clip by global norm): "
-                "then this call works and returns the norm. This step's early buckets were "
-                "applied unclipped, so start the run again with it"
+                "then this call works and returns the norm. (A loop that clips from its first "
+                "step needs nothing: early stepping turns itself off.) This step's early "
+                "buckets were applied unclipped, so start the run again with it"
             )
         # In the caller's order, so the norm sums what torch's would, in the same order.
         grads = []

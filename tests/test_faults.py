@@ -494,6 +494,7 @@ def test_a_step_abandoned_after_early_buckets_stepped_is_reported_with_its_count
     data = batches(3)
     model = tiny_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Step 2 fails: the first step is never stepped early, the second is.
     handle = raise_in_backward_of_step(model, 2, Interrupted("stop here"))
     with offload.enable(
         model, opt, topology=topology, budgets=BUDGETS, bucket_nbytes="256B"
@@ -554,7 +555,7 @@ def train_clipping(model, optimizer, data, max_norm=0.05) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("settings", [{"max_grad_norm": 0.05}, {"overlap_step": False}])
+@pytest.mark.parametrize("settings", [{}, {"max_grad_norm": 0.05}, {"overlap_step": False}])
 def test_a_loop_that_clips_with_torch_clips_the_host_gradients(topology, settings):
     data = batches(6)
     reference = tiny_mlp()
@@ -568,6 +569,7 @@ def test_a_loop_that_clips_with_torch_clips_the_host_gradients(topology, setting
         losses = train_clipping(model, opt, data)
         # The norm the loop got back is the real one, not the 0 of an empty gradient list.
         assert float(sess.last_grad_norm) > 0.05
+        assert sess._optimizer.loop_clips
     assert_close(losses, expected)
     assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
     assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
@@ -582,6 +584,8 @@ def test_clipping_after_an_early_step_is_refused_with_the_setting_to_use(topolog
         pytest.warns(PartialStepWarning, match="6 of 6 parameter tensors"),
         offload.enable(model, opt, topology=topology, budgets=BUDGETS, bucket_nbytes="256B"),
     ):
+        # A loop that starts clipping only after steps ran with early buckets.
+        train(model, opt, batches(1))
         with pytest.raises(OffloadError, match=r"max_grad_norm=0\.05 to offload\.enable"):
             train_clipping(model, opt, batches(1))
         # Parameters outside the session still clip through torch's own code.
