@@ -99,20 +99,29 @@ def time_steps(step, vocab: int, seq: int, iters: int, warmup: int) -> dict:
     }
 
 
-def run_one(mode: str, shape: str, seq: int, iters: int, warmup: int) -> dict:
-    """Train ``iters`` steps in this process and return the measurements (child side)."""
+def run_one(
+    mode: str, shape: str, seq: int, iters: int, warmup: int, report_dir: Path | None = None
+) -> dict:
+    """Train ``iters`` steps in this process and return the measurements (child side).
+
+    With ``report_dir``, the offload_enable mode also writes its per-step report there as
+    ``offload_enable_<shape>_<seq>_report.csv`` (what experiments/validate_simulator.py reads).
+    """
     import torch
 
     torch.manual_seed(0)
     model = build_model(shape, seq)
-    step, cleanup = _trainer(mode, model)
+    report_path = report_dir / f"{mode}_{shape}_{seq}_report.csv" if report_dir else None
+    step, cleanup = _trainer(mode, model, report_path)
     measured = time_steps(step, SHAPES[shape]["vocab_size"], seq, iters, warmup)
     cleanup()
     return measured
 
 
-def _trainer(mode: str, model):
-    """(step(ids), cleanup()) for ``mode``; the loop each mode's users would write."""
+def _trainer(mode: str, model, report_path: Path | None = None):
+    """(step(ids), cleanup()) for ``mode``; the loop each mode's users would write. The
+    offload_enable cleanup writes the session's per-step report to ``report_path`` when given.
+    """
     import torch
 
     if mode == "gpu_checkpointing":
@@ -135,7 +144,14 @@ def _trainer(mode: str, model):
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         sess = offload.enable(model, opt, activations="checkpoint", budgets=host_budgets())
-        return _plain_step(model, opt), sess.disable
+
+        def cleanup():
+            if report_path is not None:
+                report_path.parent.mkdir(parents=True, exist_ok=True)
+                sess.report().to_csv(report_path, index=False)
+            sess.disable()
+
+        return _plain_step(model, opt), cleanup
     if mode == "deepspeed_zero2_offload":
         return _deepspeed_trainer(model)
     raise ValueError(f"mode {mode!r} is not one of {MODES}")
@@ -201,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout-s", type=int, default=900, help="per run")
     parser.add_argument("--machine", help="results folder name (default: from the GPU name)")
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        help="also write offload_enable's per-step report CSV here (for validate_simulator)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -215,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.child:
         mode, shape, seq = args.child.split(":")
-        print(json.dumps(run_one(mode, shape, int(seq), args.iters, args.warmup)))
+        measured = run_one(mode, shape, int(seq), args.iters, args.warmup, args.report_dir)
+        print(json.dumps(measured))
         return 0
 
     gpu = torch.cuda.get_device_name(0)
@@ -250,6 +272,8 @@ def _run_child(mode, shape, seq, args, machine, gpu) -> Result:
         "--warmup",
         str(args.warmup),
     ]
+    if args.report_dir is not None:
+        command += ["--report-dir", str(args.report_dir.resolve())]
     base = Result(machine=machine, gpu=gpu, mode=mode, shape=shape, seq=seq, status="ok")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)

@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--profile", help="the machine's offload-profile JSON (rates)")
+    parser.add_argument("--out", help="with --report: also write the comparison to this CSV")
     args = parser.parse_args(argv)
     if args.report:
         rates = h100_rates()
@@ -180,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pd.read_csv(args.report), args.model, args.batch, args.seq, rates, OUR_RUNTIME
         )
         print(table.round(3).to_string(index=False))
+        if args.out:
+            run = {"report": args.report, "model": args.model, "batch": args.batch, "seq": args.seq}
+            table.assign(**run).to_csv(args.out, index=False)
+            print(f"wrote {args.out}")
         return 0
     frame = write_results(reference_rows(), RESULTS_DIR / MACHINE / "validation.csv")
     print(frame.round(3).to_string(index=False))
