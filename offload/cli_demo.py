@@ -19,6 +19,9 @@ from allocators.units import format_bytes, parse_size
 from offload.tiny_finetune import TinyFinetuneResult, run_tiny_finetune
 from profilers.cli import main as profile_main
 
+# Plain and offloaded runs do the same arithmetic on CPU; the tests hold them to 1e-6.
+LOSS_TOLERANCE = 1e-6
+
 
 def register(subparsers) -> None:
     """Add ``demo [--buffer SIZE]`` to the ``offload`` CLI."""
@@ -118,4 +121,11 @@ def run_demo(args: argparse.Namespace) -> int:
     with console.status("fine-tuning a tiny Llama, plain and under offload.enable()"):
         result = run_tiny_finetune(steps=args.steps, seq=args.seq, topology=topo)
     console.print(finetune_table(result))
+    if result.max_loss_diff > LOSS_TOLERANCE:
+        # Offload must not change the numbers: a difference here is a bug, not noise.
+        console.print(
+            f"[red]offload changed the losses by {result.max_loss_diff:.2e} (more than "
+            f"{LOSS_TOLERANCE:.0e}); please report it with the tables above[/red]"
+        )
+        return 1
     return 0
