@@ -1,5 +1,5 @@
-"""Tensor classes an offloaded training step keeps in host memory, and the paper's groups of them
-in priority order with their sizes in bytes. Sizes only: no placement, no allocation here.
+"""Tensor classes an offloaded training step or a long-context decode keeps in host memory, and
+the groups a policy places (sizes in bytes, priority order). Sizes only: no placement, no allocation.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def host_tensor_groups(
     1. ``latency_critical`` (CPU-touched): optimizer state (Adam 8P, Lion 4P), fp32 master grads
        4P, fp32 master weights 4P; 2. ``compute_params``: bf16 weights 2P; 3.
        ``activation_checkpoints``: one bf16 [b, s, h] checkpoint per layer, 2bshL; 4.
-       ``compute_grads``: bf16 grads 2P. ``kv_cache`` belongs to inference and to no group.
+       ``compute_grads``: bf16 grads 2P. ``kv_cache`` belongs to inference: see
+       :func:`kv_cache_group`.
 
     >>> [(g.name, g.nbytes) for g in host_tensor_groups(1000, 1, 8, 4, 2)]
     [('latency_critical', 16000), ('compute_params', 2000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
@@ -131,5 +132,42 @@ def host_tensor_groups(
             nbytes=2 * p,
             cpu_touched=False,
             parts=(("compute grads (bf16)", 2 * p),),
+        ),
+    )
+
+
+def kv_cache_group(
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    context_tokens: int,
+    batch: int = 1,
+    dtype_nbytes: int = 2,
+) -> TensorGroup:
+    """The KV cache of a decode as one group: K and V of every layer, 2 * dtype_nbytes * L * kvh
+    * d * T * batch bytes (DESIGN.md's 4 L kvh d T for bf16). The GPU only reads it back (H2D, a
+    read stream like the compute weights) and the CPU never touches it.
+
+    >>> g = kv_cache_group(layers=28, kv_heads=4, head_dim=128, context_tokens=131072)
+    >>> g.name, g.tensor_classes, g.nbytes == 4 * 28 * 4 * 128 * 131072, g.cpu_touched
+    ('kv_cache', ('kv_cache',), True, False)
+    >>> [name for name, _ in g.parts]
+    ['keys (2 bytes per element)', 'values (2 bytes per element)']
+    """
+    n_layers = _positive_int(layers, "layers")
+    heads = _positive_int(kv_heads, "kv_heads")
+    dim = _positive_int(head_dim, "head_dim")
+    tokens = _positive_int(context_tokens, "context_tokens")
+    b = _positive_int(batch, "batch")
+    elem = _positive_int(dtype_nbytes, "dtype_nbytes")
+    half = elem * n_layers * heads * dim * tokens * b
+    return TensorGroup(
+        name="kv_cache",
+        tensor_classes=("kv_cache",),
+        nbytes=2 * half,
+        cpu_touched=False,
+        parts=(
+            (f"keys ({elem} bytes per element)", half),
+            (f"values ({elem} bytes per element)", half),
         ),
     )

@@ -1,5 +1,6 @@
 """The planner: a placement per host tensor group and the predicted phase times, for any policy, and
-our ``planned`` policy, which searches DRAM:CXL ratios and CXL device sets for the shortest step.
+our ``planned`` policy, which searches DRAM:CXL ratios and CXL device sets for the shortest step;
+for a decode (:func:`plan_decode`), the same for the KV cache against the predicted decode step.
 
 It decides and predicts only; it must not allocate memory or read the machine (callers pass rates).
 
@@ -14,7 +15,7 @@ never taken, so a plan never exceeds a budget.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from allocators.errors import BudgetExceededError, OffloadError
@@ -33,6 +34,12 @@ from allocators.topology import Tiers
 from allocators.units import format_bytes
 from offload.model_shapes import ModelShape
 from offload.simulate import DEEPSPEED_ZERO3, StepConfig, StepPrediction, simulate_step
+from offload.simulator_decode import (
+    DecodeConfig,
+    DecodePrediction,
+    kv_cache_group_for,
+    simulate_decode,
+)
 from offload.simulator_rates import SimRates
 
 PLAN_POLICIES = (*POLICIES, "planned")
@@ -64,19 +71,32 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class DecodePlan:
+    """A policy's kv_cache placement for a decode and the decode simulator's prediction for it.
+
+    ``placement`` is what TieredAllocator takes for class ``kv_cache``; ``prediction`` holds the
+    DMA-bound decode step (seconds, tokens/s, bottleneck).
+    """
+
+    policy: str
+    result: PolicyResult
+    prediction: DecodePrediction
+
+    @property
+    def placement(self) -> Placement:
+        return self.result.placements["kv_cache"]
+
+
+@dataclass(frozen=True)
 class _Context:
-    shape: ModelShape
-    batch: int
-    seq: int
     rates: SimRates
-    config: StepConfig
     local: int
     cxl: tuple[int, ...]
     budgets: Budgets
 
 
-def _predict(ctx: _Context, result: PolicyResult) -> StepPrediction:
-    return simulate_step(ctx.shape, ctx.batch, ctx.seq, result.by_class(), ctx.rates, ctx.config)
+# Predicted seconds of a whole plan: the search's objective (a training step or a decode step).
+_Seconds = Callable[[PolicyResult], float]
 
 
 def _weak_direction_rate(ctx: _Context, group: TensorGroup, node: int) -> float:
@@ -171,8 +191,10 @@ def _neighbours(
     return out
 
 
-def _search(ctx: _Context, groups: Sequence[TensorGroup], start: PolicyResult) -> PolicyResult:
-    best, best_s = start, _predict(ctx, start).total_s
+def _search(
+    ctx: _Context, groups: Sequence[TensorGroup], start: PolicyResult, seconds: _Seconds
+) -> PolicyResult:
+    best, best_s = start, seconds(start)
     state = _state_of(ctx, start)
     chunk = max(g.nbytes for g in groups) // 4
     finest = max(1, int(max(g.nbytes for g in groups) * _FINEST_CHUNK))
@@ -182,9 +204,9 @@ def _search(ctx: _Context, groups: Sequence[TensorGroup], start: PolicyResult) -
             result = _build(ctx, groups, candidate)
             if result is None:
                 continue
-            seconds = _predict(ctx, result).total_s
-            if seconds < best_s * (1 - 1e-9):
-                best, best_s, state, improved = result, seconds, candidate, True
+            candidate_s = seconds(result)
+            if candidate_s < best_s * (1 - 1e-9):
+                best, best_s, state, improved = result, candidate_s, candidate, True
         if not improved:
             chunk //= 2
     return best
@@ -242,13 +264,26 @@ def planned(
     >>> print(result.placements["latency_critical"])  # DRAM:CXL about 4:1, as their CPU rates
     node0:0.82 + node1:0.18
     """
+
+    def seconds(result: PolicyResult) -> float:
+        return simulate_step(shape, batch, seq, result.by_class(), rates, config).total_s
+
+    return _best_plan(groups, tiers, budgets, rates, seconds, "the sequence or the batch")
+
+
+def _best_plan(
+    groups: Sequence[TensorGroup],
+    tiers: Tiers,
+    budgets: BudgetSpec | Budgets,
+    rates: SimRates,
+    seconds: _Seconds,
+    shrink: str,
+) -> PolicyResult:
+    """The search behind ``planned`` and ``planned_decode``: the fastest feasible start (the
+    paper's policies and an in-order fill), improved by local search under ``seconds``."""
     budget = parse_budgets(budgets, tiers)
     ctx = _Context(
-        shape=shape,
-        batch=batch,
-        seq=seq,
         rates=rates,
-        config=config,
         local=tiers.local_dram[0].id if tiers.local_dram else -1,
         cxl=tuple(n.id for n in tiers.cxl),
         budgets=budget,
@@ -267,13 +302,13 @@ def planned(
     if not starts:
         need = sum(g.nbytes for g in groups)
         raise BudgetExceededError(
-            f"planned: the groups need {format_bytes(need)} in all but the budgets hold "
-            f"{format_bytes(sum(budget.node_nbytes.values()))} ({budget.describe()}); raise a "
-            "budget, shorten the sequence or the batch"
+            f"planned: the groups need {format_bytes(need)} ({need} bytes) in all but the budgets "
+            f"hold {format_bytes(sum(budget.node_nbytes.values()))} ({budget.describe()}); "
+            f"raise a budget, shorten {shrink}"
         )
-    start = min(starts, key=lambda r: _predict(ctx, r).total_s)
+    start = min(starts, key=seconds)
     start = PolicyResult(policy="planned", groups=start.groups, budgets=budget)
-    return _search(ctx, groups, start)
+    return _search(ctx, groups, start, seconds)
 
 
 def plan(
@@ -326,3 +361,86 @@ def predicted_phases(prediction: StepPrediction) -> Mapping[str, float]:
         "overhead": prediction.overhead_s,
         "total": prediction.total_s,
     }
+
+
+def planned_decode(
+    shape: ModelShape,
+    tiers: Tiers,
+    budgets: BudgetSpec | Budgets,
+    *,
+    context_tokens: int,
+    batch: int,
+    rates: SimRates,
+    config: DecodeConfig | None = None,
+) -> PolicyResult:
+    """Our policy for a decode: the kv_cache placement with the shortest predicted decode step
+    (offload.simulator_decode) within the budgets, searched as :func:`planned` searches.
+
+    Raises BudgetExceededError, with the bytes needed and the budgets, when the cache cannot fit.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> from offload.model_shapes import MODELS
+    >>> from offload.simulator_rates import sim_rates
+    >>> topo = load_declared("paper-1aic")
+    >>> result = planned_decode(MODELS["qwen2.5-7b"], topo.tiers, {"dram": "1GiB", "cxl": "64GiB"},
+    ...                         context_tokens=131072, batch=1, rates=sim_rates(topo))
+    >>> print(result.placements["kv_cache"])  # the 1 GiB of DRAM keeps the card under the link
+    node0:0.143 + node1:0.857
+    """
+    config = config or DecodeConfig()
+    group = kv_cache_group_for(shape, context_tokens, batch, config)
+
+    def seconds(result: PolicyResult) -> float:
+        placement = result.placements["kv_cache"]
+        return simulate_decode(shape, context_tokens, batch, placement, rates, config).step_s
+
+    return _best_plan([group], tiers, budgets, rates, seconds, "the context or the batch")
+
+
+def plan_decode(
+    shape: ModelShape,
+    tiers: Tiers,
+    budgets: BudgetSpec | Budgets,
+    policy: str,
+    *,
+    context_tokens: int,
+    batch: int = 1,
+    rates: SimRates,
+    config: DecodeConfig | None = None,
+) -> DecodePlan:
+    """Place the KV cache of a decode up to ``context_tokens`` with ``policy`` (one of
+    PLAN_POLICIES) and predict the decode step's DMA time.
+
+    The cache is one group, ``kv_cache`` (offload.simulator_decode.kv_cache_group_for); the
+    paper's policies treat it as they treat the compute weights, another GPU read stream.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> from offload.model_shapes import MODELS
+    >>> from offload.simulator_rates import sim_rates
+    >>> topo = load_declared("paper-2aic")
+    >>> p = plan_decode(MODELS["qwen2.5-7b"], topo.tiers, {"dram": "4GiB", "cxl": "64GiB"},
+    ...                 "cxl_aware", context_tokens=131072, rates=sim_rates(topo))
+    >>> print(p.placement)
+    node0:0.333 + node1:0.333 + node2:0.333
+    >>> p.prediction.bottleneck
+    'link h2d'
+    """
+    if policy not in PLAN_POLICIES:
+        raise PlanError(f"policy {policy!r} is not known; write one of {', '.join(PLAN_POLICIES)}")
+    config = config or DecodeConfig()
+    if policy == "planned":
+        result = planned_decode(
+            shape,
+            tiers,
+            budgets,
+            context_tokens=context_tokens,
+            batch=batch,
+            rates=rates,
+            config=config,
+        )
+    else:
+        group = kv_cache_group_for(shape, context_tokens, batch, config)
+        result = POLICIES[policy]([group], tiers, budgets)
+    placement = result.placements["kv_cache"]
+    prediction = simulate_decode(shape, context_tokens, batch, placement, rates, config)
+    return DecodePlan(policy=policy, result=result, prediction=prediction)
