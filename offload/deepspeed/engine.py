@@ -8,6 +8,7 @@ import copy
 import gc
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,11 @@ from offload.deepspeed.activations import (
 from offload.deepspeed.call_sites import check_version
 from offload.deepspeed.placement import DeepSpeedPlacement
 from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank
+from offload.deepspeed.rank_planner import deepspeed_step
+from offload.model_shapes import ModelShape
+
+# What "planned" falls back to when the model's shape is unknown (as offload.enable does).
+FALLBACK_POLICY = "cxl_aware"
 
 
 @dataclass
@@ -89,12 +95,12 @@ def pinned_offload_config(config: Mapping[str, Any] | str) -> dict[str, Any]:
     return result
 
 
-def _model_sizes(model: nn.Module) -> tuple[int, int, int]:
+def _model_sizes(model: nn.Module) -> tuple[int, ModelShape | None, str]:
     from offload.run_plan import model_shape
 
     n_params = max(sum(p.numel() for p in model.parameters()), 1)
-    shape, _ = model_shape(model)
-    return (n_params, shape.hidden, shape.layers) if shape is not None else (n_params, 1, 1)
+    shape, reason = model_shape(model)
+    return n_params, shape, reason
 
 
 def enable(
@@ -108,6 +114,7 @@ def enable(
     tokens: int = 4096,
     activations: ActivationMode = "off",
     activation_min_nbytes: int = 1 << 20,
+    profile: str | None = None,
     local_rank: int | None = None,
     local_world_size: int | None = None,
     **initialize_kwargs: Any,
@@ -117,7 +124,10 @@ def enable(
     Args:
         model, optimizer, config: as for ``deepspeed.initialize`` (config: dict or JSON path);
             offloads to ``cpu`` are made to pin, so their buffers pass through our allocator.
-        policy: ``local_only``, ``naive_interleave`` or ``cxl_aware`` (allocators.policies).
+        policy: ``local_only``, ``naive_interleave``, ``cxl_aware`` (allocators.policies) or
+            ``planned``: offload.planner's shortest predicted step for this rank's partition
+            (a transformers model is needed to simulate it; other models get ``cxl_aware``
+            with a warning).
         budgets: host bytes per tier for the whole machine, e.g. ``{"dram": "512GiB",
             "cxl": "1TiB"}``; each rank gets 1/``local_world_size`` of every tier.
         topology: the machine (default: discovered from /sys); tiers are seen from GPU
@@ -126,6 +136,8 @@ def enable(
         activations: ``checkpoint`` (each decoder layer checkpointed, its input offloaded),
             ``all`` (every saved tensor of ``activation_min_nbytes`` or more) or ``off``;
             offloaded activations share this rank's allocator and budgets.
+        profile: ``planned`` only: a measured ``offload-profile`` JSON whose rates win over
+            the topology's declared ones.
         local_rank, local_world_size: default from LOCAL_RANK and LOCAL_SIZE (or
             LOCAL_WORLD_SIZE), as the deepspeed launcher and torchrun set them.
 
@@ -153,18 +165,41 @@ def enable(
         from allocators.sysfs_topology import discover
 
         topology = discover()
-    n_params, hidden, layers = _model_sizes(model)
+    if profile is not None and policy != "planned":
+        raise ConfigError(
+            f"profile is read only by policy='planned' (policy is {policy!r}); set "
+            "policy='planned' or drop profile"
+        )
+    n_params, shape, reason = _model_sizes(model)
+    if policy == "planned" and shape is None:
+        warnings.warn(
+            f"policy='planned' needs the model's shape to predict the step, but {reason}; "
+            f"placing host memory with {FALLBACK_POLICY!r} instead. Use a transformers model "
+            f"or pass policy={FALLBACK_POLICY!r}",
+            UserWarning,
+            stacklevel=2,
+        )
+        policy = FALLBACK_POLICY
+    ds_config = pinned_offload_config(config)
+    rates = None
+    if policy == "planned":
+        from offload.run_plan import load_rates
+
+        rates = load_rates(topology, profile)
     plan = plan_rank(
         topology,
         policy,
         dict(budgets or DEFAULT_BUDGETS),
         n_params=n_params,
-        hidden=hidden,
-        layers=layers,
+        hidden=shape.hidden if shape is not None else 1,
+        layers=shape.layers if shape is not None else 1,
         tokens=tokens,
         dp_world_size=dp_world_size,
         local_rank=rank,
         local_world_size=size,
+        shape=shape,
+        rates=rates,
+        step=deepspeed_step(ds_config, activations),
     )
     allocator = TieredAllocator(
         topology,
@@ -179,7 +214,7 @@ def enable(
             engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
                 model=model,
                 optimizer=optimizer,
-                config=pinned_offload_config(config),
+                config=ds_config,
                 **initialize_kwargs,
             )
         placement.adopt_optimizer_states(engine.optimizer)

@@ -14,20 +14,30 @@ from allocators.policies import get_policy
 from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import Topology
 from allocators.units import parse_size
+from offload.deepspeed.rank_planner import plan_rank_step
+from offload.model_shapes import ModelShape
+from offload.planner import Plan
+from offload.simulate import DEEPSPEED_ZERO3, StepConfig
+from offload.simulator_rates import SimRates, sim_rates
 
-# The planner needs the model's own step simulation per rank; the paper's policies need sizes.
-RANK_POLICIES = ("local_only", "naive_interleave", "cxl_aware")
+# The paper's policies need sizes only; "planned" also simulates the rank's step (needs a shape).
+RANK_POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
 
 
 @dataclass(frozen=True)
 class RankPlan:
-    """Where one rank's offloaded buffers go: nodes seen from its GPU, and its budgets in bytes."""
+    """Where one rank's offloaded buffers go: nodes seen from its GPU, and its budgets in bytes.
+
+    ``planner`` and ``predicted_step_s`` (this rank's step, seconds) are set by ``planned`` only.
+    """
 
     local_rank: int
     local_world_size: int
     policy: str
     budgets_nbytes: dict[str, int | dict[int, int]]
     placements: dict[str, Placement]
+    planner: Plan | None = None
+    predicted_step_s: float | None = None
 
 
 def local_rank_and_size(env: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -104,12 +114,21 @@ def plan_rank(
     dp_world_size: int = 1,
     local_rank: int = 0,
     local_world_size: int = 1,
+    shape: ModelShape | None = None,
+    rates: SimRates | None = None,
+    step: StepConfig = DEEPSPEED_ZERO3,
 ) -> RankPlan:
     """Placement per tensor class for one rank holding 1/``dp_world_size`` of the ZeRO partitions.
 
     The rank sees the tiers from its GPU (``local_rank``): local DRAM is its socket's node and
     CXL is the devices nearest it (or the nodes a per-node ``cxl`` budget names). Every budget is
     split evenly between the ``local_world_size`` ranks of the machine.
+
+    ``policy="planned"`` asks offload.planner for this rank's shortest predicted step; it needs
+    the whole model's ``shape`` and takes ``rates`` (default: the topology's declared rates,
+    offload.simulator_rates.sim_rates) and the ``step`` being run (ZeRO-2 keeps parameters on
+    the GPU: ``StepConfig(offload_params=False, ...)``). It assumes the rank has its nodes'
+    bandwidth to itself (ranks sharing a node slow every placement there alike).
 
     >>> from allocators.topology import NumaNode
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -122,8 +141,13 @@ def plan_rank(
     if policy not in RANK_POLICIES:
         raise ConfigError(
             f"policy {policy!r} is not available per DeepSpeed rank; write one of "
-            f"{', '.join(RANK_POLICIES)} (policy='planned' simulates one GPU's step and is "
-            "offered by offload.enable only)"
+            f"{', '.join(RANK_POLICIES)}"
+        )
+    if policy == "planned" and shape is None:
+        raise ConfigError(
+            "policy='planned' simulates the rank's step and needs the model's shape: pass "
+            "shape= (offload.model_shapes.shape_from_config(model.config.to_dict())), or "
+            "write policy='cxl_aware'"
         )
     if dp_world_size < 1:
         raise ConfigError(f"dp_world_size = {dp_world_size!r} must be at least 1")
@@ -139,5 +163,25 @@ def plan_rank(
             rank_budgets["cxl"] = {node: cxl_budget // len(cxl_nodes) for node in cxl_nodes}
     tiers = replace(tiers, cxl=tuple(n for n in tiers.cxl if n.id in cxl_nodes))
     groups = host_tensor_groups(-(-n_params // dp_world_size), 1, tokens, hidden, layers)
-    placements = get_policy(policy)(groups, tiers, rank_budgets).by_class()
-    return RankPlan(local_rank, local_world_size, policy, rank_budgets, dict(placements))
+    if policy != "planned":
+        placements = get_policy(policy)(groups, tiers, rank_budgets).by_class()
+        return RankPlan(local_rank, local_world_size, policy, rank_budgets, dict(placements))
+    predicted = plan_rank_step(
+        groups,
+        tiers,
+        rank_budgets,
+        shape=shape,
+        tokens=tokens,
+        rates=sim_rates(topology) if rates is None else rates,
+        dp_world_size=dp_world_size,
+        step=step,
+    )
+    return RankPlan(
+        local_rank,
+        local_world_size,
+        policy,
+        rank_budgets,
+        predicted.placements,
+        predicted.plan,
+        predicted.predicted_step_s,
+    )
