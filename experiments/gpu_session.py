@@ -219,9 +219,9 @@ def select_stages(
 
     >>> [s.name for s in select_stages(all_stages(), names=["validate", "env"])]
     ['env', 'validate']
-    >>> select_stages(all_stages(), names=["nope"])
+    >>> select_stages(all_stages(), names=["nope"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: unknown stage 'nope'; write some of: env, doctor, pytest-gpu, ...
+    ValueError: unknown stage 'nope'; write some of: env, pytest-gpu, host-buffer, ...
     """
     known = {s.name for s in stages}
     if names:
@@ -413,6 +413,7 @@ def pack(files: Sequence[Path], root: Path, tarball: Path) -> int:
 def unsafe_members(tar: tarfile.TarFile) -> list[str]:
     """Members that --unpack refuses: not a plain file or folder, or outside UNPACK_PREFIXES.
 
+    >>> import io
     >>> buf = io.BytesIO()
     >>> with tarfile.open(fileobj=buf, mode="w") as t:
     ...     t.addfile(tarfile.TarInfo("experiments/results/../../etc/x"))
