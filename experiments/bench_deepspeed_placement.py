@@ -129,15 +129,23 @@ def run_one(mode: str, seq: int, iters: int, warmup: int, policy: str) -> dict:
     return {**measured, **extra()}
 
 
+def _echo_stderr(args, label: str, stderr: str | bytes | None) -> None:
+    if args.echo_child_stderr:
+        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+        print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
+
+
 def _run_child(mode: str, args: argparse.Namespace, base: dict) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--seq", str(args.seq)]
     command += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--policy", args.policy]
     row = {**base, "mode": mode, "status": "ok", "error": ""}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        _echo_stderr(args, mode, exc.stderr)
         return {**row, "status": "timeout", "error": f"no result within {args.timeout_s} s"}
     if done.returncode != 0:
+        _echo_stderr(args, mode, done.stderr)
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[:500]
         oom = "out of memory" in (done.stderr or "").lower()
         return {**row, "status": "out_of_memory" if oom else "failed", "error": tail}
@@ -154,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout-s", type=int, default=1200, help="per mode")
     parser.add_argument("--machine", help="results folder name (default: from the GPU name)")
+    parser.add_argument(
+        "--echo-child-stderr",
+        action="store_true",
+        help="print the whole stderr of a run that fails or times out (first GPU runs)",
+    )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-tokens", type=int, default=2048)
     parser.add_argument("--hbm-layers", type=int, default=2)
     parser.add_argument("--timeout-s", type=int, default=600, help="per run")
+    parser.add_argument(
+        "--echo-child-stderr",
+        action="store_true",
+        help="print the whole stderr of a run that fails or times out (first GPU runs)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -249,14 +254,22 @@ def _run_child(cache: str, context: int, args, machine: str, gpu: str) -> Result
     }
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        _echo_stderr(args, f"{cache}:{context}", exc.stderr)
         return Result(**base, status="timeout", error=f"over {args.timeout_s} s")
     if done.returncode != 0:
+        _echo_stderr(args, f"{cache}:{context}", done.stderr)
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         status = "oom" if "OutOfMemoryError" in done.stderr else "failed"
         return Result(**base, status=status, error=tail[0][:300])
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     return Result(**base, status="ok", **measured)
+
+
+def _echo_stderr(args, label: str, stderr: str | bytes | None) -> None:
+    if args.echo_child_stderr:
+        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+        print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
 
 
 if __name__ == "__main__":

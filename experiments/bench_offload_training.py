@@ -222,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="also write offload_enable's per-step report CSV here (for validate_simulator)",
     )
+    parser.add_argument(
+        "--echo-child-stderr",
+        action="store_true",
+        help="print the whole stderr of a run that fails or times out (first GPU runs)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -277,10 +282,12 @@ def _run_child(mode, shape, seq, args, machine, gpu) -> Result:
     base = Result(machine=machine, gpu=gpu, mode=mode, shape=shape, seq=seq, status="ok")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         base.status, base.error = "timeout", f"no result within {args.timeout_s} s"
+        _echo_stderr(args, f"{mode}:{shape}:{seq}", exc.stderr)
         return base
     if done.returncode != 0:
+        _echo_stderr(args, f"{mode}:{shape}:{seq}", done.stderr)
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         oom = "out of memory" in (done.stderr or "").lower()
         base.status = "out_of_memory" if oom else "failed"
@@ -290,6 +297,12 @@ def _run_child(mode, shape, seq, args, machine, gpu) -> Result:
     for key, value in values.items():
         setattr(base, key, value)
     return base
+
+
+def _echo_stderr(args, label: str, stderr: str | bytes | None) -> None:
+    if args.echo_child_stderr:
+        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+        print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
 
 
 def _write(results: list[Result], machine: str) -> int:

@@ -157,14 +157,14 @@ def all_stages() -> tuple[Stage, ...]:
               _py("experiments/bench_offload_training.py", "--shapes", "llama-1.1b", "--seqs",
                   "8192", "--modes", "gpu_checkpointing", "offload_enable", "torch_save_on_cpu",
                   "deepspeed_zero2_offload", "--iters", "4", "--warmup", "1", "--timeout-s", "150",
-                  "--report-dir", s),
+                  "--echo-child-stderr", "--report-dir", s),
               420, 180, "1.1B at 8K: checkpointing, offload.enable, save_on_cpu, ZeRO-2 offload"),
         Stage("profile", 4,
               _py("-m", "profilers.cli", "all", "--quick", "--out", results),
               180, 60, "offload-profile all --quick: profile.json + profile_*.csv"),
         Stage("kv-32k", 7,
               _py("experiments/bench_kv_cache.py", "--contexts", "32768", "--new-tokens", "16",
-                  "--timeout-s", "150"),
+                  "--timeout-s", "150", "--echo-child-stderr"),
               300, 90, "decode at 32K: TieredKVCache vs offloaded vs DynamicCache"),
         Stage("validate", 6,
               _py("experiments/validate_simulator.py", "--report", report, "--model",
@@ -189,25 +189,26 @@ def all_stages() -> tuple[Stage, ...]:
         Stage("train-1.1b-32k", 5,
               _py("experiments/bench_offload_training.py", "--shapes", "llama-1.1b", "--seqs",
                   "32768", "--iters", "4", "--warmup", "1", "--timeout-s", "240",
-                  "--report-dir", s),
+                  "--echo-child-stderr", "--report-dir", s),
               540, 400, "1.1B at 32K, all four modes", part=2),
         Stage("train-7b-4k", 5,
               _py("experiments/bench_offload_training.py", "--shapes", "7b", "--seqs", "4096",
-                  "--iters", "4", "--warmup", "1", "--timeout-s", "240", "--report-dir", s),
+                  "--iters", "4", "--warmup", "1", "--timeout-s", "240", "--echo-child-stderr",
+                  "--report-dir", s),
               540, 420, "7B at 4K, all four modes", part=2),
         Stage("train-7b-32k", 5,
               _py("experiments/bench_offload_training.py", "--shapes", "7b", "--seqs", "32768",
                   "--modes", "offload_enable", "deepspeed_zero2_offload", "--iters", "3",
-                  "--warmup", "1", "--timeout-s", "270", "--report-dir", s),
+                  "--warmup", "1", "--timeout-s", "270", "--echo-child-stderr", "--report-dir", s),
               560, 480, "7B at 32K: offload.enable vs ZeRO-2 offload", part=2),
         Stage("deepspeed-zero3-7b", 8,
               _py("experiments/bench_deepspeed_placement.py", "--seq", "4096", "--iters", "4",
-                  "--warmup", "1", "--timeout-s", "270"),
+                  "--warmup", "1", "--timeout-s", "270", "--echo-child-stderr"),
               560, 480, "ZeRO-3 7B at 4K: stock vs our placement vs offload.enable",
               needs_deepspeed=True, part=2),
         Stage("kv-128k", 7,
               _py("experiments/bench_kv_cache.py", "--contexts", "131072", "--new-tokens", "16",
-                  "--timeout-s", "240"),
+                  "--timeout-s", "240", "--echo-child-stderr"),
               480, 300, "decode at 128K: TieredKVCache vs offloaded vs DynamicCache", part=2),
     )  # fmt: skip
 
@@ -483,13 +484,22 @@ def run_session(stages: Sequence[Stage], probe: Probe, config: SessionConfig) ->
         budget_s=config.budget_s,
         started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    log.line(f"machine {probe.machine}, cuda {probe.cuda}, deepspeed {probe.deepspeed}, "
-             f"budget {config.budget_s:.0f} s, {len(stages)} stages")  # fmt: skip
+    log.line(
+        f"machine {probe.machine}, cuda {probe.cuda}, deepspeed {probe.deepspeed}, "
+        f"budget {config.budget_s:.0f} s, {len(stages)} stages"
+    )
     try:
         for stage in stages:
             argv = [resolve(a, probe.machine, config.python) for a in stage.argv]
-            result = StageResult(stage.name, stage.issue, stage.part, shlex.join(argv), "skipped",
-                                 cap_s=stage.cap_s, estimate_s=stage.estimate_s)  # fmt: skip
+            result = StageResult(
+                stage.name,
+                stage.issue,
+                stage.part,
+                shlex.join(argv),
+                "skipped",
+                cap_s=stage.cap_s,
+                estimate_s=stage.estimate_s,
+            )
             remaining = deadline - time.monotonic()
             reason = skip_reason(stage, probe, remaining, root)
             if reason:
@@ -497,8 +507,10 @@ def run_session(stages: Sequence[Stage], probe: Probe, config: SessionConfig) ->
                 log.line(f"SKIP {stage.name} (issue {stage.issue}): {reason}")
             else:
                 cap = min(stage.cap_s, remaining)
-                log.line(f"START {stage.name} (issue {stage.issue}, cap {cap:.0f} s, "
-                         f"estimate {stage.estimate_s} s): {result.command}")  # fmt: skip
+                log.line(
+                    f"START {stage.name} (issue {stage.issue}, cap {cap:.0f} s, "
+                    f"estimate {stage.estimate_s} s): {result.command}"
+                )
                 began = time.monotonic()
                 result.status, result.rc = run_command(argv, cap, log, root)
                 result.seconds = round(time.monotonic() - began, 1)
@@ -525,8 +537,10 @@ def _save(summary, start, before, log, root, results_dir, own_dir, out_dir) -> N
     summary.packed_files = [p.resolve().relative_to(root.resolve()).as_posix() for p in files]
     summary.tarball_nbytes = pack(files, root, out_dir / TARBALL_NAME)
     if summary.tarball_nbytes > TARBALL_WARN_NBYTES:
-        log.line(f"WARNING: {TARBALL_NAME} is {summary.tarball_nbytes} bytes; the device returns "
-                 "at most 16 MiB per file")  # fmt: skip
+        log.line(
+            f"WARNING: {TARBALL_NAME} is {summary.tarball_nbytes} bytes; the device returns "
+            "at most 16 MiB per file"
+        )
     (out_dir / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2))
 
 
@@ -566,25 +580,44 @@ def print_plan(stages: Sequence[Stage], probe: Probe, budget_s: float) -> None:
         table.add_column(column, overflow="fold")
     left = budget_s - PACK_RESERVE_S
     for i, stage in enumerate(stages, 1):
-        needs = ", ".join(n for n, on in (("gpu", stage.needs_gpu),
-                                          ("deepspeed", stage.needs_deepspeed)) if on)  # fmt: skip
+        needs = ", ".join(
+            n for n, on in (("gpu", stage.needs_gpu), ("deepspeed", stage.needs_deepspeed)) if on
+        )
         # Assume every stage takes its estimate, and ignore files earlier stages would write.
         planned = Probe(probe.machine, cuda=True, deepspeed=True)
         reason = skip_reason(Stage(**{**asdict(stage), "requires": ()}), planned, left)
         if reason is None:
             left -= stage.estimate_s
         argv = shlex.join(resolve(a, probe.machine, "python3") for a in stage.argv)
-        table.add_row(str(i), stage.name, str(stage.issue), str(stage.part),
-                      str(stage.estimate_s), str(stage.cap_s), needs or "-",
-                      "runs" if reason is None else "skipped: over budget", argv)  # fmt: skip
+        table.add_row(
+            str(i),
+            stage.name,
+            str(stage.issue),
+            str(stage.part),
+            str(stage.estimate_s),
+            str(stage.cap_s),
+            needs or "-",
+            "runs" if reason is None else "skipped: over budget",
+            argv,
+        )
     console.print(table)
     total = sum(s.estimate_s for s in stages)
-    console.print(f"estimates add up to {total} s against a budget of {budget_s:.0f} s "
-                  f"({PACK_RESERVE_S} s kept for packing)", highlight=False)  # fmt: skip
-    console.print("device call (carry ['.whl'], timeout_s "
-                  f"{DEVICE_TIMEOUT_S}):\n  {device_command()}", highlight=False, soft_wrap=True)  # fmt: skip
-    console.print("afterwards, here: python3 experiments/gpu_session.py --unpack "
-                  f"/work/.device/<files_at>/{TARBALL_NAME}", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"estimates add up to {total} s against a budget of {budget_s:.0f} s "
+        f"({PACK_RESERVE_S} s kept for packing)",
+        highlight=False,
+    )
+    console.print(
+        f"device call (carry ['.whl'], timeout_s {DEVICE_TIMEOUT_S}):\n  {device_command()}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
+        "afterwards, here: python3 experiments/gpu_session.py --unpack "
+        f"/work/.device/<files_at>/{TARBALL_NAME}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def env_report(path: Path) -> int:
@@ -658,17 +691,29 @@ def build_parser() -> argparse.ArgumentParser:
     '2'
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where the log, summary.json and the tarball go (default $OUT, "
-                             "else ./gpu-session-out)")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"wall seconds for all stages (default {DEFAULT_BUDGET_S})")  # fmt: skip
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where the log, summary.json and the tarball go (default $OUT, "
+        "else ./gpu-session-out)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"wall seconds for all stages (default {DEFAULT_BUDGET_S})",
+    )
     parser.add_argument("--part", default="1", help="1 (default), 2 or all")
     parser.add_argument("--stages", default=None, help="comma list of stage names (any part)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--list", action="store_true", help="print stage names and exit")
-    parser.add_argument("--unpack", type=Path, metavar="TARBALL",
-                        help="extract a session's tarball into this repo and exit")  # fmt: skip
+    parser.add_argument(
+        "--unpack",
+        type=Path,
+        metavar="TARBALL",
+        help="extract a session's tarball into this repo and exit",
+    )
     parser.add_argument("--env-report", type=Path, metavar="JSON", help=argparse.SUPPRESS)
     return parser
 
