@@ -1,9 +1,11 @@
 """TieredKVCache: a transformers Cache whose KV blocks live in placed host tiers and stream back to
-the device layer by layer, the next layer prefetched on a side stream. It must not pick placements.
+the device layer by layer, the next layer prefetched on a side stream. It must not pick placements:
+they come from the allocator's plan, the caller, or (``for_model``) offload.planner.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +13,16 @@ import transformers
 from transformers.cache_utils import Cache
 
 from allocators.placement import Placement, as_placement
-from allocators.tiered import TieredAllocator
+from allocators.policies import BudgetSpec
+from allocators.tiered import DEFAULT_BUDGETS, TieredAllocator
+from allocators.topology import Topology
+from allocators.topology_command import load_topology
 from offload.host_memory import HostMemory
-from offload.kv_cache_layer import ON_FULL_CHOICES, OnFull, TieredKVLayer
+from offload.kv_cache_layer import ON_FULL_CHOICES, BlockPlacer, OnFull, TieredKVLayer
+from offload.model_shapes import ModelShape, load_model_shape, shape_from_config
+from offload.planner import DecodePlan, plan_decode
+from offload.simulator_decode import DecodeConfig
+from offload.simulator_rates import SimRates, sim_rates
 from offload.streams import CopyEvent, CopyStreams
 
 # Built against the per-layer Cache of transformers 5.x (CacheLayerMixin, Cache(layers=...));
@@ -80,8 +89,12 @@ class TieredKVCache(Cache):
         hbm_layers: device slots (>= 1); 2 overlaps the next layer's copy with this layer.
         block_tokens: tokens per host block and layer (bigger blocks: fewer, larger copies).
         placement: overrides the plan's kv_cache placement, e.g. ``[(0, 0.5), (2, 0.5)]``.
+            Without it the allocator's plan for class ``kv_cache`` is used (local DRAM when it
+            has none); :meth:`for_model` makes an allocator whose plan has one. Whole blocks are
+            spread over the placement's nodes so the bytes per node follow its shares.
         on_full: "error" raises BudgetExceededError naming tier, budget and request when a
-            block does not fit; "spill" tries the next tiers (DRAM, remote DRAM, CXL) first.
+            block fits on none of the placement's nodes; "spill" then tries each budgeted node,
+            DRAM first, then remote DRAM, then CXL.
 
     >>> from allocators.topology import NumaNode, Topology
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -131,6 +144,10 @@ class TieredKVCache(Cache):
             if placement is not None
             else self.allocator.placements.get("kv_cache", as_placement(self.allocator.local_node))
         )
+        self._placer = BlockPlacer(self.placement)
+        # Set by for_model: the plan behind the placement, and the allocator this cache made.
+        self.plan: DecodePlan | None = None
+        self._own_allocator: TieredAllocator | None = None
         self.streams = CopyStreams(self.device)
         self._slots = [_Slot() for _ in range(hbm_layers)]
         # The latest D2H: a slot may be refilled, and a layer's blocks read back, only after it.
@@ -143,6 +160,87 @@ class TieredKVCache(Cache):
         self._h2d_nbytes = 0
         self._d2h_nbytes = 0
         self._closed = False
+
+    @classmethod
+    def for_model(
+        cls,
+        model_config: object,
+        *,
+        max_context_tokens: int,
+        batch: int = 1,
+        policy: str = "planned",
+        topology: Topology | str | None = None,
+        budgets: BudgetSpec | None = None,
+        rates: SimRates | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        hbm_layers: int = 2,
+        block_tokens: int = 1024,
+        on_full: OnFull = "error",
+        pin: bool | None = None,
+    ) -> TieredKVCache:
+        """A cache for ``model_config`` up to ``max_context_tokens``, placed by ``policy``.
+
+        The KV cache of that context (K and V of every layer, ``dtype``, in whole blocks) is
+        placed by offload.planner.plan_decode with ``policy`` (``planned``, ``cxl_aware``,
+        ``naive_interleave`` or ``local_only``) within ``budgets`` (default
+        allocators.tiered.DEFAULT_BUDGETS) on ``topology`` (a Topology, a declared file or
+        shipped name such as ``"paper-1aic"``, or None for this machine); ``rates`` default to
+        the topology's. The cache gets its own TieredAllocator with that plan, closed with it;
+        ``cache.plan`` holds the placement and the predicted decode step. Longer contexts still
+        grow the cache while the budgets allow. Raises BudgetExceededError with the bytes and
+        budgets when the context does not fit.
+
+        ``model_config``: a transformers config (``model.config``), its dict, a ModelShape, or
+        a name in offload.model_shapes.MODELS. Other arguments are as for the constructor.
+
+        >>> cache = TieredKVCache.for_model("qwen2.5-7b", max_context_tokens=131072,
+        ...     topology="paper-1aic", budgets={"dram": "2GiB", "cxl": "64GiB"}, device="cpu",
+        ...     pin=False)
+        >>> print(cache.placement)
+        node0:0.286 + node1:0.714
+        >>> round(cache.plan.prediction.tokens_per_s, 2)
+        6.46
+        >>> cache.close()
+        """
+        shape = _model_shape(model_config)
+        topo = topology if isinstance(topology, Topology) else load_topology(file=topology)
+        budget_spec = dict(budgets) if budgets is not None else dict(DEFAULT_BUDGETS)
+        config = DecodeConfig(
+            hbm_layers=hbm_layers,
+            block_tokens=block_tokens,
+            dtype_nbytes=torch.empty((), dtype=dtype).element_size(),
+        )
+        plan = plan_decode(
+            shape,
+            topo.tiers,
+            budget_spec,
+            policy,
+            context_tokens=max_context_tokens,
+            batch=batch,
+            rates=rates or sim_rates(topo),
+            config=config,
+        )
+        allocator = TieredAllocator(
+            topo,
+            budget_spec,
+            placements={"kv_cache": plan.placement},
+            pin=torch.cuda.is_available() if pin is None else pin,
+        )
+        try:
+            cache = cls(
+                allocator,
+                device=device,
+                hbm_layers=hbm_layers,
+                block_tokens=block_tokens,
+                on_full=on_full,
+            )
+        except BaseException:
+            allocator.close()
+            raise
+        cache.plan = plan
+        cache._own_allocator = allocator
+        return cache
 
     # -- the Cache interface ------------------------------------------------------------------
 
@@ -164,7 +262,7 @@ class TieredKVCache(Cache):
             self.layers.append(
                 TieredKVLayer(
                     self.allocator,
-                    self.placement,
+                    self._placer,
                     self.block_tokens,
                     self.on_full,
                     len(self.layers),
@@ -172,7 +270,6 @@ class TieredKVCache(Cache):
             )
         if layer_idx == 0 and self.layers[0].length > 0:
             self._layers_complete = True
-            self._collect()
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
@@ -240,6 +337,8 @@ class TieredKVCache(Cache):
             layer.release_blocks_from(0)
             layer.length = 0
         self._closed = True
+        if self._own_allocator is not None:
+            self._own_allocator.close()
 
     def __enter__(self) -> TieredKVCache:
         return self
@@ -370,8 +469,8 @@ class TieredKVCache(Cache):
         return gathered[0, :, :, :end], gathered[1, :, :, :end]
 
     def _collect(self) -> None:
-        # The streams keep a timing event pair per copy until collected; fold them in once per
-        # forward, at layer 0, when the host waits for the layer-0 copy anyway.
+        # Only stats() and close() collect: collecting waits for every copy in flight, and the
+        # streams bound their pending timing events themselves however long the decode runs.
         done = self.streams.collect()
         self._h2d_nbytes += done.h2d_nbytes
         self._d2h_nbytes += done.d2h_nbytes
@@ -388,3 +487,20 @@ class TieredKVCache(Cache):
             slot.layer_idx = None
             slot.ready = None
             slot.prefetched = False
+
+
+def _model_shape(model_config: object) -> ModelShape:
+    """A ModelShape from a transformers config, its dict, a ModelShape or a known model name."""
+    if isinstance(model_config, ModelShape):
+        return model_config
+    if isinstance(model_config, str):
+        return load_model_shape(model_config)
+    if isinstance(model_config, Mapping):
+        return shape_from_config(dict(model_config))
+    to_dict = getattr(model_config, "to_dict", None)
+    if callable(to_dict):
+        return shape_from_config(to_dict(), name=type(model_config).__name__)
+    raise TypeError(
+        f"model_config = {type(model_config).__name__} is not a model config; pass model.config, "
+        "its to_dict(), an offload.model_shapes.ModelShape or a name such as 'qwen2.5-7b'"
+    )

@@ -1,5 +1,6 @@
 """One layer's KV cache as fixed-size token blocks in placed host buffers (tensor class kv_cache),
-charged to the TieredAllocator's tiers. It must not move data to the device or pick placements.
+charged to the TieredAllocator's tiers and spread over the given placement's nodes block by block.
+It must not move data to the device or pick placements.
 """
 
 from __future__ import annotations
@@ -28,10 +29,53 @@ class KVBlock:
     tier_shares: dict[str, float]
 
 
-def spill_placements(allocator: TieredAllocator, planned: Placement) -> list[Placement]:
-    """The planned placement, then one placement per budgeted tier (DRAM, remote DRAM, CXL).
+class BlockPlacer:
+    """Spreads a cache's blocks over its placement's nodes, whole blocks at a time, so the bytes
+    per node follow the placement's shares within one block.
 
-    A block that does not fit where the plan puts it is tried on each next tier in that order.
+    Why whole blocks: the allocator stripes a buffer in 2 MiB chunks, so a block smaller than
+    that would land wholly on the placement's first node, and a 1:1 plan would end up all on
+    DRAM. Each new block goes to the node furthest behind its share of what is placed so far.
+
+    >>> placer = BlockPlacer(as_placement([(0, 1), (1, 3)]))
+    >>> order = []
+    >>> for _ in range(4):
+    ...     node = placer.candidates()[0].nodes[0]
+    ...     placer.add({node: 100}); order.append(node)
+    >>> order, placer.nbytes_per_node
+    ([1, 0, 1, 1], {0: 100, 1: 300})
+    """
+
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+        self.nbytes_per_node: dict[int, int] = dict.fromkeys(placement.nodes, 0)
+
+    def candidates(self) -> list[Placement]:
+        """The placement's nodes, one each, the node furthest behind its share first."""
+        total = sum(self.nbytes_per_node.get(n, 0) for n in self.placement.nodes)
+        order = sorted(
+            self.placement.shares,
+            # Ties (an empty cache) go to the largest share.
+            key=lambda s: (self.nbytes_per_node.get(s[0], 0) - s[1] * total, -s[1]),
+        )
+        return [as_placement(node) for node, _ in order]
+
+    def add(self, nbytes_per_node: dict[int, int]) -> None:
+        """Count a block placed (its charged bytes per node)."""
+        for node, n in nbytes_per_node.items():
+            self.nbytes_per_node[node] = self.nbytes_per_node.get(node, 0) + n
+
+    def remove(self, nbytes_per_node: dict[int, int]) -> None:
+        """Count a block given back."""
+        for node, n in nbytes_per_node.items():
+            self.nbytes_per_node[node] -= n
+
+
+def spill_placements(allocator: TieredAllocator, planned: Placement) -> list[Placement]:
+    """The planned placement, then each budgeted node alone, tier by tier (DRAM, remote DRAM, CXL).
+
+    A block that does not fit where the plan puts it is tried on each next node in that order;
+    one node at a time, since a block under the stripe chunk lands wholly on one node anyway.
 
     >>> from allocators.topology import NumaNode, Topology
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -43,10 +87,9 @@ def spill_placements(allocator: TieredAllocator, planned: Placement) -> list[Pla
     tiers = allocator.tiers
     candidates = [planned]
     for nodes in (tiers.local_dram, tiers.remote_dram, tiers.cxl):
-        budgeted = [n.id for n in nodes if n.id in allocator.budgets.node_nbytes]
-        if budgeted:
-            placement = as_placement([(node, 1.0) for node in budgeted])
-            if placement != planned:
+        for node in nodes:
+            placement = as_placement(node.id)
+            if node.id in allocator.budgets.node_nbytes and placement not in candidates:
                 candidates.append(placement)
     return candidates
 
@@ -54,13 +97,16 @@ def spill_placements(allocator: TieredAllocator, planned: Placement) -> list[Pla
 def allocate_block(
     allocator: TieredAllocator,
     nbytes: int,
-    placement: Placement,
+    placement: Placement | BlockPlacer,
     on_full: OnFull,
     what: str,
 ) -> Allocation:
     """One kv_cache buffer of ``nbytes`` on ``placement``, or on the next tiers with "spill".
 
-    Raises BudgetExceededError naming the block, its size and every tier's refusal.
+    With a BlockPlacer the block goes wholly to one of its placement's nodes, the one furthest
+    behind its share first, then the others (a full node passes the block on within the plan);
+    the placer counts the block. Raises BudgetExceededError naming the block, its size and
+    every refusal.
 
     >>> from allocators.topology import NumaNode, Topology
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -71,13 +117,21 @@ def allocate_block(
     ...
     allocators.errors.BudgetExceededError: KV cache layer 0 block 0 (2.00 MiB) ...
     """
-    candidates = [placement] if on_full == "error" else spill_placements(allocator, placement)
+    placer = placement if isinstance(placement, BlockPlacer) else None
+    planned = placer.placement if placer else placement
+    candidates = placer.candidates() if placer else [planned]
+    if on_full == "spill":
+        candidates += [p for p in spill_placements(allocator, planned) if p not in candidates]
     refusals = []
     for candidate in candidates:
         try:
-            return allocator.allocate("kv_cache", nbytes, candidate)
+            allocation = allocator.allocate("kv_cache", nbytes, candidate)
         except BudgetExceededError as exc:
             refusals.append(f"on {candidate}: {exc}")
+            continue
+        if placer:
+            placer.add(allocation.nbytes_per_node)
+        return allocation
     hint = (
         "raise the budget of the tier named above, shorten the context, or pass on_full='spill' "
         "to use the next tier"
@@ -115,14 +169,15 @@ class TieredKVLayer(CacheLayerMixin):
     def __init__(
         self,
         allocator: TieredAllocator,
-        placement: Placement,
+        placement: Placement | BlockPlacer,
         block_tokens: int,
         on_full: OnFull,
         layer_idx: int,
     ) -> None:
         super().__init__()
         self.allocator = allocator
-        self.placement = placement
+        # Layers of one cache share its placer, so the shares hold over all of its blocks.
+        self.placer = placement if isinstance(placement, BlockPlacer) else BlockPlacer(placement)
         self.block_tokens = block_tokens
         self.on_full = on_full
         self.layer_idx = layer_idx
@@ -166,7 +221,7 @@ class TieredKVLayer(CacheLayerMixin):
         while len(self.blocks) < self.n_blocks_for(tokens):
             what = f"layer {self.layer_idx} block {len(self.blocks)}"
             allocation = allocate_block(
-                self.allocator, self.block_nbytes, self.placement, self.on_full, what
+                self.allocator, self.block_nbytes, self.placer, self.on_full, what
             )
             total = sum(allocation.nbytes_per_node.values()) or 1
             shares: dict[str, float] = {}
@@ -195,6 +250,7 @@ class TieredKVLayer(CacheLayerMixin):
         for block in dropped:
             block.view = None
             self.allocator.release(block.allocation)
+            self.placer.remove(block.allocation.nbytes_per_node)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Not used: TieredKVCache.update moves the data of all layers (it owns the streams)."""

@@ -12,10 +12,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Copies whose timing events may wait to be read. A long decode issues thousands of copies per
+# token and may never collect(), so past this many the finished ones are folded into the totals.
+MAX_PENDING_TIMINGS = 4096
+
 
 @dataclass
 class TransferCounters:
-    """Bytes moved per direction and the time the copies took (copy-stream time on CUDA)."""
+    """Bytes moved per direction and the time the copies took (copy-stream time on CUDA).
+
+    CUDA copies leave a (start, end) event pair whose time is read later (:meth:`add_timing`);
+    at most ``max_pending_timings`` pairs are kept, the rest already folded into ``*_ms``.
+    """
 
     d2h_nbytes: int = 0
     h2d_nbytes: int = 0
@@ -23,7 +31,52 @@ class TransferCounters:
     h2d_ms: float = 0.0
     wait_ms: float = 0.0
     nbytes_by_tier: dict[tuple[str, str], int] = field(default_factory=dict)
+    max_pending_timings: int = MAX_PENDING_TIMINGS
     _timed: list = field(default_factory=list, repr=False)
+
+    def add_timing(self, direction: str, start, end) -> None:
+        """Keep a copy's timing events; past the cap, fold the finished ones (and, while still
+        over it, wait for the oldest: the host is then that many copies ahead of the GPU).
+
+        >>> class Done:
+        ...     def query(self): return True
+        ...     def synchronize(self): pass
+        ...     def elapsed_time(self, end): return 0.5
+        >>> c = TransferCounters(max_pending_timings=2)
+        >>> for _ in range(5):
+        ...     c.add_timing("h2d", Done(), Done())
+        >>> len(c.pending_timings()), c.h2d_ms
+        (2, 1.5)
+        """
+        self._timed.append((direction, start, end))
+        if len(self._timed) > self.max_pending_timings:
+            self.fold_timings(wait=False)
+        while len(self._timed) > self.max_pending_timings:
+            self._fold(*self._timed.pop(0), wait=True)
+
+    def fold_timings(self, wait: bool) -> None:
+        """Add the time of finished copies to ``d2h_ms``/``h2d_ms`` and drop their events; with
+        ``wait`` every pending copy is waited for first, so none is left."""
+        kept = []
+        for direction, start, end in self._timed:
+            if wait or end.query():
+                self._fold(direction, start, end, wait)
+            else:
+                kept.append((direction, start, end))
+        self._timed = kept
+
+    def pending_timings(self) -> tuple:
+        """The (direction, start, end) event pairs not yet folded into the totals."""
+        return tuple(self._timed)
+
+    def _fold(self, direction: str, start, end, wait: bool) -> None:
+        if wait:
+            end.synchronize()
+        elapsed = start.elapsed_time(end)
+        if direction == "d2h":
+            self.d2h_ms += elapsed
+        else:
+            self.h2d_ms += elapsed
 
     def add(self, direction: str, nbytes: int, tiers: dict[str, float] | None) -> None:
         """Count ``nbytes`` moved in ``direction`` ("d2h"/"h2d"), split by host tier shares."""
@@ -140,16 +193,9 @@ class CopyStreams:
     def collect(self) -> TransferCounters:
         """Return the counters since the last collect (resolving CUDA copy timings) and reset."""
         with self._lock:
-            done, self.counters = self.counters, TransferCounters()
-        if self.is_cuda:
-            for direction, start, end in done._timed:
-                end.synchronize()
-                elapsed = start.elapsed_time(end)
-                if direction == "d2h":
-                    done.d2h_ms += elapsed
-                else:
-                    done.h2d_ms += elapsed
-        done._timed = []
+            done = self.counters
+            self.counters = TransferCounters(max_pending_timings=done.max_pending_timings)
+        done.fold_timings(wait=True)
         return done
 
     def _timed_cpu_copy(self, src: torch.Tensor, dst: torch.Tensor, direction: str) -> CopyEvent:
@@ -184,5 +230,5 @@ class CopyStreams:
         device_side = src if src.is_cuda else dst
         device_side.record_stream(stream)
         with self._lock:
-            self.counters._timed.append((direction, start, end))
+            self.counters.add_timing(direction, start, end)
         return CopyEvent(end)
