@@ -1,5 +1,6 @@
 """`offload plan`: place a model's host tensor groups with a policy and print the predicted phases,
-as a rich table of groups by nodes or as JSON. Wiring and printing only: the work is offload.planner.
+or (``--decode``) place its KV cache and print the predicted decode step, as rich tables or JSON.
+Wiring and printing only: the work is offload.planner.
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ from allocators.topology import Topology
 from allocators.topology_command import load_topology
 from allocators.units import format_bytes
 from offload.model_shapes import MODELS, load_model_shape
-from offload.planner import PLAN_POLICIES, Plan, PlanError, plan, predicted_phases
+from offload.planner import (
+    PLAN_POLICIES,
+    DecodePlan,
+    Plan,
+    PlanError,
+    plan,
+    plan_decode,
+    predicted_phases,
+)
 from offload.simulate import DEEPSPEED_ZERO3, OUR_RUNTIME, StepConfig
-from offload.simulator_rates import SimRates, profile_rates, sim_rates
+from offload.simulator_decode import DecodeConfig
+from offload.simulator_rates import GIB, SimRates, profile_rates, sim_rates
 
 RUNTIMES: dict[str, StepConfig] = {"ours": OUR_RUNTIME, "deepspeed-zero3": DEEPSPEED_ZERO3}
 
@@ -72,6 +82,37 @@ def register(subparsers) -> None:
         choices=tuple(RUNTIMES),
         help="ours: the optimizer steps during backward; deepspeed-zero3: after it, "
         "with DeepSpeed's per-step overhead (the paper's setting)",
+    )
+    decode = parser.add_argument_group(
+        "decode", "with --decode: place the KV cache of a long-context decode instead"
+    )
+    decode.add_argument(
+        "--decode",
+        action="store_true",
+        help="plan the KV cache (class kv_cache) of decoding up to --context tokens and predict "
+        "the decode step's DMA time (tokens/s bound by DMA); --seq, --optimizer and --runtime "
+        "do not apply",
+    )
+    decode.add_argument(
+        "--context", type=int, help="context tokens the cache must hold (with --decode)"
+    )
+    decode.add_argument(
+        "--hbm-layers",
+        type=int,
+        default=DecodeConfig.hbm_layers,
+        help=f"TieredKVCache's device slots (default {DecodeConfig.hbm_layers})",
+    )
+    decode.add_argument(
+        "--block-tokens",
+        type=int,
+        default=DecodeConfig.block_tokens,
+        help=f"tokens per host block (default {DecodeConfig.block_tokens})",
+    )
+    decode.add_argument(
+        "--kv-dtype-bytes",
+        type=int,
+        default=DecodeConfig.dtype_nbytes,
+        help="bytes per K/V element (default 2: bf16)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run_plan_command)
@@ -171,6 +212,13 @@ def run_plan_command(args: argparse.Namespace) -> int:
     >>> rc, json.loads(out.getvalue())["groups"][0]["rule"]
     (0, 'local')
     """
+    if getattr(args, "decode", False):
+        return run_decode_plan(args)
+    if getattr(args, "context", None) is not None:
+        raise PlanError(
+            f"--context {args.context} is for a decode plan; add --decode, or give a training "
+            "sequence with --seq"
+        )
     shape = load_model_shape(args.model)
     topology = load_topology(file=args.topology)
     rates = _rates(topology, args.profile)
@@ -202,4 +250,118 @@ def run_plan_command(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(plan_to_dict(result, rates), indent=2) + "\n")
     else:
         print_plan(result, rates, Console())
+    return 0
+
+
+def decode_plan_to_dict(result: DecodePlan, rates: SimRates) -> dict:
+    """A decode plan as JSON-ready data: the kv_cache placement, bytes per node and the
+    predicted decode step (DMA only, so tokens/s is an upper bound)."""
+    item = result.result.groups[0]
+    p = result.prediction
+    return {
+        "mode": "decode",
+        "policy": result.policy,
+        "context_tokens": p.context_tokens,
+        "batch": p.batch,
+        "groups": [
+            {
+                "name": item.group.name,
+                "nbytes": item.group.nbytes,
+                "rule": item.rule,
+                "placement": [[node, fraction] for node, fraction in item.placement.shares],
+                "nbytes_per_node": {str(n): b for n, b in item.nbytes_per_node.items()},
+            }
+        ],
+        "decode_step": {
+            "step_s": p.step_s,
+            "dma_s": p.dma_s,
+            "copy_latency_s": p.latency_s,
+            "h2d_nbytes": p.h2d_nbytes,
+            "d2h_nbytes": p.d2h_nbytes,
+            "h2d_copies": p.h2d_copies,
+            "d2h_copies": p.d2h_copies,
+            "streamed_layers": p.streamed_layers,
+            "bottleneck": p.bottleneck,
+            "tokens_per_s_dma_bound": p.tokens_per_s,
+        },
+        "source": "simulated",
+        "rate_notes": list(rates.notes),
+    }
+
+
+def print_decode_plan(result: DecodePlan, rates: SimRates, console: Console) -> None:
+    """Two rich tables: the kv_cache group by nodes, then the predicted decode step."""
+    item = result.result.groups[0]
+    p = result.prediction
+    table = Table(title=f"KV cache placement: {result.policy} ({p.context_tokens} tokens)")
+    table.add_column("group")
+    table.add_column("size", justify="right")
+    nodes = sorted(item.nbytes_per_node)
+    for node in nodes:
+        table.add_column(f"node {node} ({rates.kinds.get(node, '?')})", justify="right")
+    cells = []
+    for node in nodes:
+        nbytes = item.nbytes_per_node[node]
+        share = nbytes / item.group.nbytes if item.group.nbytes else 0.0
+        cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
+    table.add_row(item.group.name, format_bytes(item.group.nbytes), *cells)
+    console.print(table)
+    step = Table(title="predicted decode step (simulated, DMA only)")
+    step.add_column("quantity")
+    step.add_column("value", justify="right")
+    step.add_row("H2D per step", f"{p.h2d_nbytes / GIB:.3f} GiB in {p.h2d_copies} copies")
+    step.add_row("D2H per step", f"{p.d2h_nbytes / GIB:.3f} GiB in {p.d2h_copies} copies")
+    step.add_row("DMA seconds", f"{p.dma_s:.4f} (bound by {p.bottleneck})")
+    step.add_row("copy latency seconds", f"{p.latency_s:.4f}")
+    step.add_row("step seconds", f"{p.step_s:.4f}")
+    step.add_row("tokens/s bound by DMA", f"{p.tokens_per_s:,.2f}")
+    console.print(step)
+    for note in rates.notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
+def run_decode_plan(args: argparse.Namespace) -> int:
+    """Run ``offload plan --decode`` for parsed arguments; returns the exit code 0.
+
+    >>> import contextlib, io
+    >>> out = io.StringIO()
+    >>> ns = argparse.Namespace(model="qwen2.5-7b", batch=1, context=131072, decode=True,
+    ...     topology="paper-1aic", profile=None, policy="cxl_aware",
+    ...     budget=["dram=4GiB", "cxl=64GiB"], hbm_layers=2, block_tokens=1024,
+    ...     kv_dtype_bytes=2, json=True)
+    >>> with contextlib.redirect_stdout(out):
+    ...     rc = run_decode_plan(ns)
+    >>> data = json.loads(out.getvalue())
+    >>> rc, data["groups"][0]["rule"], data["decode_step"]["bottleneck"]
+    (0, 'interleave', 'link h2d')
+    """
+    if args.context is None:
+        raise PlanError("--decode needs --context TOKENS, e.g. --decode --context 131072")
+    shape = load_model_shape(args.model)
+    topology = load_topology(file=args.topology)
+    rates = _rates(topology, args.profile)
+    try:
+        config = DecodeConfig(
+            hbm_layers=args.hbm_layers,
+            block_tokens=args.block_tokens,
+            dtype_nbytes=args.kv_dtype_bytes,
+        )
+        result = plan_decode(
+            shape,
+            topology.tiers,
+            parse_budget_args(args.budget, topology),
+            args.policy,
+            context_tokens=args.context,
+            batch=args.batch,
+            rates=rates,
+            config=config,
+        )
+    except OffloadError:
+        raise
+    except ValueError as exc:  # a budget size or tier name the allocators refused
+        raise PlanError(str(exc)) from exc
+    if args.json:
+        sys.stdout.write(json.dumps(decode_plan_to_dict(result, rates), indent=2) + "\n")
+    else:
+        print_decode_plan(result, rates, Console())
     return 0
