@@ -289,6 +289,9 @@ def skip_reason(stage: Stage, probe: Probe, remaining_s: float, root: Path = ROO
 def probe_machine(python: str = sys.executable, root: Path = ROOT) -> Probe:
     """Machine name and CUDA as the benches see them, asked in a child so this process never
     creates a CUDA context (it would hold GPU memory for the whole session).
+
+    >>> probe_machine().machine  # doctest: +SKIP
+    'nvidia-h100-80gb-hbm3'
     """
     code = (
         "import json, torch; from experiments.results_io import this_machine; "
@@ -340,6 +343,9 @@ def run_command(
 ) -> tuple[str, int | None]:
     """Run ``argv`` from ``root`` in its own process group, its output streamed to ``log``;
     kill the whole group when it outlives ``cap_s``. Returns (status, exit code).
+
+    >>> run_command(["sleep", "9"], 1, SessionLog(Path("/tmp/x.log")), ROOT)  # doctest: +SKIP
+    ('timeout', -15)
     """
     try:
         proc = subprocess.Popen(
@@ -381,7 +387,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def snapshot(results_dir: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every file under ``results_dir``, keyed by path, to tell what changed."""
+    """(size, mtime) of every file under ``results_dir``, keyed by path, to tell what changed.
+
+    >>> snapshot(Path("/no/such/folder"))
+    {}
+    """
     if not results_dir.exists():
         return {}
     return {
@@ -392,7 +402,11 @@ def snapshot(results_dir: Path) -> dict[str, tuple[int, int]]:
 
 
 def changed_files(before: dict[str, tuple[int, int]], results_dir: Path) -> list[Path]:
-    """Files under ``results_dir`` that are new or changed since ``before``."""
+    """Files under ``results_dir`` that are new or changed since ``before``.
+
+    >>> changed_files({}, Path("/no/such/folder"))
+    []
+    """
     after = snapshot(results_dir)
     return sorted(Path(p) for p, key in after.items() if before.get(p) != key)
 
@@ -401,6 +415,9 @@ def pack(files: Sequence[Path], root: Path, tarball: Path) -> int:
     """Write ``files`` (paths under ``root``) into ``tarball`` (gzip); returns its size in bytes.
 
     Written to a temporary name and renamed, so a session killed mid-pack keeps the last whole one.
+
+    >>> pack([ROOT / "experiments/results/README.md"], ROOT, Path("/tmp/r.tar.gz")) > 0  # doctest: +SKIP
+    True
     """
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(tarball.name + ".partial")
@@ -439,6 +456,9 @@ def unsafe_members(tar: tarfile.TarFile) -> list[str]:
 def unpack(tarball: Path, root: Path = ROOT) -> list[str]:
     """Extract a session's tarball into the repo at ``root``; refuse it whole if any member is
     unsafe (see :func:`unsafe_members`). Returns the paths written.
+
+    >>> unpack(Path("gpu_results.tar.gz"))  # doctest: +SKIP
+    ['experiments/results/nvidia-h100-80gb-hbm3/host_buffer.csv', ...]
     """
     with tarfile.open(tarball) as tar:
         refused = unsafe_members(tar)
@@ -467,6 +487,8 @@ class SessionConfig:
 def run_session(stages: Sequence[Stage], probe: Probe, config: SessionConfig) -> SessionSummary:
     """Run ``stages`` in order under the budget; after each, rewrite summary.json and the
     tarball in ``config.out_dir``, so a session cut short still leaves what it measured.
+
+    >>> run_session(all_stages(), probe_machine(), SessionConfig(Path("out")))  # doctest: +SKIP
     """
     start = time.monotonic()
     deadline = start + config.budget_s - PACK_RESERVE_S
@@ -558,7 +580,10 @@ def device_command() -> str:
 
 
 def print_plan(stages: Sequence[Stage], probe: Probe, budget_s: float) -> None:
-    """The stage table with exact commands, estimates and what the budget would skip."""
+    """The stage table with exact commands, estimates and what the budget would skip.
+
+    >>> print_plan(all_stages(), Probe("cpu-2core", False, False), 520)  # doctest: +SKIP
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -621,7 +646,11 @@ def print_plan(stages: Sequence[Stage], probe: Probe, budget_s: float) -> None:
 
 
 def env_report(path: Path) -> int:
-    """Print and write (JSON) what the session runs on: GPU, driver, versions, NUMA, limits."""
+    """Print and write (JSON) what the session runs on: GPU, driver, versions, NUMA, limits.
+
+    >>> env_report(Path("/tmp/environment.json"))  # doctest: +SKIP
+    0
+    """
     report: dict[str, object] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -721,6 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the session (or --dry-run, --list, --unpack); the exit code is 0 unless the session
     itself could not run: stage failures are in summary.json, not in the exit code.
+
+    >>> main(["--list", "--stages", "env"])  # doctest: +NORMALIZE_WHITESPACE
+    env issue 2 part 1 nvidia-smi, versions, imports, NUMA, memlock, THP
+    0
     """
     args = build_parser().parse_args(argv)
     if args.env_report:
