@@ -2,6 +2,13 @@
 group (local_only, naive_interleave, and the paper's latency-first greedy cxl_aware). No memory is
 touched here and no machine is read: callers pass the tiers and budgets in.
 
+Groups are a training step's (tensor_classes.host_tensor_groups) or a decode's KV cache
+(tensor_classes.kv_cache_group). The KV cache is a GPU read stream, as the compute weights are, and
+the rules treat it the same: DRAM while it fits, then DRAM plus every card, then the cards alone.
+Read streams tolerate CXL while the devices they are striped over read at least as fast as the
+PCIe link; on the paper's machine the greedy only leaves DRAM out when no DRAM is left, where one
+card (49.8 GiB/s of H2D) is about 4% short of the link and two cover it.
+
 Accounting (how a placement is charged to the budgets): a group's bytes are split over its nodes
 by :func:`split_nbytes` (exact integers that add up to the group). For ``cxl_aware`` the paper's
 rule is applied literally: a group *fits* when its whole size is at most what is left of the local
@@ -324,6 +331,11 @@ def cxl_aware(
     >>> plan = cxl_aware(groups, Tiers((), (dram,), (), (cxl,)), {"dram": 130, "cxl": 200})
     >>> [(g.rule, g.nbytes_per_node) for g in plan.groups]
     [('local', {0: 100}), ('interleave', {0: 30, 1: 70}), ('cxl_stripe', {1: 100})]
+    >>> from allocators.tensor_classes import kv_cache_group
+    >>> kv = kv_cache_group(layers=2, kv_heads=1, head_dim=4, context_tokens=8)  # 256 bytes
+    >>> plan = cxl_aware([kv], Tiers((), (dram,), (), (cxl,)), {"dram": 100, "cxl": 200})
+    >>> plan.groups[0].rule, plan.by_class()["kv_cache"].shares
+    ('interleave', ((0, 0.390625), (1, 0.609375)))
     """
     budget = parse_budgets(budgets, tiers)
     local = _local_node(tiers)

@@ -24,7 +24,7 @@ from allocators.policies import (
     parse_budgets,
     split_nbytes,
 )
-from allocators.tensor_classes import TensorGroup, host_tensor_groups
+from allocators.tensor_classes import TensorGroup, host_tensor_groups, kv_cache_group
 from allocators.topology import NumaNode, Topology
 
 P = 7_200_000_000
@@ -296,3 +296,29 @@ def test_split_nbytes_is_exact_and_within_a_byte_of_each_share(nbytes, weights):
     assert sum(split.values()) == nbytes
     for node, fraction in placement.shares:
         assert abs(split[node] - nbytes * fraction) <= 1.5
+
+
+KV = kv_cache_group(layers=32, kv_heads=8, head_dim=128, context_tokens=32768, batch=2)
+
+
+def test_every_policy_places_a_kv_cache_group_for_the_allocator():
+    # 4 * 32 * 8 * 128 * 32768 * 2 bytes = 8 GiB.
+    assert KV.nbytes == 8 << 30
+    budgets = {"dram": "16GiB", "cxl": "16GiB"}
+    for name, policy in POLICIES.items():
+        placements = policy([KV], tiers_with(2), budgets).by_class()
+        assert set(placements) == {"kv_cache"}, name
+    assert local_only([KV], tiers_with(2), budgets).by_class()["kv_cache"] == interleave([0])
+    assert naive_interleave([KV], tiers_with(2), budgets).by_class()["kv_cache"] == interleave(
+        [0, 1, 2]
+    )
+
+
+def test_cxl_aware_puts_the_kv_cache_where_it_puts_compute_weights_of_the_same_size():
+    # Same size, same rule: the KV cache is a read stream like the bf16 weights.
+    weights = TensorGroup("compute_params", ("params",), KV.nbytes, False, ())
+    for dram in ("16GiB", "6GiB", "1GiB", 0):
+        budgets = {"dram": dram, "cxl": "64GiB"}
+        kv = cxl_aware([KV], tiers_with(2), budgets).groups[0]
+        w = cxl_aware([weights], tiers_with(2), budgets).groups[0]
+        assert (kv.rule, kv.nbytes_per_node) == (w.rule, w.nbytes_per_node), dram
