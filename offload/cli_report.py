@@ -32,7 +32,8 @@ def register(subparsers) -> None:
         "report",
         help="compare saved runs (sess.save) and show offload-profile results",
         description="Compare run records written by OffloadSession.save: steps, median phase "
-        "times, GB/s each way, hidden transfer fraction, peak HBM and host bytes per tier. "
+        "times, GB/s each way against the recorded ceilings and where those came from, hidden "
+        "transfer fraction, peak HBM and host bytes per tier. "
         "Profile JSONs from offload-profile are shown as their per-node rates.",
     )
     parser.add_argument("files", nargs="+", help="run.json or profile.json files")
@@ -58,7 +59,7 @@ def _cell(column: str, value: object) -> str:
         return "-"
     if column.endswith("_nbytes_max"):
         return format_bytes(value)
-    if column.startswith("hidden_transfer_fraction"):
+    if "_fraction" in column:
         return f"{value:.0%}"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -118,8 +119,25 @@ def _run(args: argparse.Namespace) -> int:
         frame.to_csv(args.csv, index=False)
         console.print(f"wrote {args.csv}")
     if args.plot:
-        from plots.run_steps import plot_runs
-
-        for png in plot_runs(runs, args.plot):
+        for png in write_plots(runs, args.plot):
             console.print(f"wrote {png}")
     return 0
+
+
+def write_plots(runs: Mapping[str, RunRecord], out_dir: str | Path) -> list[Path]:
+    """The comparison figures into ``out_dir`` (created): ``report_step_breakdown.png``,
+    ``report_bytes_per_tier.png`` and ``report_bandwidth.png``.
+
+    >>> write_plots({"a": load_run("run.json")}, "docs")  # doctest: +SKIP
+    """
+    # Imported here: matplotlib is needed only when figures are asked for.
+    from plots.run_bandwidth import plot_bandwidth
+    from plots.run_steps import plot_step_breakdown, plot_tier_bytes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_step_breakdown(runs, out / "report_step_breakdown.png"),
+        plot_tier_bytes(runs, out / "report_bytes_per_tier.png"),
+        plot_bandwidth(runs, out / "report_bandwidth.png"),
+    ]

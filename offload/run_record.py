@@ -1,5 +1,5 @@
 """The versioned run record (``offload-run/1``) that ``OffloadSession.save`` writes: config, plan,
-topology, machine facts and one row per step; loaded back typed. File format only; no measuring.
+topology, machine facts, transfer ceilings and one row per step; loaded back typed. No measuring.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import pandas as pd
 import torch
 
 from allocators.errors import OffloadError
+from allocators.policies import parse_budgets
+from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
 from allocators.topology_json import topology_to_dict
 from offload.config import OffloadConfig
+from offload.dashboard_thread import TransferCeilings, transfer_ceilings
 from offload.run_plan import RunPlan
 
 SCHEMA = "offload-run/1"
@@ -56,6 +59,10 @@ class PlanRecord:
 class RunRecord:
     """One saved run; ``steps`` holds ``sess.report()``'s rows, units in column names.
 
+    ``ceilings`` are the H2D/D2H rates the run's copies are measured against (the dashboard's:
+    the profile's measured rates, else the topology's declared ones); None in records saved
+    before ceilings were stored, which still load.
+
     >>> rec = RunRecord(SCHEMA, "2026-01-01T00:00:00Z", {}, None, {},
     ...                 MachineFacts("h", "2.13", None, None), [{"step": 0, "forward_ms": 1.5}])
     >>> run_from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
@@ -69,6 +76,23 @@ class RunRecord:
     topology: dict[str, Any]
     machine: MachineFacts
     steps: list[dict[str, float | int | None]]
+    ceilings: TransferCeilings | None = None
+
+    @property
+    def has_dma(self) -> bool:
+        """Whether the copies were GPU DMA: the session records peak HBM only on a CUDA device,
+        so a CPU run (its "H2D"/"D2H" are host memcpy) has none in any step."""
+        return any(row.get("peak_hbm_nbytes") is not None for row in self.steps)
+
+    @property
+    def where(self) -> str:
+        """Where the numbers come from, for figure titles: ``"measured on vm (CPU only, no GPU)"``.
+
+        >>> RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("vm", "2.13", None, None), []).where
+        'measured on vm (CPU only, no GPU)'
+        """
+        device = self.machine.gpu_name or "CPU only, no GPU"
+        return f"measured on {self.machine.hostname} ({device})"
 
     def steps_frame(self) -> pd.DataFrame:
         """The per-step rows as a DataFrame (``step``, ``forward_ms``, ``d2h_gb_per_s``, ...)."""
@@ -104,10 +128,14 @@ def record_run(
 ) -> RunRecord:
     """Build the record of a session's run from its config, plan, topology and report rows.
 
+    The ceilings are those the dashboard draws against, over the nodes the budgets give bytes.
+
     >>> from allocators.declared_topology import load_declared
     >>> rec = record_run(OffloadConfig(), None, load_declared("paper-1aic"), [{"step": 0}])
     >>> rec.schema, rec.config["policy"], rec.topology["name"]
     ('offload-run/1', 'cxl_aware', 'paper-1aic')
+    >>> rec.ceilings.source
+    'declared rates (declared:paper-1aic.yaml)'
     """
     plan_record = None
     if plan is not None:
@@ -129,7 +157,27 @@ def record_run(
         topology=topology_to_dict(topology),
         machine=machine_facts(),
         steps=[dict(row) for row in steps],
+        ceilings=run_ceilings(config, topology),
     )
+
+
+def run_ceilings(config: OffloadConfig, topology: Topology) -> TransferCeilings:
+    """The transfer ceilings of a run under ``config`` on ``topology`` (see transfer_ceilings).
+
+    A profile that can no longer be read at save time leaves the rates unknown and says why in
+    the source, rather than losing the run's record.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> c = run_ceilings(OffloadConfig(), load_declared("paper-1aic"))
+    >>> c.h2d_gb_per_s > 0, c.d2h_gb_per_s > 0
+    (True, True)
+    """
+    budgets = parse_budgets(config.budgets or dict(DEFAULT_BUDGETS), topology.tiers)
+    nodes = [node for node, nbytes in budgets.node_nbytes.items() if nbytes > 0]
+    try:
+        return transfer_ceilings(topology, config.profile, nodes)
+    except (OSError, OffloadError) as exc:
+        return TransferCeilings(None, None, f"profile {config.profile} unreadable at save: {exc}")
 
 
 def _get(data: Any, key: str, kinds: type | tuple[type, ...], where: str) -> Any:
@@ -199,6 +247,21 @@ def run_from_dict(data: Any) -> RunRecord:
             seq=_get(p, "seq", int, "plan"),
             profile=_get(p, "profile", (str, type(None)), "plan"),
         )
+    ceilings = None
+    c = data.get("ceilings")
+    if c is not None:
+        # Absent (or null) in records saved before ceilings were stored: they stay readable.
+        ceilings = TransferCeilings(
+            h2d_gb_per_s=_number(
+                _get(c, "h2d_gb_per_s", (int, float, type(None)), "ceilings"),
+                "ceilings.h2d_gb_per_s",
+            ),
+            d2h_gb_per_s=_number(
+                _get(c, "d2h_gb_per_s", (int, float, type(None)), "ceilings"),
+                "ceilings.d2h_gb_per_s",
+            ),
+            source=_get(c, "source", (str, type(None)), "ceilings"),
+        )
     steps = []
     for i, row in enumerate(_get(data, "steps", list, "")):
         if not isinstance(row, dict):
@@ -212,6 +275,7 @@ def run_from_dict(data: Any) -> RunRecord:
         topology=_get(data, "topology", dict, ""),
         machine=machine,
         steps=steps,
+        ceilings=ceilings,
     )
 
 
@@ -247,8 +311,11 @@ def load_run(path: str | Path) -> RunRecord:
 
 
 def run_summary(record: RunRecord) -> dict[str, float | int | str | None]:
-    """One comparison row: steps, median phase ms, GB/s each way, hidden fraction, peaks.
+    """One comparison row: steps, median phase ms, GB/s each way against the recorded ceilings,
+    where the ceilings came from, hidden fraction, peaks.
 
+    ``copy_kind`` is ``dma`` on a GPU, ``host_memcpy`` on CPU (where no ceiling fraction is
+    given); ``<dir>_of_ceiling_fraction`` is the median achieved rate over the ceiling.
     ``peak_hbm_nbytes`` is None on CPU; ``host_<tier>_nbytes`` are the most each tier held.
 
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
@@ -271,11 +338,33 @@ def run_summary(record: RunRecord) -> dict[str, float | int | str | None]:
     row["steps"] = len(frame)
     for phase in PHASES:
         row[f"{phase}_ms_median"] = median(f"{phase}_ms")
+    row["copy_kind"] = "dma" if record.has_dma else "host_memcpy"
+    ceilings = record.ceilings
     for direction in ("h2d", "d2h"):
         row[f"{direction}_gb_per_s_median"] = median(f"{direction}_gb_per_s")
+        ceiling = getattr(ceilings, f"{direction}_gb_per_s") if ceilings else None
+        row[f"{direction}_ceiling_gb_per_s"] = ceiling
+        # A host memcpy's rate against a PCIe ceiling would compare unlike things.
+        achieved = row[f"{direction}_gb_per_s_median"]
+        fraction = achieved / ceiling if record.has_dma and ceiling and achieved else None
+        row[f"{direction}_of_ceiling_fraction"] = fraction
+    row["ceiling_source"] = ceiling_source_text(ceilings)
     row["hidden_transfer_fraction_median"] = median("hidden_transfer_fraction")
     row["peak_hbm_nbytes_max"] = peak("peak_hbm_nbytes")
     tiers = sorted(c for c in frame.columns if c.startswith("host_") and c.endswith("_nbytes"))
     for column in tiers:
         row[f"{column}_max"] = peak(column)
     return row
+
+
+def ceiling_source_text(ceilings: TransferCeilings | None) -> str:
+    """Where a run's ceilings came from, in words, also when there are none.
+
+    >>> ceiling_source_text(None)
+    'not recorded (saved before ceilings were stored)'
+    >>> ceiling_source_text(TransferCeilings(None, None, None))
+    'none (no measured profile, no declared rates)'
+    """
+    if ceilings is None:
+        return "not recorded (saved before ceilings were stored)"
+    return ceilings.source or "none (no measured profile, no declared rates)"

@@ -1,5 +1,5 @@
 """Figures of saved runs for ``offload report --plot``: each step's phases as stacked bars per run,
-and host bytes per tier over steps. Reads run records only; it must not run or time anything.
+and host bytes per tier over steps, titled with where they were measured. Reads records only.
 """
 
 from __future__ import annotations
@@ -11,6 +11,17 @@ from matplotlib.ticker import MaxNLocator
 
 from offload.run_record import PHASES, RunRecord
 from plots.profile_common import plt, save_png
+
+
+def measured_where(runs: Mapping[str, RunRecord]) -> str:
+    """One subtitle naming where each distinct run was measured (records are always measured).
+
+    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("vm", "2", None, None), [])
+    >>> measured_where({"a": rec, "b": rec})
+    'measured on vm (CPU only, no GPU)'
+    """
+    return "; ".join(dict.fromkeys(record.where for record in runs.values()))
 
 
 def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path:
@@ -36,7 +47,7 @@ def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> 
             values = frame[column].fillna(0.0).tolist()
             ax.bar(steps, values, bottom=bottom, label=phase)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set_title(f"{name} (measured on {record.machine.hostname})", fontsize=9)
+        ax.set_title(f"{name}\n{record.where}", fontsize=9)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("ms")
@@ -68,20 +79,7 @@ def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("MiB held")
-    ax.set_title("host bytes per tier (measured)", fontsize=9)
+    ax.set_title("host bytes per tier\n" + measured_where(runs), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return save_png(fig, png_path)
-
-
-def plot_runs(runs: Mapping[str, RunRecord], out_dir: str | Path) -> list[Path]:
-    """Both figures into ``out_dir`` (created if missing): ``run_steps.png``, ``run_tiers.png``.
-
-    >>> plot_runs({}, "/tmp")  # doctest: +SKIP
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_step_breakdown(runs, out / "run_steps.png"),
-        plot_tier_bytes(runs, out / "run_tiers.png"),
-    ]

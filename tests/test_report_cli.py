@@ -9,6 +9,11 @@ import pandas as pd
 import pytest
 
 from allocators.cli_app import run_subcommands
+from offload.cli_report import _cell, comparison_frame
+from offload.dashboard_thread import TransferCeilings
+from offload.run_record import SCHEMA, MachineFacts, RunRecord, load_run
+from plots.profile_common import plt
+from plots.run_bandwidth import bandwidth_figure
 from tests.test_run_record import run_tiny
 
 PROFILE = Path(__file__).resolve().parent.parent / "experiments/results/cpu-2core/profile.json"
@@ -53,14 +58,70 @@ def test_csv_has_one_row_per_run_and_unit_named_columns(two_runs, tmp_path):
         "hidden_transfer_fraction_median",
         "peak_hbm_nbytes_max",
         "host_dram_nbytes_max",
+        "copy_kind",
+        "h2d_ceiling_gb_per_s",
+        "d2h_ceiling_gb_per_s",
+        "h2d_of_ceiling_fraction",
+        "d2h_of_ceiling_fraction",
+        "ceiling_source",
     }
     assert expected <= set(frame.columns)
+
+
+def test_table_says_where_the_ceiling_came_from(two_runs, capsys):
+    assert report(*map(str, two_runs)) == 0
+    out = capsys.readouterr().out
+    assert "ceiling_source" in out and "none (no measured profile" in out
+    assert "host_memcpy" in out
+
+
+def dma_record(ceilings):
+    steps = [
+        {"step": i, "h2d_gb_per_s": h2d, "d2h_gb_per_s": d2h, "peak_hbm_nbytes": 1 << 30}
+        for i, (h2d, d2h) in enumerate([(40.0, 30.0), (50.0, 44.0), (45.0, 40.0)])
+    ]
+    return RunRecord(
+        SCHEMA, "", {}, None, {}, MachineFacts("h", "2", "13", "H100"), steps, ceilings
+    )
+
+
+def test_dma_run_is_compared_to_its_ceiling_as_a_fraction():
+    frame = comparison_frame({"gpu": dma_record(TransferCeilings(50.0, 55.0, "profile h.json"))})
+    row = frame.iloc[0]
+    assert row["copy_kind"] == "dma" and row["ceiling_source"] == "profile h.json"
+    assert row["h2d_of_ceiling_fraction"] == pytest.approx(45.0 / 50.0)
+    assert row["d2h_of_ceiling_fraction"] == pytest.approx(40.0 / 55.0)
+    assert "90%" in _cell("h2d_of_ceiling_fraction", row["h2d_of_ceiling_fraction"])
+
+
+def test_bandwidth_figure_draws_dma_rates_and_ceilings():
+    fig = bandwidth_figure({"gpu": dma_record(TransferCeilings(50.0, 55.0, "profile h.json"))})
+    ax = fig.axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines["H2D achieved"] == [40.0, 50.0, 45.0]
+    assert lines["H2D ceiling"] == [50.0, 50.0] and lines["D2H ceiling"] == [55.0, 55.0]
+    assert "measured on h (H100)" in ax.get_title()
+    assert any("profile h.json" in t.get_text() for t in ax.texts)
+    plt.close(fig)
+
+
+def test_bandwidth_figure_of_a_cpu_run_says_there_is_no_dma(two_runs):
+    fig = bandwidth_figure({"cpu": load_run(two_runs[0])})
+    ax = fig.axes[0]
+    assert "no DMA" in ax.get_title() and "CPU only, no GPU" in ax.get_title()
+    assert not ax.get_lines()
+    assert any("host memcpy" in t.get_text() for t in ax.texts)
+    plt.close(fig)
 
 
 def test_plot_writes_nonempty_pngs(two_runs, tmp_path):
     assert report(*map(str, two_runs), "--plot", str(tmp_path / "figs")) == 0
     pngs = sorted((tmp_path / "figs").glob("*.png"))
-    assert [p.name for p in pngs] == ["run_steps.png", "run_tiers.png"]
+    assert [p.name for p in pngs] == [
+        "report_bandwidth.png",
+        "report_bytes_per_tier.png",
+        "report_step_breakdown.png",
+    ]
     assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 1000 for p in pngs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -10,7 +11,9 @@ import torch
 
 import offload
 from allocators.sysfs_topology import discover
-from offload.run_record import SCHEMA, RunRecordError, load_run, run_summary
+from offload.config import OffloadConfig
+from offload.dashboard_thread import TransferCeilings
+from offload.run_record import SCHEMA, RunRecordError, load_run, record_run, run_summary
 from offload.tiny_finetune import tiny_llama
 
 pytest.importorskip("transformers")
@@ -70,6 +73,40 @@ def test_summary_is_medians_and_peaks(saved_run):
     assert summary["forward_ms_median"] == pytest.approx(frame["forward_ms"].median())
     assert summary["host_dram_nbytes_max"] == frame["host_dram_nbytes"].max() > 0
     assert summary["peak_hbm_nbytes_max"] is None  # no GPU: nothing measured, not zero
+
+
+def test_cpu_run_records_that_it_has_no_dma_and_no_ceiling(saved_run):
+    _, path = saved_run
+    record = load_run(path)
+    assert not record.has_dma
+    assert record.ceilings == TransferCeilings(None, None, None)
+    summary = run_summary(record)
+    assert summary["copy_kind"] == "host_memcpy"
+    assert summary["h2d_ceiling_gb_per_s"] is None and summary["h2d_of_ceiling_fraction"] is None
+    assert summary["ceiling_source"].startswith("none")
+
+
+def test_record_saved_before_ceilings_still_loads(saved_run, tmp_path):
+    _, path = saved_run
+    old = edit(path, tmp_path, lambda d: d.pop("ceilings"))
+    record = load_run(old)
+    assert record.ceilings is None and record.steps == load_run(path).steps
+    assert run_summary(record)["ceiling_source"].startswith("not recorded")
+
+
+def test_ceilings_round_trip_through_json(tmp_path):
+    ceilings = TransferCeilings(53.7, 55.0, "profile h100.json")
+    record = dataclasses.replace(
+        record_run(OffloadConfig(), None, discover(), []), ceilings=ceilings
+    )
+    assert load_run(record.save(tmp_path / "run.json")).ceilings == ceilings
+
+
+def test_bad_ceiling_is_named(saved_run, tmp_path):
+    _, path = saved_run
+    bad = edit(path, tmp_path, lambda d: d.update(ceilings={"h2d_gb_per_s": "fast"}))
+    with pytest.raises(RunRecordError, match=r"'ceilings\.h2d_gb_per_s' = 'fast'"):
+        load_run(bad)
 
 
 def test_planned_run_records_its_plan(tmp_path):
