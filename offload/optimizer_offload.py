@@ -335,6 +335,9 @@ class OptimizerOffload:
             self.last_grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
         for bucket in self.buckets:
             if not bucket.stepped:
+                # Everything queued so far may read these params: the copy back waits for it
+                # (a bucket some of whose params got no gradient never took its own mark).
+                bucket.read_done = self.streams.mark()
                 self._step_bucket(bucket)
         for event in self._copy_backs:
             self.streams.wait(event)
@@ -431,6 +434,7 @@ class OptimizerOffload:
         self._clipped_ids = set()
         for bucket in self.buckets:
             bucket.stepped = False
+            bucket.read_done = None
             bucket.copies = []
             for slot in bucket.slots:
                 slot.arrivals = 0
