@@ -18,6 +18,11 @@ parameter fetch that cannot overlap. Traffic per tensor class and phase:
 
 With ``overlap_step`` the optimizer's CPU traffic runs during backward (sharing the nodes with the
 DMA), and only the last bucket's step (1/L of it) is left exposed after backward.
+
+The table is DeepSpeed's layout for a bf16 model. ``StepConfig.param_nbytes`` (2: bf16, 4: fp32)
+scales params, grads and activations; ``fp32_master_grads=False`` is our runtime's layout: the
+optimizer reads the gradients where they landed (no fp32 copy in backward), and an fp32 model's
+optimizer writes its master, which is copied to the device as it is (no half copy).
 """
 
 from __future__ import annotations
@@ -58,6 +63,13 @@ class StepConfig:
     - ``overlap_step``: the CPU optimizer steps finished gradient buckets during backward (our
       runtime); False steps after backward (DeepSpeed, the paper).
     - ``overhead_s_per_param``: a framework's fixed per-step cost per parameter.
+    - ``param_nbytes``: bytes per element of the model's params, grads and activations (2: bf16).
+    - ``fp32_master_grads``: backward copies gradients into fp32 master gradients on the host
+      (DeepSpeed); False: the optimizer reads them as they landed (our runtime).
+    - ``head_activations``: the loss's fp32 log-probabilities (4 b s V bytes) are offloaded too,
+      twice (our runtime's saved-tensor hooks: log_softmax and nll_loss each save that tensor).
+    - ``activation_min_nbytes``: saved tensors smaller than this stay on the device (our
+      runtime's setting of that name); 0 offloads every one.
 
     >>> StepConfig().optimizer
     'adam'
@@ -70,11 +82,20 @@ class StepConfig:
     overlap_step: bool = False
     overhead_s_per_param: float = 0.0
     gpu: GpuModel = field(default_factory=GpuModel)
+    param_nbytes: int = 2
+    fp32_master_grads: bool = True
+    head_activations: bool = False
+    activation_min_nbytes: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in _STATE_NBYTES_PER_PARAM:
             raise SimulationError(
                 f"optimizer {self.optimizer!r} is not modelled; write 'adam', 'adamw' or 'lion'"
+            )
+        if self.param_nbytes not in (2, 4):
+            raise SimulationError(
+                f"param_nbytes = {self.param_nbytes!r} is not modelled; write 2 (bf16/fp16) or "
+                "4 (fp32)"
             )
 
 
@@ -106,6 +127,15 @@ class StepPrediction:
         return self.tokens / self.total_s
 
 
+def _activation_nbytes(shape: ModelShape, batch: int, seq: int, config: StepConfig) -> int:
+    checkpoint = config.param_nbytes * batch * seq * shape.hidden
+    total = shape.layers * checkpoint if checkpoint >= config.activation_min_nbytes else 0
+    log_probs = 4 * batch * seq * shape.vocab
+    if config.head_activations and log_probs >= config.activation_min_nbytes:
+        total += 2 * log_probs
+    return total
+
+
 def phase_traffic(
     shape: ModelShape,
     batch: int,
@@ -125,14 +155,25 @@ def phase_traffic(
     True
     """
     p = shape.n_params
-    activations = 2 * batch * seq * shape.hidden * shape.layers
+    pb = config.param_nbytes
+    activations = _activation_nbytes(shape, batch, seq, config)
     state = _STATE_NBYTES_PER_PARAM[config.optimizer] * p
-    rows: list[tuple[str, str, str, float]] = [
-        ("params", "step_cpu", "cpu", 2 * p),
-        ("grads", "backward", "d2h", 2 * p),
-        ("grads", "backward", "cpu", 2 * p),
-        ("master_grads", "backward", "cpu", 4 * p),
-        ("master_grads", "step_cpu", "cpu", 4 * p),
+    # Where the device's copy of the params comes from after the step: the half copy the
+    # optimizer writes, or (an fp32 model in our runtime) the master itself.
+    source = "master_params" if pb == 4 and not config.fp32_master_grads else "params"
+    rows: list[tuple[str, str, str, float]] = []
+    if source == "params":
+        rows.append(("params", "step_cpu", "cpu", pb * p))
+    rows.append(("grads", "backward", "d2h", pb * p))
+    if config.fp32_master_grads:
+        rows += [
+            ("grads", "backward", "cpu", pb * p),
+            ("master_grads", "backward", "cpu", 4 * p),
+            ("master_grads", "step_cpu", "cpu", 4 * p),
+        ]
+    else:
+        rows.append(("grads", "step_cpu", "cpu", pb * p))
+    rows += [
         ("master_params", "step_cpu", "cpu", 4 * p),
         ("master_params", "step_cpu", "cpu", 4 * p),
         ("optimizer_state", "step_cpu", "cpu", state),
@@ -144,9 +185,9 @@ def phase_traffic(
             ("activations", "backward", "h2d", activations),
         ]
     if config.offload_params:
-        rows += [("params", "forward", "h2d", 2 * p), ("params", "backward", "h2d", 2 * p)]
+        rows += [("params", "forward", "h2d", pb * p), ("params", "backward", "h2d", pb * p)]
     else:
-        rows.append(("params", "step_dma", "h2d", 2 * p))
+        rows.append((source, "step_dma", "h2d", pb * p))
     phases = {name: Traffic() for name in ("forward", "backward", "step_cpu", "step_dma")}
     for tensor_class, phase, kind, nbytes in rows:
         if tensor_class not in placements:
@@ -185,7 +226,7 @@ def simulate_step(
     # The first layer's parameters must arrive before any compute can start, in each pass.
     fill_s = 0.0
     if config.offload_params:
-        fill_s = 2 * shape.n_params_per_layer / (rates.link_gib_per_s * (1 << 30))
+        fill_s = config.param_nbytes * shape.n_params_per_layer / (rates.link_gib_per_s * (1 << 30))
     step_cpu = memory_seconds(traffic["step_cpu"], rates)
     step_dma = memory_seconds(traffic["step_dma"], rates)
     forward_mem = memory_seconds(traffic["forward"], rates)

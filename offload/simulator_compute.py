@@ -11,7 +11,8 @@ from offload.model_shapes import ModelShape
 
 @dataclass(frozen=True)
 class GpuModel:
-    """A GPU as the simulator sees it: dense bf16 peak and the fraction of it a step reaches.
+    """A compute device as the simulator sees it: its peak (a GPU's dense bf16 peak, or a CPU's
+    measured rate, see :func:`fitted_device`) and the fraction of it a step reaches.
 
     The default MFU, 0.36, is the mean of the three all-on-GPU runs of the 1.1B Llama in
     reference/MEASURED.md (H100: 0.333 at 8K without checkpointing, 0.353 at 8K and 0.386 at 32K
@@ -59,3 +60,31 @@ def compute_seconds(
     """
     fwd = forward_flops(shape, batch, seq) / gpu.effective_flops_per_s
     return fwd, fwd * (3.0 if recompute else 2.0)
+
+
+def fitted_device(
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    forward_s: float,
+    name: str,
+    peak_flops_per_s: float | None = None,
+) -> GpuModel:
+    """A device whose effective FLOP/s is read off one measured forward pass of ``shape`` at
+    (``batch``, ``seq``): a CPU (no peak given: the fitted rate is taken as its peak, MFU 1), or a
+    GPU whose MFU is then the fitted rate over ``peak_flops_per_s``. Fit on one run, predict others.
+
+    >>> from offload.model_shapes import MODELS
+    >>> shape = MODELS["llama-1.1b"]
+    >>> cpu = fitted_device(shape, 1, 256, forward_flops(shape, 1, 256) / 1e11, "cpu")
+    >>> cpu.effective_flops_per_s, cpu.mfu
+    (100000000000.0, 1.0)
+    """
+    if not forward_s > 0:
+        raise ValueError(f"forward_s = {forward_s!r}: a measured forward must take positive time")
+    flops_per_s = forward_flops(shape, batch, seq) / forward_s
+    if peak_flops_per_s is None:
+        return GpuModel(name=name, peak_flops_per_s=flops_per_s, mfu=1.0)
+    return GpuModel(
+        name=name, peak_flops_per_s=peak_flops_per_s, mfu=flops_per_s / peak_flops_per_s
+    )

@@ -69,6 +69,8 @@ class SimRates:
 
     ``link_gib_per_s`` is one direction of the GPU's PCIe link: the fastest rate any node reaches.
     ``kinds`` maps node -> "dram"/"cxl"; ``notes`` lists every value that came from a default.
+    ``cpu_device``: the device is the CPU itself, so a node's copy rate is its own limit (see
+    :func:`host_device_rates`).
 
     >>> rates = paper_rates(cxl_nodes=2)
     >>> rates.link_gib_per_s, sorted(rates.nodes), rates.kinds[2]
@@ -81,6 +83,7 @@ class SimRates:
     duplex_gib_per_s: float
     copy_latency_s: float = COPY_LATENCY_S
     notes: tuple[str, ...] = field(default=())
+    cpu_device: bool = False
 
     def dma_gib_per_s(self, node_id: int, direction: str) -> float:
         """What ``node_id`` itself sustains in one DMA direction, for all GPUs together.
@@ -95,6 +98,8 @@ class SimRates:
         """
         r = self.node(node_id)
         one_gpu = r.h2d_gib_per_s if direction == "h2d" else r.d2h_gib_per_s
+        if self.cpu_device:
+            return one_gpu
         return r.cpu_gib_per_s if one_gpu >= 0.98 * self.link_gib_per_s else one_gpu
 
     def node(self, node_id: int) -> NodeSimRates:
@@ -200,3 +205,40 @@ def paper_rates(cxl_nodes: int = 1) -> SimRates:
         NumaNode(i, "cxl", (), 0, 0) for i in range(1, cxl_nodes + 1)
     )
     return replace(sim_rates(nodes), notes=("all rates from reference/PAPER.md",))
+
+
+def memcpy_gib_per_s(read_gib_per_s: float, write_gib_per_s: float) -> float:
+    """The rate of a copy made by the CPU within one node: each byte is read and then written on
+    the same memory, so the two stream rates add up in time (harmonically).
+
+    >>> memcpy_gib_per_s(10.0, 10.0)
+    5.0
+    """
+    for name, value in (("read_gib_per_s", read_gib_per_s), ("write_gib_per_s", write_gib_per_s)):
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise RateModelError(f"{name} = {value!r} must be a positive rate in GiB/s")
+    return 1.0 / (1.0 / read_gib_per_s + 1.0 / write_gib_per_s)
+
+
+def host_device_rates(
+    copy_gib_per_s: float, cpu_gib_per_s: float, node_id: int = 0, kind: str = "dram"
+) -> SimRates:
+    """Rates for a run whose device is the CPU itself (no GPU): a "DMA" is a memcpy on
+    ``node_id`` at ``copy_gib_per_s`` in either direction, the link is that copy (no PCIe, and no
+    duplex gain: both directions share the node's memory), and the optimizer moves its bytes at
+    ``cpu_gib_per_s``.
+
+    >>> r = host_device_rates(copy_gib_per_s=8.0, cpu_gib_per_s=4.0)
+    >>> r.link_gib_per_s, r.duplex_gib_per_s, r.dma_gib_per_s(0, "h2d")
+    (8.0, 8.0, 8.0)
+    """
+    rates = NodeSimRates(copy_gib_per_s, copy_gib_per_s, cpu_gib_per_s)
+    return SimRates(
+        nodes={node_id: rates},
+        kinds={node_id: kind},
+        link_gib_per_s=copy_gib_per_s,
+        duplex_gib_per_s=copy_gib_per_s,
+        copy_latency_s=0.0,
+        notes=(f"node {node_id}: the device is the CPU; copies are memcpy on the node",),
+        cpu_device=True,
+    )

@@ -143,3 +143,62 @@ def test_a_negative_rate_is_refused():
     node = NumaNode(0, "dram", (0,), 1 << 30, 1 << 30, rates=NodeRates(h2d_gib_per_s=-1.0))
     with pytest.raises(RateModelError, match="positive"):
         sim_rates((node,))
+
+
+def _step_bytes(config, kind="cpu", phase="step_cpu"):
+    from offload.simulate import phase_traffic
+
+    shape = MODELS["llama-1.1b"]
+    traffic = phase_traffic(shape, 1, 4096, everything_on(as_placement(0)), config)
+    return sum(getattr(traffic[phase], kind).values()) / shape.n_params
+
+
+def test_our_runtimes_fp32_layout_moves_adamws_28_bytes_per_param_in_the_step():
+    ours = StepConfig(optimizer="adamw", param_nbytes=4, fp32_master_grads=False)
+    assert _step_bytes(ours) == 28  # grad 4, master 4+4, two states 8+8
+    assert _step_bytes(StepConfig(optimizer="adamw")) == 30  # DeepSpeed: + fp32 grads, bf16 write
+
+
+def test_an_fp32_model_copies_its_master_back_and_a_bf16_model_its_half_copy():
+    fp32 = StepConfig(offload_params=False, param_nbytes=4, fp32_master_grads=False)
+    bf16 = StepConfig(offload_params=False, param_nbytes=2, fp32_master_grads=False)
+    assert _step_bytes(fp32, "h2d", "step_dma") == 4
+    assert _step_bytes(bf16, "h2d", "step_dma") == 2
+
+
+def test_the_loss_log_probs_go_out_twice_and_small_checkpoints_stay():
+    shape = MODELS["llama-1.1b"]
+    checkpoints = 2 * 4096 * shape.hidden * shape.layers / shape.n_params
+    plain = StepConfig()
+    with_head = StepConfig(head_activations=True)
+    assert _step_bytes(with_head, "d2h", "forward") - _step_bytes(plain, "d2h", "forward") == (
+        pytest.approx(2 * 4 * 4096 * shape.vocab / shape.n_params)
+    )
+    assert _step_bytes(plain, "d2h", "forward") == pytest.approx(checkpoints)
+    too_small = StepConfig(activation_min_nbytes=2 * 4096 * shape.hidden + 1)
+    assert _step_bytes(too_small, "d2h", "forward") == 0
+
+
+def test_an_unmodelled_param_size_is_refused():
+    with pytest.raises(SimulationError, match="param_nbytes"):
+        StepConfig(param_nbytes=8)
+
+
+def test_on_a_cpu_device_a_copy_runs_at_the_copy_rate_even_below_the_optimizer_rate():
+    from offload.simulator_rates import host_device_rates
+
+    rates = host_device_rates(copy_gib_per_s=8.0, cpu_gib_per_s=2.0)
+    assert memory_seconds(Traffic(h2d={0: 8 * GIB}), rates).seconds == pytest.approx(1.0)
+    # A copy and the optimizer on the one node queue behind each other.
+    both = memory_seconds(Traffic(h2d={0: 8 * GIB}, cpu={0: 2 * GIB}), rates).seconds
+    assert both == pytest.approx(2.0)
+
+
+def test_a_fitted_device_predicts_the_forward_it_was_fitted_on():
+    from offload.simulator_compute import compute_seconds, fitted_device
+
+    shape = MODELS["llama-1.1b"]
+    device = fitted_device(shape, 1, 512, 0.25, "cpu")
+    assert compute_seconds(shape, 1, 512, device, recompute=False)[0] == pytest.approx(0.25)
+    gpu = fitted_device(shape, 1, 512, 0.25, "gpu", peak_flops_per_s=1e15)
+    assert gpu.effective_flops_per_s == pytest.approx(device.effective_flops_per_s)
