@@ -1,4 +1,5 @@
-"""TieredKVCache on CPU: same tokens as DynamicCache, block store, per-tier accounting, limits."""
+"""TieredKVCache on CPU: same tokens as DynamicCache, block store, per-tier accounting, limits,
+and caches built from a model config and a policy (for_model) that hold where the plan says."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import transformers
 from transformers import DynamicCache
 
 from allocators.errors import BudgetExceededError
+from allocators.placement import as_placement
 from allocators.tiered import TieredAllocator
 from allocators.topology import NumaNode, Topology
 from offload.host_memory import HostMemory
 from offload.kv_cache import TieredKVCache, check_transformers_version
+from offload.model_shapes import MODELS
 from offload.tiny_finetune import tiny_llama
 
 BLOCK_TOKENS = 16
@@ -258,3 +261,144 @@ def test_exported_from_the_package():
     import offload
 
     assert offload.TieredKVCache is TieredKVCache
+
+
+def two_cxl_nodes() -> Topology:
+    dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+    cxl = [
+        NumaNode(id=i, kind="cxl", cpus=(), total_bytes=1 << 34, free_bytes=1 << 33) for i in (1, 2)
+    ]
+    nodes = (dram, *cxl)
+    distances = {a.id: {b.id: 10 if a is b else 20 for b in nodes} for a in nodes}
+    return Topology(nodes=nodes, distances=distances, gpus=(), source="test dram+2cxl")
+
+
+@pytest.mark.parametrize("policy", ["local_only", "naive_interleave", "cxl_aware"])
+def test_every_paper_policy_places_the_cache_on_this_machines_dram(models, policy):
+    with TieredKVCache.for_model(
+        models[2].config,
+        max_context_tokens=64,
+        policy=policy,
+        budgets={"dram": "64MiB"},
+        device="cpu",
+        pin=False,
+    ) as cache:
+        assert cache.plan.policy == policy and cache.placement == as_placement(0)
+
+
+def test_for_model_places_the_blocks_on_this_machines_dram_and_keeps_the_tokens(models):
+    model, ids = models[2], prompt()
+    expected = generate(model, ids, DynamicCache())
+    cache = TieredKVCache.for_model(
+        model.config,
+        max_context_tokens=PROMPT_TOKENS + NEW_TOKENS,
+        policy="planned",
+        budgets={"dram": "64MiB"},
+        dtype=torch.float32,
+        device="cpu",
+        block_tokens=BLOCK_TOKENS,
+        pin=False,
+    )
+    with cache:
+        assert cache.plan.policy == "planned" and cache.placement == as_placement(0)
+        assert cache.allocator.placements["kv_cache"] == cache.placement
+        assert torch.equal(generate(model, ids, cache), expected)
+        for layer in cache.layers:
+            for block in layer.blocks:
+                pages = block.allocation.buffer.pages_per_node()
+                assert set(pages) == {0}, pages
+    assert cache.allocator.live_allocations == ()
+    with pytest.raises(ValueError, match="closed"):  # the cache's own allocator closed with it
+        cache.allocator.allocate("kv_cache", 4096)
+
+
+@pytest.mark.parametrize(
+    ("topology", "expected"),
+    [
+        # 7 GiB of KV (qwen2.5-7b at 128K): 2 GiB of DRAM left, the rest on the card(s).
+        ("paper-1aic", [(0, 2 / 7), (1, 5 / 7)]),
+        ("paper-2aic", [(0, 2 / 7), (1, 2.5 / 7), (2, 2.5 / 7)]),
+    ],
+)
+def test_for_model_on_a_declared_machine_takes_the_policys_placement(topology, expected):
+    cache = TieredKVCache.for_model(
+        "qwen2.5-7b",
+        max_context_tokens=131072,
+        policy="cxl_aware",
+        topology=topology,
+        budgets={"dram": "2GiB", "cxl": "64GiB"},
+        device="cpu",
+        pin=False,
+    )
+    with cache:
+        assert cache.placement == as_placement(expected)
+        assert cache.allocator.placements["kv_cache"] == cache.placement
+        assert cache.plan.result.groups[0].nbytes_per_node[0] == 2 << 30
+
+
+def test_for_model_takes_a_config_dict_a_shape_or_a_name_and_refuses_anything_else():
+    kwargs = {"max_context_tokens": 4096, "budgets": {"dram": "1GiB"}, "device": "cpu"}
+    config = tiny_llama(0, hidden=64, layers=2, vocab=128).config
+    plans = [
+        TieredKVCache.for_model(spec, pin=False, **kwargs)
+        for spec in (config, config.to_dict(), MODELS["llama-1.1b"], "llama-1.1b")
+    ]
+    assert [p.plan.result.groups[0].group.nbytes for p in plans] == [
+        4 * 2 * 2 * 16 * 4096,  # 2 layers, 2 KV heads, head dim 16, bf16
+        4 * 2 * 2 * 16 * 4096,
+        4 * 22 * 4 * 64 * 4096,
+        4 * 22 * 4 * 64 * 4096,
+    ]
+    for cache in plans:
+        cache.close()
+    with pytest.raises(TypeError, match="model.config"):
+        TieredKVCache.for_model(42, **kwargs)
+
+
+def test_for_model_refuses_a_context_the_budgets_cannot_hold():
+    with pytest.raises(BudgetExceededError, match="shorten the context"):
+        TieredKVCache.for_model(
+            "qwen2.5-7b",
+            max_context_tokens=131072,
+            topology="paper-1aic",
+            budgets={"dram": "1GiB", "cxl": "1GiB"},
+            device="cpu",
+        )
+
+
+def test_blocks_follow_the_plans_shares_over_dram_and_cxl(models):
+    # Blocks are 4 KiB here, far below the allocator's 2 MiB stripe chunk: each goes whole to
+    # the node furthest behind its share, so a 1:3 plan holds 1:3 of the bytes (within a block).
+    model, ids = models[3], prompt()
+    expected = generate(model, ids, DynamicCache())
+    allocator = TieredAllocator(
+        dram_and_cxl(),
+        {"dram": "1MiB", "cxl": "1MiB"},
+        placements={"kv_cache": [(0, 1), (1, 3)]},
+        backing=MemoryBacking(),
+        pin=False,
+    )
+    with TieredKVCache(allocator, device="cpu", block_tokens=BLOCK_TOKENS) as cache:
+        assert torch.equal(generate(model, ids, cache), expected)
+        by_tier = cache.tier_nbytes()
+        block = cache.layers[0].block_nbytes
+        # One block off its share moves cxl - 3 * dram by 4 blocks.
+        assert abs(by_tier["cxl"] - 3 * by_tier["dram"]) <= 4 * block, by_tier
+
+
+def test_spill_goes_node_by_node_so_a_full_card_passes_blocks_to_the_next():
+    allocator = TieredAllocator(
+        two_cxl_nodes(),
+        {"dram": "8KiB", "cxl": {1: "8KiB", 2: "1MiB"}},
+        backing=MemoryBacking(),
+        pin=False,
+    )
+    with TieredKVCache(allocator, device="cpu", block_tokens=64, on_full="spill") as cache:
+        # 8 KiB blocks (K+V x 1 x 2 heads x 64 tokens x 8 x fp32): 8 of them for 512 tokens.
+        cache.update(torch.ones(1, 2, 512, 8), torch.ones(1, 2, 512, 8), 0)
+        per_node = {
+            row.node: row.used_nbytes_by_class["kv_cache"]
+            for row in allocator.usage()
+            if row.node is not None
+        }
+    assert per_node == {0: 8192, 1: 8192, 2: 6 * 8192}

@@ -1,5 +1,6 @@
 """TieredKVCache's copy ordering: with copies that run as late as the events allow (as a GPU
-may run them), generation still gives DynamicCache's tokens. Catches a missing wait on CPU."""
+may run them), generation still gives DynamicCache's tokens. Catches a missing wait on CPU.
+Also: the copies' timing events stay bounded in a long run that never collects."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import DynamicCache
 from allocators.topology import NumaNode, Topology
 from offload.host_memory import HostMemory
 from offload.kv_cache import TieredKVCache
+from offload.streams import CopyStreams, TransferCounters
 from offload.tiny_finetune import tiny_llama
 
 
@@ -102,3 +104,50 @@ def test_late_copies_still_give_dynamic_cache_tokens(model, hbm_layers):
         assert torch.equal(generate(model, ids, cache), expected)
         assert cache.streams.deferred_runs > 0
     assert mem.pool_stats().in_use_nbytes == 0
+
+
+class FakeEvent:
+    """A CUDA timing event stand-in: finished or not, and the copy's milliseconds."""
+
+    def __init__(self, ms: float = 0.0, done: bool = True) -> None:
+        self.ms, self.done, self.waited = ms, done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.ms
+
+
+def test_finished_timings_fold_into_the_totals_past_the_cap():
+    counters = TransferCounters(max_pending_timings=8)
+    for i in range(1000):
+        counters.add_timing("h2d" if i % 2 else "d2h", FakeEvent(), FakeEvent(ms=1.0))
+        assert len(counters.pending_timings()) <= 8
+    counters.fold_timings(wait=True)
+    assert (counters.h2d_ms, counters.d2h_ms) == (500.0, 500.0)
+    assert counters.pending_timings() == ()
+
+
+def test_unfinished_copies_stay_pending_until_the_cap_then_the_oldest_is_waited_for():
+    counters = TransferCounters(max_pending_timings=4)
+    ends = [FakeEvent(ms=2.0, done=False) for _ in range(6)]
+    for end in ends:
+        counters.add_timing("h2d", FakeEvent(), end)
+    assert len(counters.pending_timings()) == 4
+    assert [e.waited for e in ends] == [True, True, False, False, False, False]
+    assert counters.h2d_ms == 4.0
+
+
+def test_collect_returns_every_copys_time_however_many_were_folded_before():
+    streams = CopyStreams(torch.device("cpu"))
+    streams.counters.max_pending_timings = 16
+    for _ in range(100):
+        streams.counters.add_timing("d2h", FakeEvent(), FakeEvent(ms=0.5, done=False))
+    done = streams.collect()
+    assert done.d2h_ms == 50.0 and done.pending_timings() == ()
+    assert streams.counters.max_pending_timings == 16  # the cap outlives a collect
+    assert streams.collect().d2h_ms == 0.0
