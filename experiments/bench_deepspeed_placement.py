@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from experiments.bench_offload_training import build_model, host_budgets, time_steps
+from experiments.child_run import run_child
 from experiments.results_io import RESULTS_DIR, machine_slug, write_results
 
 MODES = ("deepspeed_zero3_stock", "deepspeed_zero3_placed", "offload_enable")
@@ -129,27 +129,17 @@ def run_one(mode: str, seq: int, iters: int, warmup: int, policy: str) -> dict:
     return {**measured, **extra()}
 
 
-def _echo_stderr(args, label: str, stderr: str | bytes | None) -> None:
-    if args.echo_child_stderr:
-        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
-        print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
-
-
 def _run_child(mode: str, args: argparse.Namespace, base: dict) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--seq", str(args.seq)]
     command += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--policy", args.policy]
-    row = {**base, "mode": mode, "status": "ok", "error": ""}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        _echo_stderr(args, mode, exc.stderr)
-        return {**row, "status": "timeout", "error": f"no result within {args.timeout_s} s"}
-    if done.returncode != 0:
-        _echo_stderr(args, mode, done.stderr)
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[:500]
-        oom = "out of memory" in (done.stderr or "").lower()
-        return {**row, "status": "out_of_memory" if oom else "failed", "error": tail}
-    return {**row, **json.loads(done.stdout.strip().splitlines()[-1])}
+    outcome = run_child(command, args.timeout_s, mode, args.echo_child_stderr)
+    return {
+        **base,
+        "mode": mode,
+        "status": outcome.status,
+        "error": outcome.error,
+        **outcome.values,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

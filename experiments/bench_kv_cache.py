@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 
+from experiments.child_run import run_child
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
 from offload.model_shapes import MODELS
 
@@ -252,24 +252,8 @@ def _run_child(cache: str, context: int, args, machine: str, gpu: str) -> Result
         "context": context,
         "new_tokens": args.new_tokens,
     }
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        _echo_stderr(args, f"{cache}:{context}", exc.stderr)
-        return Result(**base, status="timeout", error=f"over {args.timeout_s} s")
-    if done.returncode != 0:
-        _echo_stderr(args, f"{cache}:{context}", done.stderr)
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        status = "oom" if "OutOfMemoryError" in done.stderr else "failed"
-        return Result(**base, status=status, error=tail[0][:300])
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return Result(**base, status="ok", **measured)
-
-
-def _echo_stderr(args, label: str, stderr: str | bytes | None) -> None:
-    if args.echo_child_stderr:
-        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
-        print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
+    outcome = run_child(command, args.timeout_s, f"{cache}:{context}", args.echo_child_stderr)
+    return Result(**base, status=outcome.status, error=outcome.error, **outcome.values)
 
 
 if __name__ == "__main__":

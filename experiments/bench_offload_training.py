@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from experiments.child_run import run_child
 from experiments.results_io import machine_slug
 from offload.model_shapes import MODELS
 
@@ -279,30 +279,14 @@ def _run_child(mode, shape, seq, args, machine, gpu) -> Result:
     ]
     if args.report_dir is not None:
         command += ["--report-dir", str(args.report_dir.resolve())]
-    base = Result(machine=machine, gpu=gpu, mode=mode, shape=shape, seq=seq, status="ok")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        base.status, base.error = "timeout", f"no result within {args.timeout_s} s"
-        _echo_stderr(args, f"{mode}:{shape}:{seq}", exc.stderr)
-        return base
-    if done.returncode != 0:
-        _echo_stderr(args, f"{mode}:{shape}:{seq}", done.stderr)
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        oom = "out of memory" in (done.stderr or "").lower()
-        base.status = "out_of_memory" if oom else "failed"
-        base.error = " | ".join(tail)[:500]
-        return base
-    values = json.loads(done.stdout.strip().splitlines()[-1])
-    for key, value in values.items():
-        setattr(base, key, value)
-    return base
-
-
-def _echo_stderr(args, label: str, stderr: str | bytes | None) -> None:
-    if args.echo_child_stderr:
-        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
-        print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
+    outcome = run_child(command, args.timeout_s, f"{mode}:{shape}:{seq}", args.echo_child_stderr)
+    result = Result(
+        machine=machine, gpu=gpu, mode=mode, shape=shape, seq=seq, status=outcome.status
+    )
+    result.error = outcome.error
+    for key, value in outcome.values.items():
+        setattr(result, key, value)
+    return result
 
 
 def _write(results: list[Result], machine: str) -> int:
