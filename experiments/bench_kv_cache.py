@@ -108,7 +108,7 @@ def run_one(cache: str, context: int, new_tokens: int, block_tokens: int, hbm_la
     }
     tiered = None
     if cache == "tiered":
-        tiered = _tiered_cache(block_tokens, hbm_layers)
+        tiered = _tiered_cache(model.config, context + new_tokens, block_tokens, hbm_layers)
         kwargs["past_key_values"] = tiered
     elif cache == "offloaded":
         kwargs["cache_implementation"] = "offloaded"
@@ -140,17 +140,22 @@ def run_one(cache: str, context: int, new_tokens: int, block_tokens: int, hbm_la
     return result
 
 
-def _tiered_cache(block_tokens: int, hbm_layers: int):
+def _tiered_cache(config, max_context_tokens: int, block_tokens: int, hbm_layers: int):
     import psutil
 
-    from allocators.sysfs_topology import discover
-    from offload.host_memory import HostMemory
     from offload.kv_cache import TieredKVCache
 
-    # Leave a sixth of RAM to the process itself and the page cache.
+    # Leave a sixth of RAM to the process itself and the page cache; the planner places the
+    # cache within it on this machine's tiers (all local DRAM on a one-node GPU machine).
     budgets = {"dram": int(psutil.virtual_memory().total * 5 / 6)}
-    memory = HostMemory(discover(), budgets)
-    return TieredKVCache(memory, block_tokens=block_tokens, hbm_layers=hbm_layers)
+    return TieredKVCache.for_model(
+        config,
+        max_context_tokens=max_context_tokens,
+        policy="planned",
+        budgets=budgets,
+        block_tokens=block_tokens,
+        hbm_layers=hbm_layers,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
