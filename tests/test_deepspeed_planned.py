@@ -41,7 +41,9 @@ def two_sockets_one_cxl_each() -> Topology:
         2: {0: 14, 1: 24, 2: 10, 3: 28},
         3: {0: 24, 1: 14, 2: 28, 3: 10},
     }
-    gpus = tuple(GpuInfo(i, "gpu", f"0000:0{i}:00.0", i, True, 80 * GIB, "declared") for i in (0, 1))
+    gpus = tuple(
+        GpuInfo(i, "gpu", f"0000:0{i}:00.0", i, True, 80 * GIB, "declared") for i in (0, 1)
+    )
     return Topology(nodes=nodes, distances=distances, gpus=gpus, source="two paper-1aic sockets")
 
 

@@ -24,6 +24,7 @@ from offload.deepspeed.rank_plan import local_rank_and_size, plan_rank, split_bu
 
 GIB = 1 << 30
 STEPS = 10
+GRAD_ACCUMULATION = 2  # so ZeRO-2 makes its CPU gradient accumulation buffers in a backward
 
 
 def two_socket_two_cxl() -> Topology:
@@ -104,11 +105,11 @@ def test_a_rank_plan_is_refused_when_its_share_of_dram_is_too_small():
         )
 
 
-def test_planned_policy_is_refused_per_rank_with_the_alternatives():
-    with pytest.raises(ConfigError, match="cxl_aware"):
+def test_an_unknown_policy_is_refused_per_rank_with_the_alternatives():
+    with pytest.raises(ConfigError, match="planned"):
         plan_rank(
             two_socket_two_cxl(),
-            "planned",
+            "fastest",
             {"dram": "64GiB"},
             n_params=1000,
             hidden=8,
@@ -160,8 +161,35 @@ def test_the_hook_is_active_only_inside_the_context_and_unknown_pins_go_the_stoc
         assert placement.pin(tensor) is not None
     assert ds_pin_memory.get_active_native_pinned_memory is stock_lookup
     assert DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions is stock_create
-    assert placement.placed == [] and len(placement.unplaced) == 1
+    assert placement.placed == [] and placement.unplaced_nbytes_by_class() == {"unknown": 16}
     placement.close()
+
+
+def test_an_attached_engine_routes_only_its_own_calls_until_close():
+    pytest.importorskip("deepspeed")
+    from deepspeed.utils import pin_memory as ds_pin_memory
+
+    from allocators.tiered import TieredAllocator
+    from offload.deepspeed.placement import DeepSpeedPlacement
+
+    class FakeEngine:
+        def forward(self):
+            return ds_pin_memory.get_active_native_pinned_memory()
+
+        backward = step = forward
+
+    stock_lookup = ds_pin_memory.get_active_native_pinned_memory
+    engine = FakeEngine()
+    placement = DeepSpeedPlacement(
+        TieredAllocator(two_socket_two_cxl(), {"dram": "1GiB"}, pin=False)
+    )
+    placement.attach(engine)
+    assert engine.step() is placement and engine.backward() is placement
+    assert ds_pin_memory.get_active_native_pinned_memory() is stock_lookup()
+    assert FakeEngine().step() is stock_lookup()
+    placement.close()
+    assert ds_pin_memory.get_active_native_pinned_memory is stock_lookup
+    assert engine.step() is stock_lookup() and "step" not in vars(engine)
 
 
 # --- DeepSpeed ZeRO offload on CPU, in child processes ------------------------------------------
@@ -208,7 +236,7 @@ def zero2_one_rank(tmp_path_factory) -> dict:
 
 
 def test_zero2_offload_gives_the_same_losses_with_our_placement(zero2_one_rank):
-    assert len(zero2_one_rank["stock"]) == STEPS
+    assert len(zero2_one_rank["stock"]) == STEPS * GRAD_ACCUMULATION
     assert zero2_one_rank["patched"] == zero2_one_rank["stock"]
 
 
@@ -218,17 +246,30 @@ def test_zero2_offload_buffers_are_ours_and_accounted_per_class(zero2_one_rank):
     assert by_class["master_params"] >= 4 * n_params
     assert by_class["master_grads"] >= 4 * n_params
     assert by_class["optimizer_state"] >= 8 * n_params
-    assert by_class["params"] > 0 and by_class["grads"] > 0
-    assert zero2_one_rank["unplaced"] == []
+    assert by_class["params"] > 0
+    assert zero2_one_rank["unplaced"] == {}
     charged = zero2_one_rank["dram_node0_by_class"]
     assert all(charged[cls] >= nbytes for cls, nbytes in by_class.items())
+
+
+def test_zero2_gradient_accumulation_buffers_made_in_the_first_backward_are_ours(zero2_one_rank):
+    # One fp32 buffer per parameter (gradient_accumulation_steps=2), besides the staging buffer.
+    grads = zero2_one_rank["placed_by_site"]["stage_1_and_2.py:buffer_to_accumulate_to_in_cpu"]
+    assert grads == 4 * zero2_one_rank["n_params"]
+
+
+def test_close_warns_while_a_tensor_of_the_engine_is_kept_then_frees_everything(zero2_one_rank):
+    kept = zero2_one_rank["close_with_a_kept_tensor"]
+    assert kept["warnings"] == 1 and kept["used_nbytes"] > 0
+    assert kept["after_drop_used_nbytes"] == 0 and kept["after_drop_unfreed_buffers"] == 0
 
 
 def test_zero2_offload_buffers_sit_on_the_planned_node(zero2_one_rank):
     assert zero2_one_rank["pages_per_node"] and set(zero2_one_rank["pages_per_node"]) == {"0"}
 
 
-def test_checkpoint_offload_under_a_deepspeed_engine_keeps_the_losses(zero2_one_rank):
+def test_checkpoint_offload_under_a_planned_deepspeed_engine_keeps_the_losses(zero2_one_rank):
+    assert zero2_one_rank["planned_policy"] == "planned"
     assert zero2_one_rank["activations_offloaded"] > 0
     assert zero2_one_rank["activation_offload_losses"] == zero2_one_rank["stock"]
 
@@ -240,7 +281,9 @@ def test_zero3_param_and_optimizer_offload_gives_the_same_losses_with_our_placem
     assert result["patched"] == result["stock"]
     placed = {"params", "master_params", "master_grads", "optimizer_state"}
     assert placed <= set(result["placed_nbytes_by_class"])
-    assert result["unplaced"] == []
+    assert result["unplaced"] == {}
+    # The engine was the model's only holder: close() gives every buffer back, unmapped.
+    assert result["close"] == {"warnings": 0, "used_nbytes": 0, "unfreed_buffers": 0}
 
 
 @pytest.mark.slow
@@ -263,7 +306,7 @@ def _train(engine, rank: int) -> list[float]:
 
     generator = torch.Generator().manual_seed(100 + rank)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(STEPS * GRAD_ACCUMULATION):
         ids = torch.randint(0, 128, (2, 16), generator=generator)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -277,11 +320,12 @@ def _worker(stage: int, out: Path) -> None:
 
     import offload.deepspeed as ods
     from allocators.sysfs_topology import discover
+    from offload.deepspeed.release import forget_engine
     from offload.tiny_finetune import tiny_llama
 
     config = {
         "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": GRAD_ACCUMULATION,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
         "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
         "steps_per_print": 10**6,
@@ -293,7 +337,9 @@ def _worker(stage: int, out: Path) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, config=ods.pinned_offload_config(config))
     stock = _train(engine, rank)
-    del engine
+    engine.destroy()
+    forget_engine(engine.module)
+    del engine, _, model
 
     run = ods.enable(
         tiny_llama(0, hidden=64, layers=2, vocab=128),
@@ -309,34 +355,71 @@ def _worker(stage: int, out: Path) -> None:
     for placed in run.placement.placed:
         for node, count in placed.allocation.buffer.pages_per_node().items():
             pages[node] = pages.get(node, 0) + count
+    by_site: dict[str, int] = {}
+    for placed in run.placement.placed:
+        site = placed.site.rsplit(":", 1)[0] if placed.site.count(":") == 2 else placed.site
+        by_site[site] = by_site.get(site, 0) + placed.nbytes
     result = {
         "stock": stock,
         "patched": patched,
         "n_params": n_params,
         "placed_nbytes_by_class": run.placement.nbytes_by_class(),
+        "placed_by_site": by_site,
         "dram_node0_by_class": {k: v for k, v in node0.used_nbytes_by_class.items() if v},
         "pages_per_node": pages,
-        "unplaced": run.placement.unplaced,
+        "unplaced": run.placement.unplaced_nbytes_by_class(),
         "rank_budget_nbytes": run.plan.budgets_nbytes["dram"],
     }
     if stage == 3:
-        # ZeRO-3 in deepspeed 0.19.8 keeps the model in parameter_offload.FWD_MODULE_STACK after
-        # a forward, so its buffers outlive the engine until the process exits.
+        result["close"] = _close(run)
         out.write_text(json.dumps(result))
         return
-    run.close()
+    kept = run.engine.optimizer.single_partition_of_fp32_groups[0]
+    closing = _close(run)
+    del kept
+    run.placement.close()
+    closing["after_drop_used_nbytes"] = _used_nbytes(run.placement)
+    closing["after_drop_unfreed_buffers"] = _unfreed(run.placement)
+    result["close_with_a_kept_tensor"] = closing
     with_activations = ods.enable(
         tiny_llama(0, hidden=64, layers=2, vocab=128),
         config=config,
+        policy="planned",
         budgets={"dram": WORKER_DRAM_BUDGET_NBYTES},
         tokens=32,
         activations="checkpoint",
         activation_min_nbytes=1024,
     )
+    result["planned_policy"] = with_activations.plan.policy
     result["activation_offload_losses"] = _train(with_activations.engine, rank)
     result["activations_offloaded"] = with_activations.activations.offloader.offloaded_count
     with_activations.close()
     out.write_text(json.dumps(result))
+
+
+def _used_nbytes(placement) -> int:
+    return sum(row.used_nbytes for row in placement.allocator.usage() if row.node is None)
+
+
+def _unfreed(placement) -> int:
+    return sum(1 for p in placement.placed if not p.allocation.buffer.freed)
+
+
+def _close(run) -> dict:
+    """run.close(), and what it left: warnings, bytes still charged, buffers still mapped."""
+    import warnings
+
+    from offload.deepspeed.placement import BuffersInUseWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.close()
+    count = sum(1 for w in caught if issubclass(w.category, BuffersInUseWarning))
+    return {
+        "warnings": count,
+        "used_nbytes": _used_nbytes(run.placement),
+        "unfreed_buffers": _unfreed(run.placement),
+    }
 
 
 if __name__ == "__main__":

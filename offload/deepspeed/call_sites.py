@@ -30,8 +30,9 @@ class CallSite:
     tensor_class: TensorClass
 
 
-# Read from deepspeed 0.19.8 runtime/zero; every site runs inside deepspeed.initialize. Buffers
-# DeepSpeed makes later (per-step gradient accumulation buffers) are not among them.
+# Read from deepspeed 0.19.8 runtime/zero. All but one run inside deepspeed.initialize; ZeRO-2
+# offload makes its per-parameter CPU gradient accumulation buffers (gradient_accumulation_steps
+# > 1) in the first backward, through the engine call the placement routes once attached.
 CALL_SITES: tuple[CallSite, ...] = (
     CallSite("stage_1_and_2.py", "__init__", "weights_partition", "master_params"),
     CallSite("stage_1_and_2.py", "__init__", "temp_buffer_bit16", "params"),
@@ -39,6 +40,7 @@ CALL_SITES: tuple[CallSite, ...] = (
     CallSite(
         "stage_1_and_2.py", "initialize_optimizer_states", "single_grad_partition", "master_grads"
     ),
+    CallSite("stage_1_and_2.py", "buffer_to_accumulate_to_in_cpu", "pin_memory(buffer)", "grads"),
     CallSite(
         "stage3.py", "_setup_for_real_optimizer", "grad_partitions_flat_buffer", "master_grads"
     ),

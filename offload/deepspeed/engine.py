@@ -28,6 +28,7 @@ from offload.deepspeed.call_sites import check_version
 from offload.deepspeed.placement import DeepSpeedPlacement
 from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank
 from offload.deepspeed.rank_planner import deepspeed_step
+from offload.deepspeed.release import forget_engine
 from offload.model_shapes import ModelShape
 
 # What "planned" falls back to when the model's shape is unknown (as offload.enable does).
@@ -47,21 +48,25 @@ class DeepSpeedRun:
     activations: DeepSpeedActivations | None = None
 
     def close(self) -> None:
-        """Take our hooks off, destroy the engine and give every host buffer back.
+        """Take our hooks off, destroy the engine, drop DeepSpeed's references to it and give
+        every host buffer back.
 
-        Raises BufferError (naming the buffers) while tensors of the engine are still held
-        elsewhere: by the caller's own references to the engine, its optimizer or the model, or
-        under ZeRO-3 by DeepSpeed 0.19 itself, which keeps the model it last ran in
-        ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` (those buffers are freed
-        when the process exits).
+        DeepSpeed 0.19's ZeRO-3 keeps the model (and so the engine) in module-level state for
+        the life of the process; :func:`offload.deepspeed.release.forget_engine` drops it. Buffers whose tensors are still held elsewhere (the caller kept the
+        engine, its optimizer or a tensor of theirs) stay mapped with a BuffersInUseWarning;
+        ``run.placement.close()`` finishes once they are dropped.
         """
         if self.activations is not None:
             self.activations.remove()
-        if self.engine is not None:
-            self.engine.destroy()
+        engine = self.engine
+        if engine is not None:
+            self.placement.detach()
+            engine.destroy()
+            forget_engine(engine.module)
         # The model's ZeRO hooks keep the optimizer (and its buffers) alive as long as the model.
         self.engine = self.optimizer = self.dataloader = self.lr_scheduler = None
         self.activations = None
+        del engine
         gc.collect()
         self.placement.close()
 
@@ -218,12 +223,14 @@ def enable(
                 **initialize_kwargs,
             )
         placement.adopt_optimizer_states(engine.optimizer)
+        placement.attach(engine)
         hooks = None
         if activations != "off":
             hooks = offload_activations(
                 engine, allocator, activations, min_nbytes=activation_min_nbytes
             )
     except BaseException:
+        placement.detach()
         allocator.close()
         raise
     return DeepSpeedRun(engine, ds_optimizer, dataloader, scheduler, placement, plan, hooks)

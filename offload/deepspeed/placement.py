@@ -1,20 +1,23 @@
 """While active, upstream DeepSpeed's ZeRO offload host buffers come from our TieredAllocator, by
-tensor class. It hooks only deepspeed.initialize's time; it must not plan or change DeepSpeed's math.
+tensor class. It hooks deepspeed.initialize and the attached engine's calls; it must not plan or
+change DeepSpeed's math.
 
-Supported: deepspeed 0.19.x (see offload.deepspeed.call_sites). Three narrow hooks, all undone on
-exit: DeepSpeed's pinned-memory backend lookup (``deepspeed.utils.pin_memory.
-get_active_native_pinned_memory``, through which every ``get_accelerator().pin_memory`` goes), so
-pinned fp32 master partitions, gradient and parameter buffers are ours; ZeRO-3's unpinned fp32
-master partitions, moved into ours right after ``_create_fp32_partitions`` makes them; and the CPU
-Adam moments, made in ours (or moved there) by :meth:`DeepSpeedPlacement.adopt_optimizer_states`.
+Supported: deepspeed 0.19.x (see offload.deepspeed.call_sites). Three narrow hooks: DeepSpeed's
+pinned-memory backend lookup (offload.deepspeed.pin_hook; every ``get_accelerator().pin_memory``
+goes through it), so pinned fp32 master partitions, gradient and parameter buffers are ours, both
+inside ``deepspeed.initialize`` and, once :meth:`DeepSpeedPlacement.attach` ed, inside the engine's
+forward, backward and step (ZeRO-2's per-parameter gradient accumulation buffers are made there);
+ZeRO-3's unpinned fp32 master partitions, moved into ours right after ``_create_fp32_partitions``
+makes them; and the CPU Adam moments, made in ours by :meth:`DeepSpeedPlacement.
+adopt_optimizer_states`. Pins asked for by user code or by other engines are never routed.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -22,7 +25,17 @@ from typing import Any
 import torch
 
 from allocators.tiered import Allocation, TieredAllocator
+from allocators.units import format_bytes
+from offload.deepspeed import pin_hook
 from offload.deepspeed.call_sites import check_version, classify
+
+# The engine calls inside which DeepSpeed may pin more host memory after initialize.
+ENGINE_CALLS = ("forward", "backward", "step")
+
+
+class BuffersInUseWarning(UserWarning):
+    """close() left host buffers mapped because tensors still view them (they are not unmapped
+    under a live tensor); the message says how many and what still holds them."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,19 @@ class PlacedBuffer:
     tensor_class: str
     nbytes: int
     allocation: Allocation = field(repr=False)
+
+
+@dataclass(frozen=True)
+class UnplacedBuffer:
+    """A host buffer DeepSpeed asked for through the hook but got the stock way, and why.
+
+    ``tensor_class`` is ``"unknown"`` where the call site is not one this plugin knows.
+    """
+
+    site: str
+    tensor_class: str
+    nbytes: int
+    why: str
 
 
 _STATE_SITE = "optimizer.state"
@@ -48,12 +74,21 @@ def _master_partitions(zero_optimizer: Any, inner: Any) -> list[torch.Tensor]:
     return [p for group in inner.param_groups for p in group["params"]]
 
 
+def _caller_label(frame: FrameType | None) -> str:
+    while frame is not None and "deepspeed" not in frame.f_code.co_filename:
+        frame = frame.f_back
+    if frame is None:
+        return "outside deepspeed"
+    return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
+
+
 class DeepSpeedPlacement:
-    """Route ZeRO offload host buffers to ``allocator`` while used as a context manager.
+    """Route ZeRO offload host buffers to ``allocator`` while used as a context manager around
+    ``deepspeed.initialize``, and inside the engine's calls once :meth:`attach` ed.
 
     Buffers stay ours after exit (DeepSpeed keeps using them); :meth:`close` gives them back once
     the engine is gone. Pins DeepSpeed asks for from a place we do not know go the stock way and
-    are listed in ``unplaced``, so nothing is silently misfiled.
+    are listed in ``unplaced`` (with their bytes), so nothing is silently misfiled.
 
     >>> from allocators.topology import NumaNode, Topology
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -62,39 +97,42 @@ class DeepSpeedPlacement:
     >>> with placement:  # doctest: +SKIP
     ...     engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config)
     >>> placement.adopt_optimizer_states(engine.optimizer)  # doctest: +SKIP
+    >>> placement.attach(engine)  # doctest: +SKIP
     >>> placement.close()
     """
 
     def __init__(self, allocator: TieredAllocator) -> None:
         self.allocator = allocator
         self.placed: list[PlacedBuffer] = []
-        self.unplaced: list[str] = []
-        self._bypass = threading.local()
+        self.unplaced: list[UnplacedBuffer] = []
         self._undo: list[tuple[Any, str, Any]] = []
+        self._routing: Any = None
+        self._engine: weakref.ref | None = None
 
     def __enter__(self) -> DeepSpeedPlacement:
         import deepspeed
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.utils import pin_memory as ds_pin_memory
 
         check_version(deepspeed.__version__)
-        if self._undo:
+        if self._routing is not None:
             raise RuntimeError("this DeepSpeedPlacement is already active; do not nest it")
-        stock_backend = ds_pin_memory.get_active_native_pinned_memory
         stock_create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
-
-        def active_backend() -> Any:
-            return stock_backend() if getattr(self._bypass, "on", False) else self
 
         def create_fp32_partitions(optimizer: Any) -> None:
             stock_create(optimizer)
             self._adopt_stage3_fp32(optimizer)
 
-        self._swap(ds_pin_memory, "get_active_native_pinned_memory", active_backend)
         self._swap(DeepSpeedZeroOptimizer_Stage3, "_create_fp32_partitions", create_fp32_partitions)
+        pin_hook.install()
+        self._routing = pin_hook.routing(self)
+        self._routing.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._routing is not None:
+            self._routing.__exit__(None, None, None)
+            self._routing = None
+            pin_hook.uninstall()
         while self._undo:
             owner, name, original = self._undo.pop()
             setattr(owner, name, original)
@@ -103,13 +141,32 @@ class DeepSpeedPlacement:
         self._undo.append((owner, name, getattr(owner, name)))
         setattr(owner, name, replacement)
 
-    @contextmanager
-    def _stock(self) -> Iterator[None]:
-        self._bypass.on = True
-        try:
-            yield
-        finally:
-            self._bypass.on = False
+    def attach(self, engine: Any) -> None:
+        """Route the pins of ``engine``'s forward, backward and step to us until :meth:`close`.
+
+        DeepSpeed pins more host memory after initialize (ZeRO-2 offload with gradient
+        accumulation makes one gradient buffer per parameter in its first backward); only pins
+        made inside these calls of this engine are routed, so user code and other engines keep
+        DeepSpeed's own pinning.
+        """
+        if self._engine is not None:
+            raise RuntimeError("this DeepSpeedPlacement is attached to an engine already")
+        pin_hook.install()
+        for name in ENGINE_CALLS:
+            setattr(engine, name, pin_hook.routed(getattr(engine, name), self))
+        self._engine = weakref.ref(engine)
+
+    def detach(self) -> None:
+        """Stop routing the attached engine's pins (its own methods are put back); idempotent."""
+        if self._engine is None:
+            return
+        engine = self._engine()
+        if engine is not None:
+            for name in ENGINE_CALLS:
+                if name in vars(engine):
+                    delattr(engine, name)
+        self._engine = None
+        pin_hook.uninstall()
 
     def _new(self, site: str, tensor_class: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -130,7 +187,11 @@ class DeepSpeedPlacement:
         elif torch.Size(shape).numel() == 0:
             why = "empty"
         if site is None or why:
-            self.unplaced.append(f"{tuple(shape)} {dtype}: {why}")
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            label = _caller_label(frame) if site is None else f"{site.file}:{site.function}"
+            tensor_class = "unknown" if site is None else site.tensor_class
+            if nbytes:
+                self.unplaced.append(UnplacedBuffer(label, tensor_class, nbytes, why))
             return None
         label = f"{site.file}:{site.function}:{site.token}"
         return self._new(label, site.tensor_class, dtype, tuple(shape))
@@ -143,7 +204,7 @@ class DeepSpeedPlacement:
         shape = tuple(tensor.shape) if match_shape else (tensor.numel(),)
         ours = self._place_for_caller(sys._getframe(1), tensor.dtype, shape, tensor.device)
         if ours is None:
-            with self._stock():
+            with pin_hook.stock():
                 return get_accelerator().pin_memory(
                     tensor, make_copy=make_copy, match_shape=match_shape
                 )
@@ -157,7 +218,7 @@ class DeepSpeedPlacement:
 
         ours = self._place_for_caller(sys._getframe(1), example.dtype, tuple(shape), example.device)
         if ours is None:
-            with self._stock():
+            with pin_hook.stock():
                 return get_accelerator()._pin_fresh(example, shape)
         return ours
 
@@ -167,7 +228,7 @@ class DeepSpeedPlacement:
 
         if self._owns(tensor):
             return self.allocator.pin
-        with self._stock():
+        with pin_hook.stock():
             return bool(get_accelerator().is_pinned(tensor))
 
     def unpin(self, tensor: torch.Tensor) -> Any:
@@ -176,7 +237,7 @@ class DeepSpeedPlacement:
 
         if self._owns(tensor):
             return None
-        with self._stock():
+        with pin_hook.stock():
             return get_accelerator().unpin_memory(tensor)
 
     def _owns(self, tensor: torch.Tensor) -> bool:
@@ -229,8 +290,13 @@ class DeepSpeedPlacement:
                 ).zero_()
             elif not state:
                 self.unplaced.append(
-                    f"{type(inner).__name__} state for {tuple(param.shape)} (made lazily at "
-                    "its first step; call adopt_optimizer_states again after it)"
+                    UnplacedBuffer(
+                        f"{type(inner).__name__}.state",
+                        "optimizer_state",
+                        0,
+                        f"made lazily at its first step for {tuple(param.shape)}; call "
+                        "adopt_optimizer_states again after it",
+                    )
                 )
             for key, value in list(state.items()):
                 if not torch.is_tensor(value) or value.shape != param.shape:
@@ -260,6 +326,49 @@ class DeepSpeedPlacement:
                 totals[p.tensor_class] = totals.get(p.tensor_class, 0) + p.nbytes
         return totals
 
+    def unplaced_nbytes_by_class(self) -> dict[str, int]:
+        """Bytes DeepSpeed pinned through the hook the stock way, per class (``unknown`` site).
+
+        >>> from allocators.topology import NumaNode, Topology
+        >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
+        >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+        >>> placement = DeepSpeedPlacement(TieredAllocator(topo, {"dram": "1GiB"}, pin=False))
+        >>> placement._place_for_caller(None, torch.float32, (256,), torch.device("cpu"))
+        >>> placement.unplaced_nbytes_by_class()
+        {'unknown': 1024}
+        """
+        totals: dict[str, int] = {}
+        for buffer in self.unplaced:
+            totals[buffer.tensor_class] = totals.get(buffer.tensor_class, 0) + buffer.nbytes
+        return {cls: n for cls, n in totals.items() if n}
+
     def close(self) -> None:
-        """Give every buffer back (the engine and its tensors must be gone) and close the allocator."""
-        self.allocator.close()
+        """Stop routing, then give back every buffer no tensor views any more; warn about the rest.
+
+        The engine must be destroyed and dropped first (``DeepSpeedRun.close`` does both). A
+        buffer still viewed (the caller kept the engine, its optimizer or a tensor of it) is not
+        unmapped, which would crash whoever reads it: it stays mapped and charged, a
+        BuffersInUseWarning counts them, and calling close() again once they are dropped (or
+        process exit) frees them.
+        """
+        self.__exit__(None, None, None)
+        self.detach()
+        gc.collect()
+        try:
+            self.allocator.close()
+        except BufferError:
+            busy = [p for p in self.placed if not p.allocation.released]
+            views = sum(getattr(p.allocation.buffer, "live_views", 0) for p in busy)
+            by_class: dict[str, int] = {}
+            for p in busy:
+                by_class[p.tensor_class] = by_class.get(p.tensor_class, 0) + p.nbytes
+            listed = ", ".join(f"{cls} {format_bytes(n)}" for cls, n in sorted(by_class.items()))
+            warnings.warn(
+                f"{len(busy)} of {len(self.placed)} DeepSpeed host buffers ({listed}) still have "
+                f"{views} live tensor view(s), so they stay mapped and charged: something still "
+                "holds the engine, its optimizer, the ZeRO-3 model's partitions or a tensor of "
+                "them. Drop those references and call close() again; otherwise they are freed "
+                "when the process exits",
+                BuffersInUseWarning,
+                stacklevel=2,
+            )
