@@ -1,197 +1,305 @@
-"""What the live dashboard costs: steps/s of the tiny Llama under offload.enable() with the dashboard
-off, drawing the live panel, and writing log lines, side by side in one run. Prints a table and
-writes CSV; it never runs in the tests, and asserts nothing about the numbers.
+"""What the live dashboard costs the tiny Llama's training step under offload.enable(), resolved on a
+loaded machine. Prints a table and writes CSV; it never runs in the tests and asserts nothing.
 
-Modes run back to back in each round, their order rotated, and the overhead is the median over
-rounds of each round's own ratio to ``off``, so drift on a shared machine cancels within a pair;
-each round builds the model afresh from the same seed and drops ``--warmup`` steps. Beside the
-ratio, the dashboard thread's own CPU time per wall second of the session: the cost with the
-machine's other load taken out.
-The live panel draws into /dev/null through the real enable(dashboard=True) path (TTY_COMPATIBLE=1
-makes rich treat it as a terminal). ``--svg`` also writes the panel of the last live run as SVG.
+One session, one model: many short rounds, each timing ``--steps`` steps with the dashboard off,
+drawing the live panel (at each ``--live-refresh-per-s`` rate), and writing log lines, in an order
+rotated per round, so on and off
+alternate within seconds of each other and the machine's drift cancels within each round. Per mode:
+- the median over rounds of the round's own step-time ratio to ``off`` (minus 1), with a bootstrap
+  95% confidence interval of that median (rounds resampled);
+- the direct cost: the dashboard thread's own CPU time (its per-thread CPU clock) during the timed
+  steps over their wall time; and, as an upper bound, its CPU over its whole life (starting Live
+  and the last draw at stop, which a real run pays once, not per round). With the GIL this also
+  bounds the time it can take the interpreter from the training thread;
+- the time the training side (every thread but the dashboard's) spent blocked on the one lock the
+  dashboard takes, the host allocator's (read for the memory bars), timed by a wrapper around it.
+The dashboard is the DashboardThread that ``enable(dashboard=True)`` starts, started and stopped
+on the running session per round, drawing into /dev/null (the live panel with a forced terminal).
 
     python experiments/bench_dashboard_overhead.py
-    python experiments/bench_dashboard_overhead.py --rounds 5 --steps 20 --svg /tmp/dashboard.svg
+    python experiments/bench_dashboard_overhead.py --rounds 20 --steps 6 --svg /tmp/dashboard.svg
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 import statistics
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
 import offload
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
 from offload.dashboard import render_dashboard
-from offload.tiny_finetune import tiny_llama
+from offload.dashboard_thread import DashboardThread
+from offload.tiny_finetune import tiny_llama, train_steps
 
-MODES = ("off", "live", "log_lines")
-TTY_FOR_MODE = {"off": None, "live": "1", "log_lines": "0"}
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """One run of one mode: steps/s over the timed steps, and the dashboard thread's CPU time
-    over the session's wall time (0 when off)."""
-
-    steps_per_s: float
-    dashboard_cpu_fraction: float
+DASHBOARD_THREAD = "offload-dashboard"
+NOTE = "shared 2-core VM: other engineers ran tests and benchmarks on the same cores meanwhile"
 
 
-@dataclass(frozen=True)
-class ModeResult:
-    """One dashboard mode over the rounds, and its cost against ``off``."""
+class TimedLock:
+    """A lock that adds up, per thread name, the seconds spent waiting for it when it was taken.
 
-    mode: str
-    steps_per_s_by_round: tuple[float, ...]
-    overhead_by_round: tuple[float, ...]
-    dashboard_cpu_fraction: float
+    >>> lock = TimedLock(threading.Lock())
+    >>> with lock:
+    ...     pass
+    >>> lock.blocked_s, lock.contended
+    ({}, {})
+    """
 
-    @property
-    def median_steps_per_s(self) -> float:
-        return statistics.median(self.steps_per_s_by_round)
+    def __init__(self, inner: threading.Lock) -> None:
+        self._inner = inner
+        self.blocked_s: dict[str, float] = {}
+        self.contended: dict[str, int] = {}
 
-    @property
-    def overhead_fraction(self) -> float:
-        """Median over rounds of (off steps/s) / (this mode's steps/s) - 1."""
-        return statistics.median(self.overhead_by_round)
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock; a wait (only when another thread holds it) is timed."""
+        if self._inner.acquire(False):
+            return True
+        if not blocking:
+            return False
+        start = time.perf_counter()
+        taken = self._inner.acquire(True, timeout)
+        name = threading.current_thread().name
+        self.blocked_s[name] = self.blocked_s.get(name, 0.0) + time.perf_counter() - start
+        self.contended[name] = self.contended.get(name, 0) + 1
+        return taken
+
+    def release(self) -> None:
+        """Release the lock."""
+        self._inner.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def training_blocked_s(self) -> float:
+        """Seconds every thread but the dashboard's waited for the lock."""
+        return sum(s for name, s in self.blocked_s.items() if name != DASHBOARD_THREAD)
 
 
-def run_round(mode: str, args: argparse.Namespace, svg: Path | None) -> RoundResult:
-    """Train ``args.warmup + args.steps`` steps under ``mode`` and time them."""
+@dataclass
+class ModeTotals:
+    """One mode's rounds: seconds per step each round, and the dashboard's summed costs:
+    its CPU seconds during the timed steps, and over its whole life (start and last draw too)."""
+
+    step_s_by_round: list[float] = field(default_factory=list)
+    timed_s: float = 0.0
+    steps: int = 0
+    dashboard_cpu_s: float = 0.0
+    dashboard_window_cpu_s: float = 0.0
+    training_blocked_s: float = 0.0
+    training_contended: int = 0
+
+
+def console_for(mode: str, sink) -> Console:
+    """Where a mode draws: a forced terminal (live panel) or a plain file (log lines)."""
+    return Console(file=sink, force_terminal=mode.startswith("live"), width=100)
+
+
+def time_round(
+    sess, mode: str, batches, lock: TimedLock, totals: ModeTotals, sink, refresh_per_s: float
+) -> None:
+    """Time ``len(batches)`` steps of ``sess``'s model under ``mode``; add them to ``totals``."""
+    dashboard = None
+    if mode != "off":
+        # The session's own OptimizerOffload, so elements/s is read as enable() would read it.
+        dashboard = DashboardThread(
+            sess, sess._optimizer, console=console_for(mode, sink), refresh_per_s=refresh_per_s
+        )
+        dashboard.start()
+    blocked_before = lock.training_blocked_s()
+    contended_before = sum(n for t, n in lock.contended.items() if t != DASHBOARD_THREAD)
+    cpu_before_s = dashboard.cpu_time_s() if dashboard else 0.0
+    start = time.perf_counter()
+    train_steps(sess.model, sess.optimizer, batches)
+    elapsed_s = time.perf_counter() - start
+    if dashboard is not None:
+        totals.dashboard_window_cpu_s += dashboard.cpu_time_s() - cpu_before_s
+        dashboard.stop()
+        totals.dashboard_cpu_s += dashboard.cpu_s
+    totals.step_s_by_round.append(elapsed_s / len(batches))
+    totals.timed_s += elapsed_s
+    totals.steps += len(batches)
+    totals.training_blocked_s += lock.training_blocked_s() - blocked_before
+    contended = sum(n for t, n in lock.contended.items() if t != DASHBOARD_THREAD)
+    totals.training_contended += contended - contended_before
+
+
+def bootstrap_median_ci(
+    values: list[float], resamples: int = 5000, seed: int = 0
+) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the median of ``values``.
+
+    >>> low, high = bootstrap_median_ci([0.01, 0.02, 0.03, 0.02, 0.01])
+    >>> 0.01 <= low <= high <= 0.03
+    True
+    """
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values)
+    picks = rng.integers(0, len(data), size=(resamples, len(data)))
+    medians = np.median(data[picks], axis=1)
+    return float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
+
+
+def mode_rates(args: argparse.Namespace) -> dict[str, float]:
+    """Each mode and its dashboard's redraws (or polls) a second; ``off`` has none (0).
+
+    >>> mode_rates(argparse.Namespace(live_refresh_per_s=[2.0, 4.0], refresh_per_s=2.0))
+    {'off': 0.0, 'live_2hz': 2.0, 'live_4hz': 4.0, 'log_lines': 2.0}
+    """
+    live = {f"live_{rate:g}hz": rate for rate in args.live_refresh_per_s}
+    return {"off": 0.0, **live, "log_lines": args.refresh_per_s}
+
+
+def measure(args: argparse.Namespace) -> dict[str, ModeTotals]:
+    """Every mode once per round, order rotated per round, all in one session."""
     gen = torch.Generator().manual_seed(1)
     model = tiny_llama(hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [
         torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
-        for _ in range(args.warmup + args.steps)
+        for _ in range(args.steps)
     ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tty = TTY_FOR_MODE[mode]
-    previous = os.environ.pop("TTY_COMPATIBLE", None)
-    if tty is not None:
-        os.environ["TTY_COMPATIBLE"] = tty
-    session_start = time.perf_counter()
-    try:
-        with (
-            open(os.devnull, "w") as sink,
-            contextlib.redirect_stderr(sink),
-            offload.enable(
-                model, optimizer, budgets={"dram": "2GiB"}, dashboard=mode != "off"
-            ) as sess,
-        ):
-            for i, ids in enumerate(batches):
-                if i == args.warmup:
-                    start = time.perf_counter()
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            elapsed_s = time.perf_counter() - start
-            if svg is not None and mode == "live":
-                write_svg(sess, svg)
-    finally:
-        os.environ.pop("TTY_COMPATIBLE", None)
-        if previous is not None:
-            os.environ["TTY_COMPATIBLE"] = previous
-    session_s = time.perf_counter() - session_start
-    cpu_s = sess._dashboard.cpu_s if sess._dashboard is not None else 0.0
-    return RoundResult(args.steps / elapsed_s, cpu_s / session_s)
+    rates = mode_rates(args)
+    modes = tuple(rates)
+    totals = {mode: ModeTotals() for mode in modes}
+    with (
+        open(os.devnull, "w") as sink,
+        offload.enable(model, optimizer, budgets={"dram": "2GiB"}) as sess,
+    ):
+        allocator = sess.memory.allocator
+        # The allocator's lock is the only one SessionProbe takes (usage() for the memory bars).
+        lock = allocator._lock = TimedLock(allocator._lock)
+        train_steps(model, optimizer, batches[: args.warmup])
+        for r in range(args.rounds):
+            order = modes[r % len(modes) :] + modes[: r % len(modes)]
+            for mode in order:
+                time_round(sess, mode, batches, lock, totals[mode], sink, rates[mode])
+            off = totals["off"].step_s_by_round[-1]
+            print(
+                f"round {r}: "
+                + ", ".join(
+                    f"{m} {totals[m].step_s_by_round[-1] * 1e3:.1f} ms/step"
+                    + ("" if m == "off" else f" ({totals[m].step_s_by_round[-1] / off - 1:+.1%})")
+                    for m in modes
+                ),
+                flush=True,
+            )
+        if args.svg is not None:
+            dashboard = DashboardThread(sess, sess._optimizer, console=console_for("live", sink))
+            dashboard.start()
+            train_steps(model, optimizer, batches)
+            # Let the thread poll the last steps, so the panel's rates include them.
+            time.sleep(2 * dashboard.period_s)
+            write_svg(dashboard, args.svg)
+            dashboard.stop()
+    return totals
 
 
-def write_svg(sess, path: Path) -> None:
-    """The panel the dashboard thread would draw now, recorded as SVG."""
-    # Let the thread see the last step first, so the rates include it.
-    time.sleep(0.5)
+def write_svg(dashboard: DashboardThread, path: Path) -> None:
+    """The panel the dashboard would draw now, recorded as SVG."""
     console = Console(record=True, width=100, file=io.StringIO())
-    console.print(render_dashboard(sess._dashboard.probe.latest()))
+    console.print(render_dashboard(dashboard.probe.latest()))
     path.parent.mkdir(parents=True, exist_ok=True)
     console.save_svg(str(path), title="offload.enable(..., dashboard=True): tiny Llama on CPU")
 
 
-def measure(args: argparse.Namespace) -> list[ModeResult]:
-    """Every mode ``args.rounds`` times, order rotated per round."""
-    by_mode: dict[str, list[RoundResult]] = {mode: [] for mode in MODES}
-    for r in range(args.rounds):
-        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
-        for mode in order:
-            last = r == args.rounds - 1
-            result = run_round(mode, args, args.svg if last else None)
-            by_mode[mode].append(result)
-            print(
-                f"round {r} {mode}: {result.steps_per_s:.3f} steps/s, dashboard CPU "
-                f"{result.dashboard_cpu_fraction:.3%} of wall",
-                flush=True,
-            )
-    base = [result.steps_per_s for result in by_mode["off"]]
-    return [
-        ModeResult(
-            mode,
-            tuple(result.steps_per_s for result in results),
-            tuple(
-                off / result.steps_per_s - 1.0 for off, result in zip(base, results, strict=True)
-            ),
-            statistics.median(result.dashboard_cpu_fraction for result in results),
+def summarize(totals: dict[str, ModeTotals], args: argparse.Namespace) -> list[dict]:
+    """One CSV row per mode: paired overhead with its interval, and the direct costs."""
+    base = totals["off"].step_s_by_round
+    rates = mode_rates(args)
+    rows = []
+    for mode, t in totals.items():
+        overhead = [s / b - 1.0 for s, b in zip(t.step_s_by_round, base, strict=True)]
+        low, high = bootstrap_median_ci(overhead) if mode != "off" else (0.0, 0.0)
+        rows.append(
+            {
+                "source": "measured",
+                "machine": this_machine(),
+                "mode": mode,
+                "rounds": args.rounds,
+                "steps_per_round": args.steps,
+                "batch": args.batch,
+                "seq": args.seq,
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "median_step_ms": statistics.median(t.step_s_by_round) * 1e3,
+                "min_step_ms": min(t.step_s_by_round) * 1e3,
+                "max_step_ms": max(t.step_s_by_round) * 1e3,
+                "paired_overhead_median_fraction": statistics.median(overhead),
+                "paired_overhead_ci95_low_fraction": low,
+                "paired_overhead_ci95_high_fraction": high,
+                "dashboard_cpu_ms_per_step": t.dashboard_window_cpu_s / t.steps * 1e3,
+                "dashboard_cpu_fraction_of_step_wall": t.dashboard_window_cpu_s / t.timed_s,
+                "dashboard_cpu_with_start_stop_fraction_of_step_wall": t.dashboard_cpu_s
+                / t.timed_s,
+                "training_lock_blocked_ms": t.training_blocked_s * 1e3,
+                "training_lock_blocked_fraction_of_step_wall": t.training_blocked_s / t.timed_s,
+                "training_lock_contended_acquires": t.training_contended,
+                "refresh_per_s": rates[mode],
+                "torch_threads": torch.get_num_threads(),
+                "note": args.note,
+            }
         )
-        for mode, results in by_mode.items()
-    ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     """Measure, print the table, write the CSV under experiments/results/<machine>/."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per round")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode per round")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps before round 0")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--svg", type=Path, default=None, help="write the last live panel here")
-    parser.add_argument("--note", default="", help="stored with each row, e.g. 'shared machine'")
+    parser.add_argument(
+        "--live-refresh-per-s",
+        type=float,
+        nargs="+",
+        default=[2.0, 4.0],
+        help="one live mode per rate (redraws a second); 2 is DashboardThread's default",
+    )
+    parser.add_argument(
+        "--refresh-per-s", type=float, default=2.0, help="log_lines polls a second (default 2)"
+    )
+    parser.add_argument("--svg", type=Path, default=None, help="write a live panel here at the end")
+    parser.add_argument("--note", default=NOTE, help="stored with each row")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
     args = parser.parse_args(argv)
-    results = measure(args)
-    machine = this_machine()
-    rows = [
-        {
-            "source": "measured",
-            "machine": machine,
-            "mode": r.mode,
-            "rounds": args.rounds,
-            "steps_per_round": args.steps,
-            "batch": args.batch,
-            "seq": args.seq,
-            "hidden": args.hidden,
-            "layers": args.layers,
-            "median_steps_per_s": r.median_steps_per_s,
-            "min_steps_per_s": min(r.steps_per_s_by_round),
-            "max_steps_per_s": max(r.steps_per_s_by_round),
-            "steps_per_s_by_round": " ".join(f"{v:.4f}" for v in r.steps_per_s_by_round),
-            "overhead_fraction": r.overhead_fraction,
-            "overhead_by_round": " ".join(f"{v:+.4f}" for v in r.overhead_by_round),
-            "dashboard_cpu_fraction": r.dashboard_cpu_fraction,
-            "note": args.note,
-        }
-        for r in results
-    ]
-    path = RESULTS_DIR / machine / "dashboard_overhead.csv"
+    if args.rounds < 2 or args.steps < 1 or args.warmup > args.steps:
+        parser.error("need --rounds >= 2, --steps >= 1 and --warmup <= --steps")
+    totals = measure(args)
+    rows = summarize(totals, args)
+    path = args.out or RESULTS_DIR / this_machine() / "dashboard_overhead.csv"
     write_results(rows, path)
     print(
-        f"\n{'mode':<10} {'median steps/s':>15} {'min':>8} {'max':>8} {'overhead':>9} "
-        f"{'dashboard CPU':>14}"
+        f"\n{'mode':<10} {'ms/step':>8} {'overhead [95% CI]':>26} {'dash CPU/step wall':>19} "
+        f"{'lock blocked':>13}"
     )
-    for r in results:
+    for row in rows:
+        interval = (
+            f"{row['paired_overhead_median_fraction']:+.2%} "
+            f"[{row['paired_overhead_ci95_low_fraction']:+.2%}, "
+            f"{row['paired_overhead_ci95_high_fraction']:+.2%}]"
+        )
         print(
-            f"{r.mode:<10} {r.median_steps_per_s:>15.3f} {min(r.steps_per_s_by_round):>8.3f} "
-            f"{max(r.steps_per_s_by_round):>8.3f} {r.overhead_fraction:>+9.2%} "
-            f"{r.dashboard_cpu_fraction:>14.3%}"
+            f"{row['mode']:<10} {row['median_step_ms']:>8.1f} {interval:>26} "
+            f"{row['dashboard_cpu_fraction_of_step_wall']:>19.3%} "
+            f"{row['training_lock_blocked_fraction_of_step_wall']:>13.4%}"
         )
     print(f"\nwrote {path}")
 

@@ -122,8 +122,9 @@ class SessionProbe:
             if streams.is_cuda
             else None
         )
-        self._seen = 0
-        self._marks: deque[_Mark] = deque([self._mark(0)], maxlen=window + 1)
+        # Steps finished before the probe was made are history: neither drawn nor counted in rates.
+        self._seen = len(session.records)
+        self._marks: deque[_Mark] = deque([self._mark(session.steps)], maxlen=window + 1)
         self._hook = session.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
 
     def _count_tokens(self, module, args, kwargs) -> None:
@@ -223,8 +224,10 @@ class DashboardThread:
     """Draw a session's dashboard from a daemon thread until :meth:`stop`.
 
     On a terminal (``console.is_terminal``) a rich Live panel is redrawn ``refresh_per_s`` times
-    a second; otherwise one plain line per optimizer step is written to the console's file
-    (stderr by default). stop() draws the steps not yet drawn, so none is missed. After stop(),
+    a second (a frame costs rich 1-3 ms of CPU on a small loaded core, so 2 a second keeps the
+    panel under 1% of the wall time; experiments/bench_dashboard_overhead.py measures it);
+    otherwise one plain line per optimizer step is written to the console's file (stderr by
+    default). stop() draws the steps not yet drawn, so none is missed. After stop(),
     ``cpu_s`` is the CPU time the thread used: what the dashboard cost, free of other load's noise.
 
     >>> dash = DashboardThread(sess, optimizer=None).start()  # doctest: +SKIP
@@ -237,7 +240,7 @@ class DashboardThread:
         optimizer: OptimizerOffload | None,
         *,
         console: Console | None = None,
-        refresh_per_s: float = 4.0,
+        refresh_per_s: float = 2.0,
     ) -> None:
         if not refresh_per_s > 0:
             raise ValueError(f"refresh_per_s = {refresh_per_s!r} must be > 0, e.g. 4.0")
@@ -246,15 +249,30 @@ class DashboardThread:
         self.probe = SessionProbe(session, optimizer)
         self._stop = threading.Event()
         self.cpu_s = 0.0
+        self._cpu_clock: int | None = None
         self._thread = threading.Thread(target=self._run, name="offload-dashboard", daemon=True)
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def cpu_time_s(self) -> float:
+        """CPU seconds the drawing thread has used so far: read from its own CPU clock while it
+        runs (so a caller can time a window of it), ``cpu_s`` once it has ended."""
+        if self._cpu_clock is not None and self._thread.is_alive():
+            try:
+                return time.clock_gettime(self._cpu_clock)
+            except OSError:
+                # It ended between the check and the read; its total is set on the way out.
+                self._thread.join()
+        return self.cpu_s
+
     def start(self) -> DashboardThread:
         """Start drawing; returns self."""
         self._thread.start()
+        # Taken now, while the thread surely exists: on Linux the clock names its kernel thread,
+        # so a read after it ended fails cleanly instead of touching a freed pthread handle.
+        self._cpu_clock = time.pthread_getcpuclockid(self._thread.ident)
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -265,7 +283,6 @@ class DashboardThread:
         self.probe.remove()
 
     def _run(self) -> None:
-        start_s = time.thread_time()
         try:
             if self.console.is_terminal:
                 self._run_live()
@@ -274,7 +291,8 @@ class DashboardThread:
         except Exception:
             # A broken dashboard must not end the training run: say so once and stop drawing.
             _log.exception("the offload dashboard failed and stopped; training goes on")
-        self.cpu_s = time.thread_time() - start_s
+        # The thread's CPU clock starts with the thread: the same clock cpu_time_s() reads.
+        self.cpu_s = time.thread_time()
 
     def _run_lines(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
+from allocators.policies import BUDGET_KEYS
 from offload.run_record import PHASES, RunRecord
 from plots.profile_common import plt, save_png
 
@@ -56,7 +57,8 @@ def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> 
 
 
 def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path:
-    """Host bytes held per tier (``host_<tier>_nbytes``, RSS excluded) over steps, line per run.
+    """Host bytes in use per tier (``host_<tier>_nbytes``) at each step's end, a line per run and
+    tier; RSS and the unplaced/unpinned fallback totals are not tiers and are left out.
 
     >>> from offload.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
@@ -65,20 +67,26 @@ def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path
     True
     """
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, record in runs.items():
+    # Runs often hold the same bytes: distinct markers and dashes keep every line visible.
+    styles = zip(("o", "s", "^", "D", "v", "x"), ("-", "--", ":", "-."), strict=False)
+    for (name, record), (marker, dashes) in zip(runs.items(), styles, strict=False):
         frame = record.steps_frame()
         steps = frame["step"] if "step" in frame else range(len(frame))
-        for column in sorted(frame.columns):
-            if (
-                column.startswith("host_")
-                and column.endswith("_nbytes")
-                and column != "host_rss_nbytes"
-            ):
-                tier = column[len("host_") : -len("_nbytes")]
-                ax.plot(steps, frame[column] / (1 << 20), marker="o", label=f"{name}: {tier}")
+        for tier in BUDGET_KEYS:
+            column = f"host_{tier}_nbytes"
+            if column in frame:
+                ax.plot(
+                    steps,
+                    frame[column] / (1 << 20),
+                    marker=marker,
+                    linestyle=dashes,
+                    markerfacecolor="none",
+                    label=f"{name}: {tier}",
+                )
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("MiB held")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("MiB in use at step end")
     ax.set_title("host bytes per tier\n" + measured_where(runs), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,45 @@ def test_a_failing_dashboard_logs_and_leaves_training_alone(topology, caplog, mo
     assert len(losses) == 2 and len(sess.report()) == 2
     assert "the offload dashboard failed and stopped" in caplog.text
     assert dashboard_threads() == []
+
+
+def test_cpu_time_reads_the_running_thread_then_its_total(topology):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with offload.enable(model, opt, budgets=BUDGETS, topology=topology) as sess:
+        dash = DashboardThread(sess, sess._optimizer, console=console, refresh_per_s=50)
+        assert dash.cpu_time_s() == 0.0
+        dash.start()
+        first = dash.cpu_time_s()
+        for _ in range(3):
+            model(torch.randn(4, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        running = dash.cpu_time_s()
+        dash.stop()
+    # The thread's own clock: it only grows, and no thread used more than the whole process.
+    assert 0.0 <= first <= running <= time.process_time()
+    assert dash.cpu_time_s() == dash.cpu_s >= running
+
+
+def test_a_dashboard_started_mid_run_draws_only_the_steps_after_it(topology):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    out = io.StringIO()
+    with offload.enable(model, opt, budgets=BUDGETS, topology=topology) as sess:
+        for _ in range(2):
+            step()
+        dash = DashboardThread(sess, sess._optimizer, console=Console(file=out)).start()
+        step()
+        dash.stop()
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["offload step 2"]
+    # One step since the probe began: its rate counts that step, not the two before.
+    assert dash.probe._marks[-1].steps - dash.probe._marks[0].steps == 1
