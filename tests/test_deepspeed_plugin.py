@@ -259,8 +259,10 @@ def test_zero2_gradient_accumulation_buffers_made_in_the_first_backward_are_ours
 
 
 def test_close_warns_while_a_tensor_of_the_engine_is_kept_then_frees_everything(zero2_one_rank):
+    # The caller still holds the model and one fp32 master partition (and so its gradient).
     kept = zero2_one_rank["close_with_a_kept_tensor"]
     assert kept["warnings"] == 1 and kept["used_nbytes"] > 0
+    assert kept["busy_classes"] == ["master_grads", "master_params"]
     assert kept["after_drop_used_nbytes"] == 0 and kept["after_drop_unfreed_buffers"] == 0
 
 
@@ -282,8 +284,11 @@ def test_zero3_param_and_optimizer_offload_gives_the_same_losses_with_our_placem
     placed = {"params", "master_params", "master_grads", "optimizer_state"}
     assert placed <= set(result["placed_nbytes_by_class"])
     assert result["unplaced"] == {}
-    # The engine was the model's only holder: close() gives every buffer back, unmapped.
-    assert result["close"] == {"warnings": 0, "used_nbytes": 0, "unfreed_buffers": 0}
+    # With the model kept, close() frees all but the model's own parameter partitions (and
+    # warns); once the model is dropped too, a second close() unmaps the rest.
+    closing = result["close_with_the_model_kept"]
+    assert closing["warnings"] == 1 and closing["busy_classes"] == ["params"]
+    assert closing["after_drop_used_nbytes"] == 0 and closing["after_drop_unfreed_buffers"] == 0
 
 
 @pytest.mark.slow
@@ -338,11 +343,13 @@ def _worker(stage: int, out: Path) -> None:
     engine, *_ = deepspeed.initialize(model=model, config=ods.pinned_offload_config(config))
     stock = _train(engine, rank)
     engine.destroy()
-    forget_engine(engine.module)
+    forget_engine(engine)
     del engine, _, model
 
+    # Kept, as a training script keeps its model: close() must free what the model does not own.
+    model = tiny_llama(0, hidden=64, layers=2, vocab=128)
     run = ods.enable(
-        tiny_llama(0, hidden=64, layers=2, vocab=128),
+        model,
         config=config,
         policy="cxl_aware",
         budgets={"dram": WORKER_DRAM_BUDGET_NBYTES},
@@ -371,7 +378,12 @@ def _worker(stage: int, out: Path) -> None:
         "rank_budget_nbytes": run.plan.budgets_nbytes["dram"],
     }
     if stage == 3:
-        result["close"] = _close(run)
+        closing = _close(run)
+        del model  # under ZeRO-3 the model's parameter partitions are our "params" buffers
+        run.placement.close()
+        closing["after_drop_used_nbytes"] = _used_nbytes(run.placement)
+        closing["after_drop_unfreed_buffers"] = _unfreed(run.placement)
+        result["close_with_the_model_kept"] = closing
         out.write_text(json.dumps(result))
         return
     kept = run.engine.optimizer.single_partition_of_fp32_groups[0]
@@ -415,10 +427,12 @@ def _close(run) -> dict:
         warnings.simplefilter("always")
         run.close()
     count = sum(1 for w in caught if issubclass(w.category, BuffersInUseWarning))
+    busy = {p.tensor_class for p in run.placement.placed if not p.allocation.released}
     return {
         "warnings": count,
         "used_nbytes": _used_nbytes(run.placement),
         "unfreed_buffers": _unfreed(run.placement),
+        "busy_classes": sorted(busy),
     }
 
 

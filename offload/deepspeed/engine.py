@@ -62,7 +62,7 @@ class DeepSpeedRun:
         if engine is not None:
             self.placement.detach()
             engine.destroy()
-            forget_engine(engine.module)
+            forget_engine(engine)
         # The model's ZeRO hooks keep the optimizer (and its buffers) alive as long as the model.
         self.engine = self.optimizer = self.dataloader = self.lr_scheduler = None
         self.activations = None
