@@ -34,7 +34,7 @@ def plot() -> plt.Figure:
         workloads = list(dict.fromkeys(mine.sort_values("n_params")["workload"]))
         calibration = set(mine.loc[mine["role"] == "calibration", "workload"])
         # Other work on the machine shows up as time; say how much there was.
-        load = mine.groupby("workload")["load_1min"].max()
+        loads = mine.groupby("workload")["load_1min"].max()
         x = np.arange(len(workloads))
         for ax, phase in zip(axes[row], TIMED_PHASES, strict=True):
             for i, (source, rates, label) in enumerate(BARS):
@@ -49,7 +49,7 @@ def plot() -> plt.Figure:
                     errors = [part["error"].get(w, np.nan) for w in workloads]
                     ax.bar_label(bars, [f"{e:+.0%}" for e in errors], fontsize=7)
             ticks = [
-                f"{w}{' (calibration)' if w in calibration else ''}\nload {load.get(w, np.nan):.1f}"
+                f"{w}{' (calibration)' if w in calibration else ''}\nload {loads.get(w, np.nan):.1f}"
                 for w in workloads
             ]
             ax.set_xticks(x, ticks)
