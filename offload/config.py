@@ -42,6 +42,9 @@ class OffloadConfig:
       backward, so set lr before backward (as LR schedulers do), or turn it off. If backward
       fails midway, buckets already stepped stay stepped (a ``PartialStepWarning`` says so when
       the step is dropped); turned off, every step is all-or-nothing.
+    - ``loss_chunk_tokens``: a transformers causal LM called with ``labels`` computes its loss
+      this many tokens at a time (offload.chunked_loss), so the [tokens, vocab] logits never
+      exist whole; the output's ``logits`` is then None. For long sequences with big vocabularies.
     - ``dashboard``: draw a live panel of memory per tier, transfer rates, the step's phases and
       throughput from a background thread (one log line per step when stderr is not a terminal).
 
@@ -63,6 +66,7 @@ class OffloadConfig:
     plan_tokens: int = 8192
     profile: str | None = None
     dashboard: bool = False
+    loss_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("activations", self.activations, ACTIVATION_MODES)
@@ -100,6 +104,8 @@ class OffloadConfig:
                 )
         if self.optimizer_threads is not None:
             _check_int("optimizer_threads", self.optimizer_threads, minimum=1)
+        if self.loss_chunk_tokens is not None:
+            _check_int("loss_chunk_tokens", self.loss_chunk_tokens, minimum=1)
         norm = self.max_grad_norm
         if norm is not None and (
             isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0

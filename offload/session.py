@@ -18,6 +18,7 @@ from torch import nn
 
 from offload.activation_offload import ActivationOffloader
 from offload.checkpoint_offload import LayerCheckpointing
+from offload.chunked_loss import ChunkedLossPatch
 from offload.clip_patch import ClipPatch
 from offload.config import OffloadConfig
 from offload.dashboard_thread import DashboardThread
@@ -112,6 +113,7 @@ class OffloadSession:
         self._optimizer: OptimizerOffload | None = None
         self._patch: OptimizerPatch | None = None
         self._clip: ClipPatch | None = None
+        self._chunked_loss: ChunkedLossPatch | None = None
         self._dashboard: DashboardThread | None = None
         self._hooks = [
             model.register_forward_pre_hook(lambda *_: self._clock.forward_started()),
@@ -131,6 +133,8 @@ class OffloadSession:
 
     def _install(self, layers: nn.ModuleList | None) -> None:
         config = self.config
+        if config.loss_chunk_tokens is not None:
+            self._chunked_loss = ChunkedLossPatch(self.model, config.loss_chunk_tokens)
         if config.activations == "checkpoint" and layers is not None:
             self._checkpointing = LayerCheckpointing(layers)
         if config.activations != "off":
@@ -263,6 +267,8 @@ class OffloadSession:
         try:
             for hook in self._hooks:
                 hook.remove()
+            if self._chunked_loss is not None:
+                self._chunked_loss.remove()
             if self._clip is not None:
                 self._clip.remove()
             if self._patch is not None:
