@@ -426,6 +426,11 @@ def fitted_rates(
         name=f"{preset.device} fitted on {w.label}",
         peak_flops_per_s=None if cpu else GpuModel().peak_flops_per_s,
     )
+    if not (calibration.h2d_gib_per_s > 0 and calibration.d2h_gib_per_s > 0):
+        raise ValueError(
+            f"the calibration run {w.label} reports no copy rate (h2d {calibration.h2d_gib_per_s},"
+            f" d2h {calibration.d2h_gib_per_s} GiB/s); calibrate on a run that offloads"
+        )
     traffic = phase_traffic(w.shape, w.batch, w.seq, _placements(node), config)
     copy_s = sum(traffic["step_dma"].h2d.values()) / (calibration.h2d_gib_per_s * GIB)
     cpu_s = calibration.phases["optimizer"] - copy_s
@@ -612,9 +617,12 @@ def measure_workload(workload: Workload, preset: Preset, steps: int | None = Non
         model = transformers.LlamaForCausalLM(config).to(dtype).train()
     _sync_hooks(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # Masters, two Adam states, gradients and half copies, and the offloaded activations with
+    # the loss's log-probs (twice), with room to spare: a budget only caps, it reserves nothing.
     per_param = 4 + 8 + 2 * (4 if preset.dtype == "float32" else 2)
-    activations = 4 * w.batch * w.seq * w.shape.hidden * w.shape.layers
-    budget = per_param * w.shape.n_params + activations + GIB
+    tokens = w.batch * w.seq
+    activations = 4 * tokens * w.shape.hidden * w.shape.layers + 8 * tokens * w.shape.vocab
+    budget = per_param * w.shape.n_params + 2 * activations + GIB
     gen = torch.Generator().manual_seed(1)
     batches = [
         torch.randint(0, w.shape.vocab, (w.batch, w.seq), generator=gen).to(device)
