@@ -49,6 +49,7 @@ class Result:
     iter_s: float | None = None
     peak_hbm_gib: float | None = None
     host_rss_gib: float | None = None
+    loss_chunk_tokens: int | None = None
     error: str = ""
 
 
@@ -100,7 +101,13 @@ def time_steps(step, vocab: int, seq: int, iters: int, warmup: int) -> dict:
 
 
 def run_one(
-    mode: str, shape: str, seq: int, iters: int, warmup: int, report_dir: Path | None = None
+    mode: str,
+    shape: str,
+    seq: int,
+    iters: int,
+    warmup: int,
+    report_dir: Path | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> dict:
     """Train ``iters`` steps in this process and return the measurements (child side).
 
@@ -112,15 +119,18 @@ def run_one(
     torch.manual_seed(0)
     model = build_model(shape, seq)
     report_path = report_dir / f"{mode}_{shape}_{seq}_report.csv" if report_dir else None
-    step, cleanup = _trainer(mode, model, report_path)
+    step, cleanup = _trainer(mode, model, report_path, loss_chunk_tokens)
     measured = time_steps(step, SHAPES[shape]["vocab_size"], seq, iters, warmup)
     cleanup()
     return measured
 
 
-def _trainer(mode: str, model, report_path: Path | None = None):
+def _trainer(
+    mode: str, model, report_path: Path | None = None, loss_chunk_tokens: int | None = None
+):
     """(step(ids), cleanup()) for ``mode``; the loop each mode's users would write. The
-    offload_enable cleanup writes the session's per-step report to ``report_path`` when given.
+    offload_enable cleanup writes the session's per-step report to ``report_path`` when given;
+    ``loss_chunk_tokens`` is passed to offload.enable (the other modes use transformers' loss).
     """
     import torch
 
@@ -143,7 +153,13 @@ def _trainer(mode: str, model, report_path: Path | None = None):
         import offload
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        sess = offload.enable(model, opt, activations="checkpoint", budgets=host_budgets())
+        sess = offload.enable(
+            model,
+            opt,
+            activations="checkpoint",
+            budgets=host_budgets(),
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
 
         def cleanup():
             if report_path is not None:
@@ -227,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print the whole stderr of a run that fails or times out (first GPU runs)",
     )
+    parser.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=None,
+        help="offload_enable computes the loss this many tokens at a time (7B at 32K: the "
+        "[tokens, vocab] fp32 logits alone take 20 GB); other modes keep transformers' loss",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -241,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.child:
         mode, shape, seq = args.child.split(":")
-        measured = run_one(mode, shape, int(seq), args.iters, args.warmup, args.report_dir)
+        measured = run_one(
+            mode, shape, int(seq), args.iters, args.warmup, args.report_dir, args.loss_chunk_tokens
+        )
         print(json.dumps(measured))
         return 0
 
@@ -279,11 +304,15 @@ def _run_child(mode, shape, seq, args, machine, gpu) -> Result:
     ]
     if args.report_dir is not None:
         command += ["--report-dir", str(args.report_dir.resolve())]
+    chunked = args.loss_chunk_tokens if mode == "offload_enable" else None
+    if chunked is not None:
+        command += ["--loss-chunk-tokens", str(chunked)]
     outcome = run_child(command, args.timeout_s, f"{mode}:{shape}:{seq}", args.echo_child_stderr)
     result = Result(
         machine=machine, gpu=gpu, mode=mode, shape=shape, seq=seq, status=outcome.status
     )
     result.error = outcome.error
+    result.loss_chunk_tokens = chunked
     for key, value in outcome.values.items():
         setattr(result, key, value)
     return result
