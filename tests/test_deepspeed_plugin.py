@@ -118,6 +118,24 @@ def test_an_unknown_policy_is_refused_per_rank_with_the_alternatives():
         )
 
 
+def test_a_profile_is_refused_unless_the_policy_is_planned():
+    pytest.importorskip("deepspeed")
+    from torch import nn
+
+    import offload.deepspeed as ods
+
+    with pytest.raises(ConfigError, match="policy='planned'"):
+        ods.enable(
+            nn.Linear(2, 2),
+            config={"zero_optimization": {"stage": 2}},
+            policy="cxl_aware",
+            profile="machine.json",
+            topology=two_socket_two_cxl(),
+            local_rank=0,
+            local_world_size=1,
+        )
+
+
 def test_local_rank_beyond_local_size_is_refused():
     with pytest.raises(ConfigError, match="LOCAL_SIZE"):
         local_rank_and_size({"LOCAL_RANK": "2", "LOCAL_SIZE": "2"})
@@ -259,7 +277,8 @@ def test_zero2_gradient_accumulation_buffers_made_in_the_first_backward_are_ours
 
 
 def test_close_warns_while_a_tensor_of_the_engine_is_kept_then_frees_everything(zero2_one_rank):
-    # The caller still holds the model and one fp32 master partition (and so its gradient).
+    # The caller still holds the model, its last loss and one fp32 master partition (and so
+    # that partition's gradient): only those two buffers stay.
     kept = zero2_one_rank["close_with_a_kept_tensor"]
     assert kept["warnings"] == 1 and kept["used_nbytes"] > 0
     assert kept["busy_classes"] == ["master_grads", "master_params"]
@@ -284,8 +303,8 @@ def test_zero3_param_and_optimizer_offload_gives_the_same_losses_with_our_placem
     placed = {"params", "master_params", "master_grads", "optimizer_state"}
     assert placed <= set(result["placed_nbytes_by_class"])
     assert result["unplaced"] == {}
-    # With the model kept, close() frees all but the model's own parameter partitions (and
-    # warns); once the model is dropped too, a second close() unmaps the rest.
+    # With the model and the last loss kept, close() frees all but the model's own parameter
+    # partitions (and warns); once both are dropped, a second close() unmaps the rest.
     closing = result["close_with_the_model_kept"]
     assert closing["warnings"] == 1 and closing["busy_classes"] == ["params"]
     assert closing["after_drop_used_nbytes"] == 0 and closing["after_drop_unfreed_buffers"] == 0
@@ -306,7 +325,8 @@ def test_two_ranks_on_one_machine_split_the_budget_and_match_stock(tmp_path):
 WORKER_DRAM_BUDGET_NBYTES = GIB
 
 
-def _train(engine, rank: int) -> list[float]:
+def _train(engine, rank: int, keep: list | None = None) -> list[float]:
+    """Losses of every micro-batch; ``keep`` gets the last loss tensor, as a script keeps it."""
     import torch
 
     generator = torch.Generator().manual_seed(100 + rank)
@@ -317,6 +337,8 @@ def _train(engine, rank: int) -> list[float]:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    if keep is not None:
+        keep.append(loss)
     return losses
 
 
@@ -356,7 +378,8 @@ def _worker(stage: int, out: Path) -> None:
         topology=discover(),
         tokens=32,
     )
-    patched = _train(run.engine, rank)
+    last_loss: list = []
+    patched = _train(run.engine, rank, keep=last_loss)
     node0 = next(r for r in run.placement.allocator.usage() if r.tier == "dram" and r.node == 0)
     pages: dict[int, int] = {}
     for placed in run.placement.placed:
@@ -379,7 +402,9 @@ def _worker(stage: int, out: Path) -> None:
     }
     if stage == 3:
         closing = _close(run)
-        del model  # under ZeRO-3 the model's parameter partitions are our "params" buffers
+        # Under ZeRO-3 the model's parameter partitions are our "params" buffers, and the last
+        # loss's autograd graph holds the model.
+        del model, last_loss
         run.placement.close()
         closing["after_drop_used_nbytes"] = _used_nbytes(run.placement)
         closing["after_drop_unfreed_buffers"] = _unfreed(run.placement)

@@ -28,6 +28,7 @@ from allocators.tiered import Allocation, TieredAllocator
 from allocators.units import format_bytes
 from offload.deepspeed import pin_hook
 from offload.deepspeed.call_sites import check_version, classify
+from offload.deepspeed.release import disarm_output_hooks, note_output_hooks
 
 # The engine calls inside which DeepSpeed may pin more host memory after initialize.
 ENGINE_CALLS = ("forward", "backward", "step")
@@ -108,6 +109,7 @@ class DeepSpeedPlacement:
         self._undo: list[tuple[Any, str, Any]] = []
         self._routing: Any = None
         self._engine: weakref.ref | None = None
+        self._output_hooks: weakref.WeakSet = weakref.WeakSet()
 
     def __enter__(self) -> DeepSpeedPlacement:
         import deepspeed
@@ -154,6 +156,16 @@ class DeepSpeedPlacement:
         pin_hook.install()
         for name in ENGINE_CALLS:
             setattr(engine, name, pin_hook.routed(getattr(engine, name), self))
+        routed_forward = engine.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            # The engine hangs a hook manager (holding itself) on each output; close() disarms
+            # the ones a caller still holds (its last loss), or they would keep the engine.
+            outputs = routed_forward(*args, **kwargs)
+            note_output_hooks(outputs, self._output_hooks)
+            return outputs
+
+        engine.forward = forward
         self._engine = weakref.ref(engine)
 
     def detach(self) -> None:
@@ -353,6 +365,7 @@ class DeepSpeedPlacement:
         """
         self.__exit__(None, None, None)
         self.detach()
+        disarm_output_hooks(self._output_hooks)
         gc.collect()
         try:
             self.allocator.close()
@@ -366,9 +379,10 @@ class DeepSpeedPlacement:
             warnings.warn(
                 f"{len(busy)} of {len(self.placed)} DeepSpeed host buffers ({listed}) still have "
                 f"{views} live tensor view(s), so they stay mapped and charged: something still "
-                "holds the engine, its optimizer, the ZeRO-3 model's partitions or a tensor of "
-                "them. Drop those references and call close() again; otherwise they are freed "
-                "when the process exits",
+                "holds the engine, its optimizer or a tensor of theirs (under ZeRO-3, the model "
+                "itself, whose parameters are the params buffers, or the last loss, whose "
+                "autograd graph holds the model). Drop those references and call close() again; "
+                "otherwise they are freed when the process exits",
                 BuffersInUseWarning,
                 stacklevel=2,
             )

@@ -4,15 +4,21 @@ host buffers can be freed before the process exits. It forgets references; it mu
 Found by walking the referrers of a destroyed ZeRO-3 engine (deepspeed 0.19.8): the model stays in
 ``parameter_offload.FWD_MODULE_STACK`` (appended at setup, never popped),
 ``PartitionedParameterCoordinator.__params_to_release`` is an unbounded ``functools.lru_cache`` on
-a method, whose keys hold every coordinator and sub-module it was called with, and the engine's
-forward hooks on the model (not removed by ``destroy()``) keep the engine alive with the model.
+a method, whose keys hold every coordinator and sub-module it was called with, the engine's
+forward hooks on the model (not removed by ``destroy()``) and the optimizer ZeRO sets on every
+parameter keep the engine alive with the model, and the ``OutputBackwardHookManager`` the engine
+attaches to every forward output (``_backward_hook_managers``) keeps it alive with the caller's
+last ``loss``.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -88,3 +94,38 @@ def forget_engine(engine: Any) -> ForgottenReferences:
         cached += cache.cache_info().currsize
         cache.cache_clear()
     return ForgottenReferences(removed, cached, hooks)
+
+
+def note_output_hooks(outputs: Any, managers: weakref.WeakSet) -> None:
+    """Add the backward hook managers DeepSpeed attached to ``outputs`` (a tensor, or tuples,
+    lists and dicts of them, as a forward returns) to ``managers``, without keeping them alive.
+
+    >>> managers = weakref.WeakSet(); note_output_hooks({"loss": torch.ones(1)}, managers)
+    >>> len(managers)
+    0
+    """
+    todo = [outputs]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            managers.update(getattr(item, "_backward_hook_managers", ()))
+        elif isinstance(item, tuple | list):
+            todo.extend(item)
+        elif isinstance(item, Mapping):
+            todo.extend(item.values())
+
+
+def disarm_output_hooks(managers: weakref.WeakSet) -> int:
+    """Take a destroyed engine's backward hooks off the outputs that still live, and drop the
+    manager's references to the engine; returns how many managers were disarmed.
+
+    >>> disarm_output_hooks(weakref.WeakSet())
+    0
+    """
+    disarmed = 0
+    for manager in list(managers):
+        manager.remove_hooks()
+        manager.preprocess_once_fn = manager.preprocess_per_tensor_fn = None
+        disarmed += 1
+    managers.clear()
+    return disarmed
