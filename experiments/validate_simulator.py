@@ -35,7 +35,7 @@ from offload.config import OffloadConfig
 from offload.model_shapes import MODELS, ModelShape, load_model_shape
 from offload.simulate import (
     DEEPSPEED_OVERHEAD_S_PER_PARAM,
-    OUR_RUNTIME,
+    OUR_RUNTIME,  # noqa: F401  (tests/test_experiments.py takes it from this module)
     StepConfig,
     phase_traffic,
     simulate_step,
@@ -150,7 +150,7 @@ def compare_report(
 
     >>> report = pd.DataFrame({"forward_ms": [1e3] * 4, "backward_ms": [1e3] * 4,
     ...                        "optimizer_ms": [1e3] * 4})
-    >>> table = compare_report(report, "llama-1.1b", 1, 1024, h100_rates(), OUR_RUNTIME)
+    >>> table = compare_report(report, "llama-1.1b", 1, 1024, h100_rates(), runtime_config())
     >>> list(table["phase"])
     ['forward', 'backward', 'step', 'total']
     """
@@ -351,26 +351,45 @@ def best_of_rounds(runs: Sequence[MeasuredRun]) -> MeasuredRun:
     )
 
 
+def runtime_config(
+    dtype: str = "bfloat16",
+    activations: str = "checkpoint",
+    overlap_step: bool = True,
+    chunked_loss: bool = False,
+    gpu: GpuModel | None = None,
+) -> StepConfig:
+    """The simulator's settings for a run of ``offload.enable``: our runtime's layout (params stay
+    on the device; gradients land in their dtype and the optimizer reads them there), the loss's
+    log-probs offloaded with the activations unless ``loss_chunk_tokens`` chunks the loss, and
+    saved tensors under the runtime's ``activation_min_nbytes`` left on the device.
+
+    >>> runtime_config("float32").param_nbytes, runtime_config().overlap_step
+    (4, True)
+    """
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype = {dtype!r}; write 'float32', 'bfloat16' or 'float16'")
+    return StepConfig(
+        optimizer="adamw",
+        offload_params=False,
+        recompute=activations == "checkpoint",
+        offload_activations=activations != "off",
+        overlap_step=overlap_step,
+        param_nbytes=4 if dtype == "float32" else 2,
+        fp32_master_grads=False,
+        head_activations=activations != "off" and not chunked_loss,
+        activation_min_nbytes=OffloadConfig().activation_min_nbytes,
+        gpu=gpu or GpuModel(),
+    )
+
+
 def step_config(preset: Preset, gpu: GpuModel | None = None) -> StepConfig:
-    """The simulator's settings for how the measured runs train: our runtime's layout, params on
-    the device, the optimizer after backward (``overlap_step=False``, so the report's optimizer
-    phase is the whole step), activations as the preset offloads them.
+    """:func:`runtime_config` for how a preset's runs train: the optimizer after backward
+    (``overlap_step=False``), so the report's optimizer phase is the whole step.
 
     >>> step_config(PRESETS["cpu-sizes"]).param_nbytes
     4
     """
-    return StepConfig(
-        optimizer="adamw",
-        offload_params=False,
-        recompute=preset.activations == "checkpoint",
-        offload_activations=preset.activations != "off",
-        overlap_step=False,
-        param_nbytes=4 if preset.dtype == "float32" else 2,
-        fp32_master_grads=False,
-        head_activations=preset.activations != "off",
-        activation_min_nbytes=OffloadConfig().activation_min_nbytes,
-        gpu=gpu or GpuModel(),
-    )
+    return runtime_config(preset.dtype, preset.activations, overlap_step=False, gpu=gpu)
 
 
 def _placements(node: int) -> dict[str, Placement]:
@@ -650,11 +669,17 @@ def measure_workload(workload: Workload, preset: Preset, steps: int | None = Non
 
 
 def measure_preset(
-    name: str, profile: str | None, machine: str | None = None, steps: int | None = None
+    name: str,
+    profile: str | None,
+    machine: str | None = None,
+    steps: int | None = None,
+    rounds: int | None = None,
 ) -> pd.DataFrame:
     """Measure every workload of preset ``name``, compare, and write
     ``results/<machine>/validation_measured.csv``; returns the rows written."""
     preset = PRESETS[name]
+    if rounds is not None:
+        preset = replace(preset, rounds=rounds)
     machine = machine or this_machine()
     # The first run in a process pays one-time costs (kernel loading, allocator growth) beyond its
     # warm-up steps; a short unreported run takes them.
@@ -700,6 +725,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--profile", help="the machine's offload-profile JSON (rates)")
     parser.add_argument("--out", help="with --report: also write the comparison to this CSV")
+    parser.add_argument("--dtype", default="bfloat16", help="with --report: the model's dtype")
+    parser.add_argument(
+        "--activations",
+        default="checkpoint",
+        choices=("checkpoint", "saved_tensors", "off"),
+        help="with --report: the run's offload.enable(activations=...)",
+    )
+    parser.add_argument(
+        "--overlap-step",
+        default="on",
+        choices=("on", "off"),
+        help="with --report: the run's overlap_step (offload.enable's default: on)",
+    )
+    parser.add_argument(
+        "--loss-chunked",
+        action="store_true",
+        help="with --report: the run set loss_chunk_tokens (no whole log-probs to offload)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="with --measure: rounds over the sizes (default: the preset's)"
+    )
     parser.add_argument(
         "--measure",
         choices=sorted(PRESETS),
@@ -709,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="with --measure: steps per model (2 warm-up)")
     args = parser.parse_args(argv)
     if args.measure:
-        frame = measure_preset(args.measure, args.profile, args.machine, args.steps)
+        frame = measure_preset(args.measure, args.profile, args.machine, args.steps, args.rounds)
         print(error_summary(frame).round(3).to_string(index=False))
         return 0
     if args.report:
@@ -719,8 +765,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from profilers.machine_profile import load_profile
 
             rates = profile_rates(discover(), load_profile(args.profile))
+        config = runtime_config(
+            args.dtype, args.activations, args.overlap_step == "on", args.loss_chunked
+        )
         table = compare_report(
-            pd.read_csv(args.report), args.model, args.batch, args.seq, rates, OUR_RUNTIME
+            pd.read_csv(args.report), args.model, args.batch, args.seq, rates, config
         )
         print(table.round(3).to_string(index=False))
         if args.out:
