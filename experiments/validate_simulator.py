@@ -676,7 +676,12 @@ def measure_preset(
     rounds: int | None = None,
 ) -> pd.DataFrame:
     """Measure every workload of preset ``name``, compare, and write
-    ``results/<machine>/validation_measured.csv``; returns the rows written."""
+    ``results/<machine>/validation_measured.csv``; returns the rows written.
+
+    >>> frame = measure_preset("cpu-sizes", "profile.json", rounds=1)  # doctest: +SKIP
+    >>> sorted(set(frame["source"]))  # doctest: +SKIP
+    ['measured', 'simulated']
+    """
     preset = PRESETS[name]
     if rounds is not None:
         preset = replace(preset, rounds=rounds)
