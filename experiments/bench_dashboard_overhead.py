@@ -46,29 +46,34 @@ NOTE = "shared 2-core VM: other engineers ran tests and benchmarks on the same c
 
 
 class TimedLock:
-    """A lock that adds up, per thread name, the seconds spent waiting for it when it was taken.
+    """A lock that counts, per thread name, how often it was taken, how often it was held by
+    another thread then, and the seconds spent waiting for it.
 
     >>> lock = TimedLock(threading.Lock())
     >>> with lock:
     ...     pass
-    >>> lock.blocked_s, lock.contended
-    ({}, {})
+    >>> lock.acquires, lock.contended, lock.blocked_s
+    ({'MainThread': 1}, {}, {})
     """
 
     def __init__(self, inner: threading.Lock) -> None:
         self._inner = inner
+        self.acquires: dict[str, int] = {}
         self.blocked_s: dict[str, float] = {}
         self.contended: dict[str, int] = {}
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock; a wait (only when another thread holds it) is timed."""
+        name = threading.current_thread().name
         if self._inner.acquire(False):
+            self.acquires[name] = self.acquires.get(name, 0) + 1
             return True
         if not blocking:
             return False
         start = time.perf_counter()
         taken = self._inner.acquire(True, timeout)
-        name = threading.current_thread().name
+        if taken:
+            self.acquires[name] = self.acquires.get(name, 0) + 1
         self.blocked_s[name] = self.blocked_s.get(name, 0.0) + time.perf_counter() - start
         self.contended[name] = self.contended.get(name, 0) + 1
         return taken
@@ -87,6 +92,12 @@ class TimedLock:
         """Seconds every thread but the dashboard's waited for the lock."""
         return sum(s for name, s in self.blocked_s.items() if name != DASHBOARD_THREAD)
 
+    def counts(self) -> tuple[int, int, int]:
+        """Acquisitions by the training side, by the dashboard, and contended ones of training's."""
+        training = sum(n for name, n in self.acquires.items() if name != DASHBOARD_THREAD)
+        contended = sum(n for name, n in self.contended.items() if name != DASHBOARD_THREAD)
+        return training, self.acquires.get(DASHBOARD_THREAD, 0), contended
+
 
 @dataclass
 class ModeTotals:
@@ -99,6 +110,8 @@ class ModeTotals:
     dashboard_cpu_s: float = 0.0
     dashboard_window_cpu_s: float = 0.0
     training_blocked_s: float = 0.0
+    training_acquires: int = 0
+    dashboard_acquires: int = 0
     training_contended: int = 0
 
 
@@ -119,7 +132,7 @@ def time_round(
         )
         dashboard.start()
     blocked_before = lock.training_blocked_s()
-    contended_before = sum(n for t, n in lock.contended.items() if t != DASHBOARD_THREAD)
+    counts_before = lock.counts()
     cpu_before_s = dashboard.cpu_time_s() if dashboard else 0.0
     start = time.perf_counter()
     train_steps(sess.model, sess.optimizer, batches)
@@ -132,8 +145,12 @@ def time_round(
     totals.timed_s += elapsed_s
     totals.steps += len(batches)
     totals.training_blocked_s += lock.training_blocked_s() - blocked_before
-    contended = sum(n for t, n in lock.contended.items() if t != DASHBOARD_THREAD)
-    totals.training_contended += contended - contended_before
+    training, dashboard_count, contended = (
+        after - before for after, before in zip(lock.counts(), counts_before, strict=True)
+    )
+    totals.training_acquires += training
+    totals.dashboard_acquires += dashboard_count
+    totals.training_contended += contended
 
 
 def bootstrap_median_ci(
@@ -246,7 +263,9 @@ def summarize(totals: dict[str, ModeTotals], args: argparse.Namespace) -> list[d
                 / t.timed_s,
                 "training_lock_blocked_ms": t.training_blocked_s * 1e3,
                 "training_lock_blocked_fraction_of_step_wall": t.training_blocked_s / t.timed_s,
+                "training_lock_acquires": t.training_acquires,
                 "training_lock_contended_acquires": t.training_contended,
+                "dashboard_lock_acquires": t.dashboard_acquires,
                 "refresh_per_s": rates[mode],
                 "torch_threads": torch.get_num_threads(),
                 "note": args.note,
