@@ -1,5 +1,5 @@
-"""policy="planned" per DeepSpeed rank: the planner's placement for the rank's ZeRO partition, within
-its share of the budgets, on the tiers of its GPU. Plans only: no DeepSpeed, no memory touched.
+"""policy="planned" per DeepSpeed rank: the planner's placement for the rank's ZeRO partition,
+within its share of the budgets, on the tiers of its GPU. Plans only: no DeepSpeed, no memory.
 """
 
 from __future__ import annotations

@@ -48,20 +48,22 @@ class DeepSpeedRun:
     activations: DeepSpeedActivations | None = None
 
     def close(self) -> None:
-        """Take our hooks off, destroy the engine, drop DeepSpeed's references to it and give
-        every host buffer back.
+        """Destroy the engine, take our hooks off, drop DeepSpeed's references to the engine and
+        give every host buffer back.
 
-        DeepSpeed 0.19's ZeRO-3 keeps the model (and so the engine) in module-level state for
-        the life of the process; :func:`offload.deepspeed.release.forget_engine` drops it. Buffers whose tensors are still held elsewhere (the caller kept the
-        engine, its optimizer or a tensor of theirs) stay mapped with a BuffersInUseWarning;
-        ``run.placement.close()`` finishes once they are dropped.
+        DeepSpeed 0.19 keeps a destroyed engine alive through module-level state, the model and
+        its last outputs; :func:`offload.deepspeed.release.forget_engine` and the placement's
+        close() drop those references. Buffers whose tensors are still held elsewhere (under
+        ZeRO-3 the model's parameters; the engine, its optimizer or a tensor of theirs) stay
+        mapped with a BuffersInUseWarning; ``run.placement.close()`` finishes once they are
+        dropped.
         """
         if self.activations is not None:
             self.activations.remove()
         engine = self.engine
         if engine is not None:
+            engine.destroy()  # attached: its unpins of our buffers come to us
             self.placement.detach()
-            engine.destroy()
             forget_engine(engine)
         # The model's ZeRO hooks keep the optimizer (and its buffers) alive as long as the model.
         self.engine = self.optimizer = self.dataloader = self.lr_scheduler = None

@@ -30,8 +30,9 @@ from offload.deepspeed import pin_hook
 from offload.deepspeed.call_sites import check_version, classify
 from offload.deepspeed.release import disarm_output_hooks, note_output_hooks
 
-# The engine calls inside which DeepSpeed may pin more host memory after initialize.
-ENGINE_CALLS = ("forward", "backward", "step")
+# The engine calls inside which DeepSpeed may pin more host memory after initialize, and destroy,
+# whose unpin of our buffers must reach us (we release them; DeepSpeed's backend must not).
+ENGINE_CALLS = ("forward", "backward", "step", "destroy")
 
 
 class BuffersInUseWarning(UserWarning):
@@ -144,7 +145,8 @@ class DeepSpeedPlacement:
         setattr(owner, name, replacement)
 
     def attach(self, engine: Any) -> None:
-        """Route the pins of ``engine``'s forward, backward and step to us until :meth:`close`.
+        """Route the pins of ``engine``'s forward, backward, step (and the unpins of its destroy)
+        to us until :meth:`close`.
 
         DeepSpeed pins more host memory after initialize (ZeRO-2 offload with gradient
         accumulation makes one gradient buffer per parameter in its first backward); only pins
@@ -155,7 +157,8 @@ class DeepSpeedPlacement:
             raise RuntimeError("this DeepSpeedPlacement is attached to an engine already")
         pin_hook.install()
         for name in ENGINE_CALLS:
-            setattr(engine, name, pin_hook.routed(getattr(engine, name), self))
+            if hasattr(engine, name):
+                setattr(engine, name, pin_hook.routed(getattr(engine, name), self))
         routed_forward = engine.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:

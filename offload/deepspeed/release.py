@@ -53,7 +53,7 @@ _ENGINE_MODEL_HOOKS = (
     "first_dataloader_check",
 )
 
-# What ZeRO sets on every parameter to reach its optimizer (deepspeed 0.19 stage_1_and_2.py, stage3.py).
+# What ZeRO sets on every parameter to reach its optimizer (0.19 stage_1_and_2.py, stage3.py).
 _OPTIMIZER_ON_PARAMS = ("_zero_optimizer", "_z3_optimizer")
 
 
