@@ -105,7 +105,14 @@ def _trainer(mode: str, model, seq: int, policy: str):
             for row in run.placement.allocator.usage():
                 if row.node is None:
                     usage[f"tier_{row.tier}_gib"] = row.used_nbytes / 2**30
-            return {"policy": policy, "unplaced": len(run.placement.unplaced), **usage}
+            unplaced = sum(run.placement.unplaced_nbytes_by_class().values())
+            return {
+                "policy": policy,
+                "unplaced": len(run.placement.unplaced),
+                "unplaced_gib": unplaced / 2**30,
+                "predicted_step_s": run.plan.predicted_step_s,
+                **usage,
+            }
     else:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
 
