@@ -26,11 +26,12 @@ def measured_where(runs: Mapping[str, RunRecord]) -> str:
 
 
 def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path:
-    """One panel per run: forward / backward / optimizer / wait ms of each step, stacked.
+    """One panel per run: forward / backward / optimizer ms of each step stacked, and the host's
+    wait on copies as a hatched bar from zero: it was spent inside those phases, not after them.
 
     >>> from offload.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
-    ...                 [{"step": 0, "forward_ms": 2.0, "backward_ms": 3.0}])
+    ...                 [{"step": 0, "forward_ms": 2.0, "backward_ms": 3.0, "wait_ms": 1.0}])
     >>> plot_step_breakdown({"a": rec}, "/tmp/run_steps_doctest.png").stat().st_size > 0
     True
     """
@@ -43,16 +44,26 @@ def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> 
         bottom = [0.0] * len(frame)
         for phase in PHASES:
             column = f"{phase}_ms"
-            if column not in frame:
+            if phase == "wait" or column not in frame:
                 continue
             values = frame[column].fillna(0.0).tolist()
             ax.bar(steps, values, bottom=bottom, label=phase)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        if "wait_ms" in frame:
+            ax.bar(
+                steps,
+                frame["wait_ms"].fillna(0.0),
+                width=0.4,
+                fill=False,
+                hatch="////",
+                edgecolor="black",
+                label="of which waiting on copies",
+            )
         ax.set_title(f"{name}\n{record.where}", fontsize=9)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("ms")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7)
     return save_png(fig, png_path)
 
 
