@@ -507,6 +507,14 @@ def prior_rates(preset: Preset, profile_path: str | None, node: int = 0) -> tupl
     return host_device_rates(copy, cpu, node), source
 
 
+def _rates_text(rates: SimRates) -> str:
+    return "; ".join(
+        f"node {n}: optimizer {r.cpu_gib_per_s:.2f} GiB/s, h2d {r.h2d_gib_per_s:.2f} GiB/s, "
+        f"d2h {r.d2h_gib_per_s:.2f} GiB/s"
+        for n, r in sorted(rates.nodes.items())
+    )
+
+
 def comparison_rows(
     runs: Sequence[MeasuredRun],
     preset: Preset,
@@ -541,10 +549,11 @@ def comparison_rows(
             f"write one of {sorted(by_label)}"
         )
     node_rates, device = fitted_rates(by_label[preset.calibrate_on], preset)
-    fitted = (node_rates, step_config(preset, device), "fitted", f"fitted on {preset.calibrate_on}")
-    variants = [fitted]
+    source = f"fitted on {preset.calibrate_on}; {device.effective_flops_per_s / 1e9:.0f} GFLOP/s"
+    variants = [(node_rates, step_config(preset, device), "fitted", source)]
     if prior is not None:
         variants.append((prior[0], step_config(preset), "prior", prior[1]))
+    variants = [(r, c, k, f"{s}; {_rates_text(r)}") for r, c, k, s in variants]
     rows = []
     for run in runs:
         w = run.workload
