@@ -8,7 +8,7 @@ import dataclasses
 import json
 import math
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,10 +125,12 @@ def record_run(
     plan: RunPlan | None,
     topology: Topology,
     steps: Sequence[Mapping[str, Any]],
+    nodes: Iterable[int] | None = None,
 ) -> RunRecord:
     """Build the record of a session's run from its config, plan, topology and report rows.
 
-    The ceilings are those the dashboard draws against, over the nodes the budgets give bytes.
+    The ceilings are those the dashboard draws against, over ``nodes`` (the host nodes the run's
+    allocator budgets; None: those ``config.budgets`` give bytes, as enable() budgets them).
 
     >>> from allocators.declared_topology import load_declared
     >>> rec = record_run(OffloadConfig(), None, load_declared("paper-1aic"), [{"step": 0}])
@@ -157,12 +159,15 @@ def record_run(
         topology=topology_to_dict(topology),
         machine=machine_facts(),
         steps=[dict(row) for row in steps],
-        ceilings=run_ceilings(config, topology),
+        ceilings=run_ceilings(config, topology, nodes),
     )
 
 
-def run_ceilings(config: OffloadConfig, topology: Topology) -> TransferCeilings:
-    """The transfer ceilings of a run under ``config`` on ``topology`` (see transfer_ceilings).
+def run_ceilings(
+    config: OffloadConfig, topology: Topology, nodes: Iterable[int] | None = None
+) -> TransferCeilings:
+    """The transfer ceilings of a run under ``config`` on ``topology`` over ``nodes`` (None: the
+    nodes ``config.budgets``, or the default budgets, give bytes); see transfer_ceilings.
 
     A profile that can no longer be read at save time leaves the rates unknown and says why in
     the source, rather than losing the run's record.
@@ -172,8 +177,9 @@ def run_ceilings(config: OffloadConfig, topology: Topology) -> TransferCeilings:
     >>> c.h2d_gb_per_s > 0, c.d2h_gb_per_s > 0
     (True, True)
     """
-    budgets = parse_budgets(config.budgets or dict(DEFAULT_BUDGETS), topology.tiers)
-    nodes = [node for node, nbytes in budgets.node_nbytes.items() if nbytes > 0]
+    if nodes is None:
+        budgets = parse_budgets(config.budgets or dict(DEFAULT_BUDGETS), topology.tiers)
+        nodes = [node for node, nbytes in budgets.node_nbytes.items() if nbytes > 0]
     try:
         return transfer_ceilings(topology, config.profile, nodes)
     except (OSError, OffloadError) as exc:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import offload
+from allocators.declared_topology import load_declared
 from allocators.sysfs_topology import discover
 from offload.config import OffloadConfig
 from offload.dashboard_thread import TransferCeilings
@@ -100,6 +101,15 @@ def test_ceilings_round_trip_through_json(tmp_path):
         record_run(OffloadConfig(), None, discover(), []), ceilings=ceilings
     )
     assert load_run(record.save(tmp_path / "run.json")).ceilings == ceilings
+
+
+def test_ceilings_cover_only_the_nodes_the_run_budgets():
+    topology = load_declared("paper-1aic")
+    declared = record_run(OffloadConfig(), None, topology, [])
+    assert declared.ceilings.h2d_gb_per_s > 0
+    assert declared.ceilings.source == "declared rates (declared:paper-1aic.yaml)"
+    nothing = record_run(OffloadConfig(), None, topology, [], nodes=[])
+    assert nothing.ceilings == TransferCeilings(None, None, None)
 
 
 def test_bad_ceiling_is_named(saved_run, tmp_path):
