@@ -49,6 +49,10 @@ class SavedActivation:
         self.stored: CopyEvent = owner.streams.d2h(source, self.host, block.tier_shares)
         self.last_copy = self.stored
         self.prefetched: tuple[torch.Tensor, CopyEvent] | None = None
+        # How many autograd nodes saved this same tensor, and how many have not unpacked it
+        # yet in this backward: the device copy is shared until the last of them has it.
+        self.uses = 1
+        self.unpacks_left = 1
 
     def fetch(self) -> tuple[torch.Tensor, CopyEvent]:
         """Start the H2D copy back into a new device tensor (once) and return it with its event."""
@@ -116,6 +120,11 @@ class ActivationOffloader:
         self.layers = layers if layers is not None else find_layers(model)
         self.offloaded_count = 0
         self.offloaded_nbytes = 0
+        # Saves of a tensor already offloaded in this forward (the q, k and v projections all
+        # save their common input): they share its host copy instead of making their own.
+        self.shared_count = 0
+        self.shared_nbytes = 0
+        self._recent: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self._kept_storages = self._storages_of_params_and_buffers()
         self._hooks_context: torch.autograd.graph.saved_tensors_hooks | None = None
         self._depth = 0
@@ -184,6 +193,7 @@ class ActivationOffloader:
             self._tag = -1
             self._backward_tag = None
             self._by_tag = defaultdict(list)
+            self._recent = {}
             self._hooks_context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks_context.__enter__()
         self._depth += 1
@@ -225,12 +235,40 @@ class ActivationOffloader:
         if not self._should_offload(tensor):
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
+        key = (
+            tensor.device,
+            tensor.data_ptr(),
+            tensor.dtype,
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor._version,
+        )
+        shared = self._shared(key)
+        if shared is not None:
+            shared.uses += 1
+            shared.unpacks_left += 1
+            self.shared_count += 1
+            self.shared_nbytes += nbytes
+            return shared
         block = self.memory.allocate("activations", nbytes)
         saved = SavedActivation(self, block, tensor, self._tag)
+        # Only while the first source tensor lives is an equal address the same memory: a
+        # freed tensor's address can be handed to a new one of the same shape.
+        self._recent[key] = (weakref.ref(tensor), weakref.ref(saved))
         self._live.add(saved)
         self._by_tag[self._tag].append(weakref.ref(saved))
         self.offloaded_count += 1
         self.offloaded_nbytes += nbytes
+        return saved
+
+    def _shared(self, key: tuple) -> SavedActivation | None:
+        entry = self._recent.get(key)
+        if entry is None:
+            return None
+        source, saved = entry[0](), entry[1]()
+        if source is None or saved is None or saved.host is None:
+            del self._recent[key]
+            return None
         return saved
 
     def _unpack(self, packed):
@@ -241,8 +279,11 @@ class ActivationOffloader:
             self._prefetch_below(packed.tag)
         out, event = packed.fetch()
         self.streams.wait(event)
-        # retain_graph may unpack again: the next unpack starts a fresh copy.
-        packed.prefetched = None
+        packed.unpacks_left -= 1
+        if packed.unpacks_left <= 0:
+            # retain_graph may unpack again: the next unpack starts a fresh copy.
+            packed.prefetched = None
+            packed.unpacks_left = packed.uses
         return out
 
     def _prefetch_below(self, tag: int) -> None:

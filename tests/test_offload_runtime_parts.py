@@ -70,6 +70,64 @@ def test_backward_prefetches_the_layer_below(memory):
     assert fetched_tags == sorted(fetched_tags, reverse=True) and len(fetched_tags) >= 4
 
 
+class ThreeHeads(nn.Module):
+    """Like an attention block's q, k and v projections: three ops save the same input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.q, self.k, self.v = (nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, x):
+        h = self.norm(x)
+        return (self.q(h) * self.k(h) + self.v(h)).sum()
+
+
+def test_a_tensor_saved_by_several_ops_is_offloaded_once(memory):
+    torch.manual_seed(0)
+    model = ThreeHeads()
+    x = torch.randn(16, 32, requires_grad=True)
+    model(x).backward()
+    expected = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    off = ActivationOffloader(model, memory, CopyStreams(torch.device("cpu")), min_nbytes=1024)
+    model(x).backward()
+    off.remove()
+    # h (16 x 32 fp32 = 2 KiB) is saved by q, k and v: one host copy, two shares.
+    assert off.shared_count == 2 and off.shared_nbytes == 2 * 16 * 32 * 4
+    got = [p.grad for p in model.parameters()] + [x.grad]
+    for ours, ref in zip(got, expected, strict=True):
+        assert torch.equal(ours, ref)
+    assert memory.pool_stats().in_use_nbytes == 0
+
+
+def test_a_shared_copy_is_not_reused_after_its_tensor_changed_or_died(memory):
+    def saves(fn):
+        off = ActivationOffloader(
+            nn.Identity(), memory, CopyStreams(torch.device("cpu")), min_nbytes=0
+        )
+        with torch.autograd.graph.saved_tensors_hooks(off._pack, off._unpack):
+            fn()
+        off.remove()
+        return off.offloaded_count, off.shared_count
+
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def bumped():
+        a = torch.randn(8, 8)
+        _ = a @ w
+        a.add_(1.0)  # a new version: the host copy of the old one must not stand for it
+        _ = a @ w
+
+    def freed_and_reallocated():
+        for _ in range(3):
+            _ = torch.randn(8, 8) @ w  # each temporary may reuse the last one's address
+
+    assert saves(bumped) == (2, 0)
+    assert saves(freed_and_reallocated) == (3, 0)
+
+
 def test_find_layers_picks_the_hugging_face_decoder_stack():
     pytest.importorskip("transformers")
     model = tiny_llama(hidden=32, layers=3, vocab=64)
