@@ -37,12 +37,14 @@ class OptimizerPatch:
         optimizer: torch.optim.Optimizer,
         offload: OptimizerOffload,
         on_step: Callable[[], None] | None = None,
+        on_step_start: Callable[[], None] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.offload = offload
         self._saved = {name: vars(optimizer).get(name, _ABSENT) for name in PATCHED_METHODS}
         self.original_load_state_dict = optimizer.load_state_dict
         on_step = on_step or (lambda: None)
+        on_step_start = on_step_start or (lambda: None)
 
         def step(closure=None):
             loss = None
@@ -51,6 +53,7 @@ class OptimizerPatch:
                     loss = closure()
             # What an LR scheduler's own wrapper would record: step() ran before scheduler.step().
             optimizer._opt_called = True
+            on_step_start()
             offload.step()
             on_step()
             return loss

@@ -5,7 +5,6 @@ optimizer step, and undoes everything on disable(). It must not decide what to o
 from __future__ import annotations
 
 import gc
-import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from offload.dashboard_thread import DashboardThread
 from offload.host_memory import HostMemory
 from offload.optimizer_offload import OptimizerOffload
 from offload.optimizer_patch import OptimizerPatch
+from offload.phase_clock import PhaseClock
 from offload.run_plan import RunPlan
 from offload.run_record import record_run
 from offload.streams import CopyStreams
@@ -32,7 +32,14 @@ from offload.streams import CopyStreams
 
 @dataclass
 class StepRecord:
-    """One optimizer step: phase times (ms), bytes moved and achieved rates, memory."""
+    """One optimizer step: phase times (ms), bytes moved and achieved rates, memory.
+
+    ``forward_ms`` and ``backward_ms`` are device time on CUDA (events on the compute stream),
+    host time on CPU. ``optimizer_ms`` is the host time of ``optimizer.step()`` (what the loop
+    waits for); ``optimizer_host_ms`` the CPU optimizer's own compute this step, most of it
+    overlapped with backward when buckets step early. ``activation_shared_nbytes``: saves of
+    a tensor already offloaded that shared its host copy instead of moving again.
+    """
 
     step: int
     forward_ms: float
@@ -46,36 +53,8 @@ class StepRecord:
     hidden_transfer_fraction: float
     peak_hbm_nbytes: int | None
     host_rss_nbytes: int
-
-
-class _PhaseClock:
-    """Host timestamps of forward start/end and step start/end, kept per step."""
-
-    def __init__(self) -> None:
-        self.forward_ms = 0.0
-        self._forward_start: float | None = None
-        self._last_forward_end: float | None = None
-        self.step_start: float | None = None
-
-    def forward_started(self) -> None:
-        self._forward_start = time.perf_counter()
-
-    def forward_ended(self) -> None:
-        if self._forward_start is not None:
-            now = time.perf_counter()
-            self.forward_ms += (now - self._forward_start) * 1e3
-            self._last_forward_end = now
-            self._forward_start = None
-
-    def backward_ms(self, step_start: float) -> float:
-        # Backward (and whatever the loop does before step()) ran since the last forward ended.
-        if self._last_forward_end is None:
-            return 0.0
-        return max(0.0, (step_start - self._last_forward_end) * 1e3)
-
-    def reset(self) -> None:
-        self.forward_ms = 0.0
-        self._last_forward_end = None
+    optimizer_host_ms: float = 0.0
+    activation_shared_nbytes: int = 0
 
 
 class OffloadSession:
@@ -106,7 +85,9 @@ class OffloadSession:
         self.streams = streams
         self.records: list[StepRecord] = []
         self.steps = 0
-        self._clock = _PhaseClock()
+        self._clock = PhaseClock(streams.device)
+        # Running totals (CPU optimizer ms, shared activation bytes) at the last step's row.
+        self._last_totals: tuple[float, int] = (0.0, 0)
         self._enabled = True
         self._checkpointing: LayerCheckpointing | None = None
         self._activations: ActivationOffloader | None = None
@@ -157,7 +138,12 @@ class OffloadSession:
                 overlap_step=config.overlap_step,
                 threads=config.optimizer_threads,
             )
-            self._patch = OptimizerPatch(self.optimizer, self._optimizer, self._record_step)
+            self._patch = OptimizerPatch(
+                self.optimizer,
+                self._optimizer,
+                self._record_step,
+                on_step_start=self._clock.step_started,
+            )
             self._clip = ClipPatch(self._optimizer)
         if self.streams.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.streams.device)
@@ -180,10 +166,11 @@ class OffloadSession:
         return self._optimizer.partial_steps if self._optimizer else 0
 
     def _record_step(self) -> None:
-        now = time.perf_counter()
         opt = self._optimizer
         optimizer_ms = opt.optimizer_ms if opt else 0.0
-        step_start = now - optimizer_ms / 1e3
+        forward_ms, backward_ms = self._clock.phases_ms()
+        host_step_ms = opt.host_step_ms if opt else 0.0
+        shared_nbytes = self._activations.shared_nbytes if self._activations else 0
         counters = self.streams.collect()
         transfer_ms = counters.d2h_ms + counters.h2d_ms
         wait_ms = counters.wait_ms + (opt.wait_ms if opt else 0.0)
@@ -194,8 +181,8 @@ class OffloadSession:
             torch.cuda.reset_peak_memory_stats(self.streams.device)
         record = StepRecord(
             step=self.steps,
-            forward_ms=self._clock.forward_ms,
-            backward_ms=self._clock.backward_ms(step_start),
+            forward_ms=forward_ms,
+            backward_ms=backward_ms,
             optimizer_ms=optimizer_ms,
             wait_ms=wait_ms,
             d2h_nbytes=counters.d2h_nbytes,
@@ -205,7 +192,10 @@ class OffloadSession:
             hidden_transfer_fraction=hidden,
             peak_hbm_nbytes=peak,
             host_rss_nbytes=psutil.Process().memory_info().rss,
+            optimizer_host_ms=host_step_ms - self._last_totals[0],
+            activation_shared_nbytes=shared_nbytes - self._last_totals[1],
         )
+        self._last_totals = (host_step_ms, shared_nbytes)
         row = asdict(record)
         for (direction, tier), nbytes in sorted(counters.nbytes_by_tier.items()):
             row[f"{direction}_{tier}_nbytes"] = nbytes
