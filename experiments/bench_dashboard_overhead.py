@@ -128,7 +128,10 @@ def time_round(
     if mode != "off":
         # The session's own OptimizerOffload, so elements/s is read as enable() would read it.
         dashboard = DashboardThread(
-            sess, sess._optimizer, console=console_for(mode, sink), refresh_per_s=refresh_per_s
+            sess,
+            sess.optimizer_offload,
+            console=console_for(mode, sink),
+            refresh_per_s=refresh_per_s,
         )
         dashboard.start()
     blocked_before = lock.training_blocked_s()
@@ -214,7 +217,9 @@ def measure(args: argparse.Namespace) -> dict[str, ModeTotals]:
                 flush=True,
             )
         if args.svg is not None:
-            dashboard = DashboardThread(sess, sess._optimizer, console=console_for("live", sink))
+            dashboard = DashboardThread(
+                sess, sess.optimizer_offload, console=console_for("live", sink)
+            )
             dashboard.start()
             train_steps(model, optimizer, batches)
             # Let the thread poll the last steps, so the panel's rates include them.

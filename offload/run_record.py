@@ -23,8 +23,8 @@ from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
 from allocators.topology_json import topology_to_dict
 from offload.config import OffloadConfig
-from offload.dashboard_thread import TransferCeilings, transfer_ceilings
 from offload.run_plan import RunPlan
+from offload.transfer_ceilings import TransferCeilings, transfer_ceilings
 
 SCHEMA = "offload-run/1"
 PHASES = ("forward", "backward", "optimizer", "wait")

@@ -158,6 +158,13 @@ class OffloadSession:
         return self._optimizer.last_grad_norm if self._optimizer else None
 
     @property
+    def optimizer_offload(self) -> OptimizerOffload | None:
+        """The optimizer offload (host masters and state, gradient buckets), or None when
+        ``optimizer_offload=False``; its counters (``stepped_elements``, ``host_step_ms``)
+        are what the report and the dashboard read."""
+        return self._optimizer
+
+    @property
     def partial_steps(self) -> int:
         """Steps abandoned after part of the model was already updated: backward stopped (an
         error, a KeyboardInterrupt) after some buckets had been stepped early. Each one also
@@ -230,8 +237,11 @@ class OffloadSession:
         >>> sess.save("run.json")  # doctest: +SKIP
         PosixPath('run.json')
         """
-        topology = self.memory.allocator.topology
-        return record_run(self.config, self.plan, topology, self.records).save(path)
+        allocator = self.memory.allocator
+        # The ceilings are those of the nodes this run's allocator may use.
+        nodes = [node for node, nbytes in allocator.budgets.node_nbytes.items() if nbytes > 0]
+        record = record_run(self.config, self.plan, allocator.topology, self.records, nodes)
+        return record.save(path)
 
     def state_dict(self) -> dict:
         """Steps taken, the report rows, and the (offloaded) optimizer state with fp32 masters."""

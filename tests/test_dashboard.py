@@ -19,9 +19,10 @@ from allocators.declared_topology import load_declared
 from allocators.errors import ConfigError
 from allocators.sysfs_topology import discover
 from offload.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
-from offload.dashboard_thread import DashboardThread, SessionProbe, transfer_ceilings
+from offload.dashboard_thread import DashboardThread, SessionProbe
 from offload.tiny_finetune import tiny_llama as shared_tiny_llama
 from offload.tiny_finetune import train_steps
+from offload.transfer_ceilings import transfer_ceilings
 
 pytest.importorskip("transformers")
 
@@ -225,7 +226,9 @@ def test_terminal_gets_the_live_panel(topology):
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120)
     with offload.enable(model, opt, budgets=BUDGETS, topology=topology) as sess:
-        dash = DashboardThread(sess, sess._optimizer, console=console, refresh_per_s=50).start()
+        dash = DashboardThread(
+            sess, sess.optimizer_offload, console=console, refresh_per_s=50
+        ).start()
         for _ in range(2):
             model(torch.randn(4, 16)).sum().backward()
             opt.step()
@@ -267,7 +270,7 @@ def test_cpu_time_reads_the_running_thread_then_its_total(topology):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     with offload.enable(model, opt, budgets=BUDGETS, topology=topology) as sess:
-        dash = DashboardThread(sess, sess._optimizer, console=console, refresh_per_s=50)
+        dash = DashboardThread(sess, sess.optimizer_offload, console=console, refresh_per_s=50)
         assert dash.cpu_time_s() == 0.0
         dash.start()
         first = dash.cpu_time_s()
@@ -295,7 +298,7 @@ def test_a_dashboard_started_mid_run_draws_only_the_steps_after_it(topology):
     with offload.enable(model, opt, budgets=BUDGETS, topology=topology) as sess:
         for _ in range(2):
             step()
-        dash = DashboardThread(sess, sess._optimizer, console=Console(file=out)).start()
+        dash = DashboardThread(sess, sess.optimizer_offload, console=Console(file=out)).start()
         step()
         dash.stop()
     lines = out.getvalue().splitlines()

@@ -158,7 +158,7 @@ def test_overlapped_bucket_steps_match(topology):
         model, opt, activations=False, budgets=BUDGETS, topology=topology, bucket_nbytes=4096
     ) as sess:
         losses = train(model, opt, batches(STEPS))
-        assert len(sess._optimizer.buckets) > 5
+        assert len(sess.optimizer_offload.buckets) > 5
     assert_close_losses(losses, reference_losses())
 
 

@@ -569,7 +569,7 @@ def test_a_loop_that_clips_with_torch_clips_the_host_gradients(topology, setting
         losses = train_clipping(model, opt, data)
         # The norm the loop got back is the real one, not the 0 of an empty gradient list.
         assert float(sess.last_grad_norm) > 0.05
-        assert sess._optimizer.loop_clips
+        assert sess.optimizer_offload.loop_clips
     assert_close(losses, expected)
     assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
     assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"

@@ -68,9 +68,9 @@ def test_bf16_params_are_the_rounded_masters_after_every_step(accumulation):
                 continue
             opt.step()
             opt.zero_grad()
-            for slot in sess._optimizer.slots:
+            for slot in sess.optimizer_offload.slots:
                 assert torch.equal(slot.param.detach(), slot.master.to(torch.bfloat16))
-        masters = [slot.master.clone() for slot in sess._optimizer.slots]
+        masters = [slot.master.clone() for slot in sess.optimizer_offload.slots]
         # Host memory holds masters, gradients (and staging) and optimizer state: the bf16
         # params come back through the gradient buffers, not a copy of their own.
         by_class = sess.memory.allocator.usage()[0].used_nbytes_by_class

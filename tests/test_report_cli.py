@@ -10,8 +10,8 @@ import pytest
 
 from allocators.cli_app import run_subcommands
 from offload.cli_report import _cell, comparison_frame
-from offload.dashboard_thread import TransferCeilings
 from offload.run_record import SCHEMA, MachineFacts, RunRecord, load_run
+from offload.transfer_ceilings import TransferCeilings
 from plots.profile_common import plt
 from plots.run_bandwidth import bandwidth_figure
 from tests.test_run_record import run_tiny
