@@ -207,6 +207,11 @@ def all_stages() -> tuple[Stage, ...]:
                   "--warmup", "1", "--timeout-s", "270", "--echo-child-stderr"),
               560, 480, "ZeRO-3 7B at 4K: stock vs our placement vs offload.enable",
               needs_deepspeed=True, part=2),
+        Stage("validate-measured", 6,
+              _py("experiments/validate_simulator.py", "--measure", "gpu-1.1b", "--rounds", "1",
+                  "--steps", "5"),
+              240, 100, "simulator vs measured DRAM-only runs at 395M/616M/1.1B (fitted on 616M; "
+              "prior rates: reference/MEASURED.md)", part=2),
         Stage("kv-128k", 7,
               _py("experiments/bench_kv_cache.py", "--contexts", "131072", "--new-tokens", "16",
                   "--timeout-s", "240", "--echo-child-stderr"),
