@@ -16,11 +16,17 @@ from allocators.errors import OffloadError
 from profilers.kernel_build import KernelBuildError, build_kernels
 
 LINE_BYTES = 64
-StreamKind = Literal["read", "write", "copy", "triad"]
+StreamKind = Literal["read", "write", "copy", "triad", "update"]
+# STREAM's four kinds, what a memory sweep runs unless told otherwise.
 STREAM_KINDS: tuple[StreamKind, ...] = ("read", "write", "copy", "triad")
-# Bytes moved per array byte in one pass, STREAM's convention (write-allocate traffic not counted).
-STREAM_TRAFFIC = {"read": 1, "write": 1, "copy": 2, "triad": 3}
-STREAM_ARRAYS = {"read": 1, "write": 1, "copy": 2, "triad": 3}
+# Every kind the kernels run: "update" (a = a * s + b, in place) is an optimizer's access pattern.
+KERNEL_KINDS: tuple[StreamKind, ...] = (*STREAM_KINDS, "update")
+# Array bytes moved per array byte in one pass, counted as STREAM does: each array read or written
+# counts once. Without non-temporal stores the hardware also reads a written line first (write-
+# allocate), so write, copy and triad move 2, 3 and 4 arrays; update writes back lines it has
+# just read, so its 3 is what the hardware moves.
+STREAM_TRAFFIC = {"read": 1, "write": 1, "copy": 2, "triad": 3, "update": 3}
+STREAM_ARRAYS = {"read": 1, "write": 1, "copy": 2, "triad": 3, "update": 2}
 
 
 class Kernels(Protocol):
@@ -116,7 +122,7 @@ class CKernels:
         checksum = ctypes.c_double()
         seconds = float(
             self.library.stream_seconds(
-                STREAM_KINDS.index(kind),
+                KERNEL_KINDS.index(kind),
                 *(a or None for a in padded),
                 nbytes,
                 cpu_array,
@@ -197,6 +203,9 @@ class NumpyKernels:
                 views[0].fill(scalar)
             elif kind == "copy":
                 np.copyto(views[1], views[0])
+            elif kind == "update":
+                views[0] *= 1.0 / scalar
+                views[0] += views[1]
             else:
                 np.multiply(views[2], scalar, out=views[0])
                 views[0] += views[1]
@@ -204,8 +213,8 @@ class NumpyKernels:
 
 
 def _check_stream_args(kind: str, arrays: tuple[int, ...], cpus: tuple[int, ...]) -> None:
-    if kind not in STREAM_KINDS:
-        raise ValueError(f"stream kind {kind!r} is unknown; write one of {list(STREAM_KINDS)}")
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"stream kind {kind!r} is unknown; write one of {list(KERNEL_KINDS)}")
     if len(arrays) != STREAM_ARRAYS[kind]:
         raise ValueError(f"{kind} needs {STREAM_ARRAYS[kind]} arrays, got {len(arrays)}")
     if not cpus:

@@ -1,5 +1,5 @@
-"""CPU memory bandwidth per NUMA node and thread count: read, write, copy and triad passes over
-placed buffers, threads pinned to one node's cores. Measures only; no printing, no files.
+"""CPU memory bandwidth per NUMA node and thread count: read, write, copy, triad and in-place update
+passes over placed buffers, threads pinned to one node's cores. Measures only; no printing, no files.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def stream_stats(
 def measure_memory(config: MemoryConfig, kernels: Kernels | None = None) -> Iterator[ResultRow]:
     """Yield one ``memory`` row (unit GiB/s) per node, thread count and kind.
 
-    Bytes count as STREAM does: read 1, write 1, copy 2 and triad 3 arrays per pass.
+    Bytes count as STREAM does: read 1, write 1, copy 2, triad 3 and update 3 arrays per pass
+    (write-allocate reads not counted; see ``profilers.kernels.STREAM_TRAFFIC``).
 
     >>> config = MemoryConfig(nodes=(0,), cpus=(0,), nbytes=1 << 20, kinds=("copy",))
     >>> [(r.case, r.unit) for r in measure_memory(config)]

@@ -1,8 +1,8 @@
 """The measurement kernels on this machine: sanity ranges, not speed assertions.
 
 A 256 MiB chase on node 0 must read like DRAM (tens to a few hundred ns per load), a 16 KiB one
-like cache (a few ns); stream kernels must return positive finite rates; the numpy fallback
-must say it is degraded.
+like cache (a few ns); stream kernels must return positive finite rates and compute what they name; the numpy
+fallback must say it is degraded.
 """
 
 import math
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from profilers.kernels import CKernels, NumpyKernels, load_kernels
+from profilers.kernels import KERNEL_KINDS, STREAM_KINDS, CKernels, NumpyKernels, load_kernels
 from profilers.latency import LatencyConfig, chase_stats, measure_latency
 from profilers.memory_bandwidth import MemoryConfig, measure_memory, stream_stats
 
@@ -49,10 +49,10 @@ def test_latency_rows_say_how_they_were_measured(kernels):
     assert row.trials >= 5 and row.p5 <= row.median <= row.p95
 
 
-@pytest.mark.parametrize("kind", ["read", "write", "copy", "triad"])
+@pytest.mark.parametrize("kind", ["read", "write", "copy", "triad", "update"])
 def test_stream_kernels_return_positive_finite_rates(kernels, kind):
     arrays = [np.ones(4 * MIB // 8) for _ in range(3)]
-    count = {"read": 1, "write": 1, "copy": 2, "triad": 3}[kind]
+    count = {"read": 1, "write": 1, "copy": 2, "triad": 3, "update": 2}[kind]
     stats = stream_stats(kernels, kind, tuple(a.ctypes.data for a in arrays[:count]), 4 * MIB, (0,))
     assert math.isfinite(stats.median) and stats.median > 0
 
@@ -69,6 +69,26 @@ def test_triad_kernel_computes_a_equals_b_plus_scalar_c(kernels):
         "triad", (a.ctypes.data, b.ctypes.data, c.ctypes.data), a.nbytes, (0, 0), 1
     )
     assert np.all(a == 1.0 + 3.0 * 2.0)  # the first pass uses scalar 3
+
+
+def _check_update_in_place(impl):
+    a, b = np.full(1001, 6.0), np.full(1001, 1.0)
+    impl.stream_seconds("update", (a.ctypes.data, b.ctypes.data), a.nbytes, (0, 0), 2)
+    # Passes use scalars 3 then 4: 6 / 3 + 1 = 3, then 3 / 4 + 1; b is only read.
+    assert np.allclose(a, 3.0 / 4.0 + 1.0, rtol=1e-12, atol=0) and np.all(b == 1.0)
+
+
+def test_update_kernel_computes_a_equals_a_over_scalar_plus_b_in_place(kernels):
+    _check_update_in_place(kernels)
+
+
+def test_numpy_update_computes_what_the_c_kernel_does():
+    _check_update_in_place(NumpyKernels(note="degraded: test"))
+
+
+def test_default_memory_sweep_runs_streams_four_kinds_not_update():
+    assert MemoryConfig(nodes=(0,), cpus=(0,), nbytes=MIB).kinds == STREAM_KINDS
+    assert "update" not in STREAM_KINDS and "update" in KERNEL_KINDS
 
 
 def test_memory_sweep_rows_per_thread_count_and_kind(kernels):

@@ -1,5 +1,6 @@
-/* CPU memory bandwidth: read, write, copy and triad passes over caller-owned buffers, split over
- * pthreads each pinned to one given CPU. Allocation and placement belong to the Python side. */
+/* CPU memory bandwidth: read, write, copy, triad and in-place update passes over caller-owned
+ * buffers, split over pthreads each pinned to one given CPU. Allocation and placement belong to
+ * the Python side. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -9,7 +10,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { KIND_READ = 0, KIND_WRITE = 1, KIND_COPY = 2, KIND_TRIAD = 3 };
+enum { KIND_READ = 0, KIND_WRITE = 1, KIND_COPY = 2, KIND_TRIAD = 3, KIND_UPDATE = 4 };
 
 typedef struct {
     int kind;
@@ -65,6 +66,14 @@ static void *worker(void *arg) {
         case KIND_TRIAD:
             for (size_t i = 0; i < n; i++) a[i] = b[i] + scalar * c[i];
             break;
+        case KIND_UPDATE: {
+            /* An optimizer's access pattern: read two arrays, write one of them back in place, so
+             * every written line was just read (no write-allocate). Shrinking keeps values finite
+             * over many passes. */
+            const double shrink = 1.0 / scalar;
+            for (size_t i = 0; i < n; i++) a[i] = a[i] * shrink + b[i];
+            break;
+        }
         }
     }
     job->checksum = sum;
@@ -76,7 +85,7 @@ static void *worker(void *arg) {
  * -1 for bad arguments, -2 when a thread could not be created, -3 when a CPU could not be pinned. */
 double stream_seconds(int kind, void *a, void *b, void *c, size_t nbytes, const int *cpus,
                       int nthreads, int passes, double *checksum) {
-    if (nthreads < 1 || passes < 1 || kind < KIND_READ || kind > KIND_TRIAD) return -1;
+    if (nthreads < 1 || passes < 1 || kind < KIND_READ || kind > KIND_UPDATE) return -1;
     size_t total = nbytes / sizeof(double);
     job_t *jobs = calloc((size_t)nthreads, sizeof(job_t));
     pthread_t *threads = calloc((size_t)nthreads, sizeof(pthread_t));
