@@ -230,8 +230,9 @@ def run_plan_command(args: argparse.Namespace) -> int:
         overlap_step=RUNTIMES[args.runtime].overlap_step,
         overhead_s_per_param=RUNTIMES[args.runtime].overhead_s_per_param,
     )
-    try:
-        result = plan(
+    return _answer(
+        args,
+        lambda: plan(
             groups,
             topology.tiers,
             parse_budget_args(args.budget, topology),
@@ -241,15 +242,25 @@ def run_plan_command(args: argparse.Namespace) -> int:
             seq=args.seq,
             rates=rates,
             config=config,
-        )
+        ),
+        lambda result: plan_to_dict(result, rates),
+        lambda result: print_plan(result, rates, Console()),
+    )
+
+
+def _answer(args, make, to_dict, show) -> int:
+    """Run the planner (``make``), turning an allocator's ValueError into a PlanError; print
+    the result as JSON with ``--json``, else as tables."""
+    try:
+        result = make()
     except OffloadError:
         raise
     except ValueError as exc:  # a budget size or tier name the allocators refused
         raise PlanError(str(exc)) from exc
     if args.json:
-        sys.stdout.write(json.dumps(plan_to_dict(result, rates), indent=2) + "\n")
+        sys.stdout.write(json.dumps(to_dict(result), indent=2) + "\n")
     else:
-        print_plan(result, rates, Console())
+        show(result)
     return 0
 
 
@@ -340,13 +351,14 @@ def run_decode_plan(args: argparse.Namespace) -> int:
     shape = load_model_shape(args.model)
     topology = load_topology(file=args.topology)
     rates = _rates(topology, args.profile)
-    try:
+
+    def make() -> DecodePlan:
         config = DecodeConfig(
             hbm_layers=args.hbm_layers,
             block_tokens=args.block_tokens,
             dtype_nbytes=args.kv_dtype_bytes,
         )
-        result = plan_decode(
+        return plan_decode(
             shape,
             topology.tiers,
             parse_budget_args(args.budget, topology),
@@ -356,12 +368,10 @@ def run_decode_plan(args: argparse.Namespace) -> int:
             rates=rates,
             config=config,
         )
-    except OffloadError:
-        raise
-    except ValueError as exc:  # a budget size or tier name the allocators refused
-        raise PlanError(str(exc)) from exc
-    if args.json:
-        sys.stdout.write(json.dumps(decode_plan_to_dict(result, rates), indent=2) + "\n")
-    else:
-        print_decode_plan(result, rates, Console())
-    return 0
+
+    return _answer(
+        args,
+        make,
+        lambda result: decode_plan_to_dict(result, rates),
+        lambda result: print_decode_plan(result, rates, Console()),
+    )
