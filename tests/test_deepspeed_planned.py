@@ -4,15 +4,14 @@ within its share of the budgets, on the tiers of its GPU. Plans only: no DeepSpe
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
+from two_sockets import two_sockets_two_cxl
 
 from allocators.declared_topology import load_declared
 from allocators.errors import ConfigError
 from allocators.policies import get_policy
 from allocators.tensor_classes import host_tensor_groups
-from allocators.topology import GpuInfo, NumaNode, Topology
+from allocators.topology import NumaNode, Topology
 from offload.deepspeed.rank_plan import plan_rank
 from offload.deepspeed.rank_planner import deepspeed_step
 from offload.model_shapes import MODELS
@@ -27,24 +26,8 @@ ZERO2 = deepspeed_step({"zero_optimization": {"stage": 2}}, "checkpoint")
 
 def two_sockets_one_cxl_each() -> Topology:
     """paper-1aic twice: sockets 0 and 1 with a GPU each, CXL 2 near socket 0, CXL 3 near 1."""
-    card = load_declared("paper-1aic").nodes[1]
-    dram = load_declared("paper-1aic").nodes[0]
-    nodes = (
-        replace(dram, id=0),
-        replace(dram, id=1, cpus=(32,)),
-        replace(card, id=2),
-        replace(card, id=3),
-    )
-    distances = {
-        0: {0: 10, 1: 21, 2: 14, 3: 24},
-        1: {0: 21, 1: 10, 2: 24, 3: 14},
-        2: {0: 14, 1: 24, 2: 10, 3: 28},
-        3: {0: 24, 1: 14, 2: 28, 3: 10},
-    }
-    gpus = tuple(
-        GpuInfo(i, "gpu", f"0000:0{i}:00.0", i, True, 80 * GIB, "declared") for i in (0, 1)
-    )
-    return Topology(nodes=nodes, distances=distances, gpus=gpus, source="two paper-1aic sockets")
+    dram, card = load_declared("paper-1aic").nodes[:2]
+    return two_sockets_two_cxl(dram, card, (dram.cpus, (32,)), "two paper-1aic sockets")
 
 
 def rank_plan(topology, budgets, *, dp_world_size, local_rank=0, local_world_size=1):

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from two_sockets import two_sockets_two_cxl
 
 from allocators.errors import BudgetExceededError, ConfigError
-from allocators.topology import GpuInfo, NumaNode, Topology
 from offload.deepspeed.call_sites import check_version
 from offload.deepspeed.engine import pinned_offload_config
 from offload.deepspeed.rank_plan import local_rank_and_size, plan_rank, split_budgets
@@ -27,30 +27,10 @@ STEPS = 10
 GRAD_ACCUMULATION = 2  # so ZeRO-2 makes its CPU gradient accumulation buffers in a backward
 
 
-def two_socket_two_cxl() -> Topology:
-    """Sockets 0 and 1 with a GPU each; CXL node 2 hangs off socket 0, CXL node 3 off socket 1."""
-    nodes = (
-        NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=64 * GIB, free_bytes=64 * GIB),
-        NumaNode(id=1, kind="dram", cpus=(1,), total_bytes=64 * GIB, free_bytes=64 * GIB),
-        NumaNode(id=2, kind="cxl", cpus=(), total_bytes=128 * GIB, free_bytes=128 * GIB),
-        NumaNode(id=3, kind="cxl", cpus=(), total_bytes=128 * GIB, free_bytes=128 * GIB),
-    )
-    distances = {
-        0: {0: 10, 1: 21, 2: 14, 3: 24},
-        1: {0: 21, 1: 10, 2: 24, 3: 14},
-        2: {0: 14, 1: 24, 2: 10, 3: 28},
-        3: {0: 24, 1: 14, 2: 28, 3: 10},
-    }
-    gpus = tuple(
-        GpuInfo(i, "test gpu", f"0000:0{i}:00.0", i, True, 80 * GIB, "declared") for i in (0, 1)
-    )
-    return Topology(nodes=nodes, distances=distances, gpus=gpus, source="two sockets, two CXL")
-
-
 def test_each_rank_places_on_the_numa_node_of_its_gpu():
     for rank in (0, 1):
         plan = plan_rank(
-            two_socket_two_cxl(),
+            two_sockets_two_cxl(),
             "cxl_aware",
             {"dram": "32GiB", "cxl": "64GiB"},
             n_params=10**8,
@@ -69,7 +49,7 @@ def test_a_rank_spills_to_the_cxl_device_nearest_its_gpu():
     # 2 GB of DRAM per rank holds 1.6 GB of CPU-touched state, 0.2 GB of bf16 params and the
     # checkpoints; the bf16 gradients, last in priority, are interleaved onto CXL.
     plan = plan_rank(
-        two_socket_two_cxl(),
+        two_sockets_two_cxl(),
         "cxl_aware",
         {"dram": "4GB", "cxl": "64GiB"},
         n_params=2 * 10**8,
@@ -94,7 +74,7 @@ def test_budgets_are_split_between_the_ranks_of_a_machine():
 def test_a_rank_plan_is_refused_when_its_share_of_dram_is_too_small():
     with pytest.raises(BudgetExceededError, match="dram"):
         plan_rank(
-            two_socket_two_cxl(),
+            two_sockets_two_cxl(),
             "local_only",
             {"dram": "1GiB"},
             n_params=10**9,
@@ -108,7 +88,7 @@ def test_a_rank_plan_is_refused_when_its_share_of_dram_is_too_small():
 def test_an_unknown_policy_is_refused_per_rank_with_the_alternatives():
     with pytest.raises(ConfigError, match="planned"):
         plan_rank(
-            two_socket_two_cxl(),
+            two_sockets_two_cxl(),
             "fastest",
             {"dram": "64GiB"},
             n_params=1000,
@@ -130,7 +110,7 @@ def test_a_profile_is_refused_unless_the_policy_is_planned():
             config={"zero_optimization": {"stage": 2}},
             policy="cxl_aware",
             profile="machine.json",
-            topology=two_socket_two_cxl(),
+            topology=two_sockets_two_cxl(),
             local_rank=0,
             local_world_size=1,
         )
@@ -172,7 +152,7 @@ def test_the_hook_is_active_only_inside_the_context_and_unknown_pins_go_the_stoc
 
     stock_lookup = ds_pin_memory.get_active_native_pinned_memory
     stock_create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
-    allocator = TieredAllocator(two_socket_two_cxl(), {"dram": "1GiB"}, pin=False)
+    allocator = TieredAllocator(two_sockets_two_cxl(), {"dram": "1GiB"}, pin=False)
     with DeepSpeedPlacement(allocator) as placement:
         assert ds_pin_memory.get_active_native_pinned_memory() is placement
         tensor = torch.ones(4)
@@ -199,7 +179,7 @@ def test_an_attached_engine_routes_only_its_own_calls_until_close():
     stock_lookup = ds_pin_memory.get_active_native_pinned_memory
     engine = FakeEngine()
     placement = DeepSpeedPlacement(
-        TieredAllocator(two_socket_two_cxl(), {"dram": "1GiB"}, pin=False)
+        TieredAllocator(two_sockets_two_cxl(), {"dram": "1GiB"}, pin=False)
     )
     placement.attach(engine)
     assert engine.step() is placement and engine.backward() is placement
