@@ -136,6 +136,79 @@ def host_tensor_groups(
     )
 
 
+def runtime_tensor_groups(
+    n_params: int,
+    batch: int,
+    seq: int,
+    hidden: int,
+    layers: int,
+    *,
+    optimizer: OptimizerName = "adam",
+    grad_nbytes_per_param: int = 2,
+    grad_staging: bool = False,
+    optimizer_offload: bool = True,
+) -> tuple[TensorGroup, ...]:
+    """The host groups offload.enable() really allocates, in the paper's priority order.
+
+    Unlike the paper's runtime, ours keeps no fp32 master gradients (the CPU step reads the
+    gradients in the dtype they land in), no host copy of the compute weights (the updated
+    half-precision params are written over their own gradients) and, without gradient
+    accumulation, no staging buffer: 1. ``latency_critical``: optimizer state and fp32 masters
+    (Adam 12P, Lion 8P); 2. ``activation_checkpoints``: 2bshL; 3. ``compute_grads``: the
+    gradients as they land (``grad_nbytes_per_param`` x P), twice that with ``grad_staging``
+    (later micro-steps land in a second buffer, class ``master_grads``, before being summed).
+    The group also names class ``params``: the updated half-precision params live in it.
+
+    >>> [(g.name, g.nbytes) for g in runtime_tensor_groups(1000, 1, 8, 4, 2)]
+    [('latency_critical', 12000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
+    >>> [g.name for g in runtime_tensor_groups(1000, 1, 8, 4, 2, optimizer_offload=False)]
+    ['activation_checkpoints']
+    """
+    p = _positive_int(n_params, "n_params")
+    b = _positive_int(batch, "batch")
+    s = _positive_int(seq, "seq")
+    h = _positive_int(hidden, "hidden")
+    n_layers = _positive_int(layers, "layers")
+    g = _positive_int(grad_nbytes_per_param, "grad_nbytes_per_param")
+    if optimizer not in _STATE_NBYTES_PER_PARAM:
+        raise ConfigError(
+            f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
+        )
+    activation_nbytes = 2 * b * s * h * n_layers
+    activations = TensorGroup(
+        name="activation_checkpoints",
+        tensor_classes=("activations",),
+        nbytes=activation_nbytes,
+        cpu_touched=False,
+        parts=(("layer-input checkpoints (bf16)", activation_nbytes),),
+    )
+    if not optimizer_offload:
+        return (activations,)
+    state_nbytes = _STATE_NBYTES_PER_PARAM[optimizer] * p
+    critical_parts = ((f"{optimizer} state (fp32)", state_nbytes), ("master weights (fp32)", 4 * p))
+    grad_parts = ((f"gradients as they land ({g} B/param)", g * p),)
+    grad_classes: tuple[TensorClass, ...] = ("grads", "params", "master_grads")
+    if grad_staging:
+        grad_parts += (("accumulation staging", g * p),)
+    return (
+        TensorGroup(
+            name="latency_critical",
+            tensor_classes=("optimizer_state", "master_params"),
+            nbytes=state_nbytes + 4 * p,
+            cpu_touched=True,
+            parts=critical_parts,
+        ),
+        activations,
+        TensorGroup(
+            name="compute_grads",
+            tensor_classes=grad_classes,
+            nbytes=sum(n for _, n in grad_parts),
+            cpu_touched=False,
+            parts=grad_parts,
+        ),
+    )
+
+
 def kv_cache_group(
     layers: int,
     kv_heads: int,

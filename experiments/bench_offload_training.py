@@ -119,14 +119,18 @@ def run_one(
     torch.manual_seed(0)
     model = build_model(shape, seq)
     report_path = report_dir / f"{mode}_{shape}_{seq}_report.csv" if report_dir else None
-    step, cleanup = _trainer(mode, model, report_path, loss_chunk_tokens)
+    step, cleanup = _trainer(mode, model, report_path, loss_chunk_tokens, seq)
     measured = time_steps(step, SHAPES[shape]["vocab_size"], seq, iters, warmup)
     cleanup()
     return measured
 
 
 def _trainer(
-    mode: str, model, report_path: Path | None = None, loss_chunk_tokens: int | None = None
+    mode: str,
+    model,
+    report_path: Path | None = None,
+    loss_chunk_tokens: int | None = None,
+    seq: int = 8192,
 ):
     """(step(ids), cleanup()) for ``mode``; the loop each mode's users would write. The
     offload_enable cleanup writes the session's per-step report to ``report_path`` when given;
@@ -159,6 +163,7 @@ def _trainer(
             activations="checkpoint",
             budgets=host_budgets(),
             loss_chunk_tokens=loss_chunk_tokens,
+            plan_tokens=seq,  # host memory for this sequence's layer checkpoints
         )
 
         def cleanup():
@@ -186,8 +191,10 @@ def _plain_step(model, opt):
 def host_budgets() -> dict[str, int]:
     import psutil
 
-    # Leave a sixth of RAM to the process itself, pinned staging and the page cache.
-    return {"dram": int(psutil.virtual_memory().total * 5 / 6)}
+    # Leave the process itself, pinned staging and the page cache 16 GiB (or a sixth of a small
+    # machine): 7B at 32K needs about 105 GiB of host memory under offload.enable.
+    total = psutil.virtual_memory().total
+    return {"dram": int(max(total * 5 / 6, total - (16 << 30)))}
 
 
 def _deepspeed_trainer(model):

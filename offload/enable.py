@@ -97,6 +97,9 @@ def enable(
         layers=max(len(layers) if layers is not None else 1, 1),
         tokens=settings.plan_tokens,
         profile=settings.profile,
+        optimizer=_optimizer_kind(optimizer),
+        grad_staging=settings.grad_accumulation_steps > 1,
+        optimizer_offload=settings.optimizer_offload and optimizer is not None,
     )
     _check_nodes_exist(placements, topology)
     memory = HostMemory(topology, tier_budgets, placements)
@@ -108,6 +111,14 @@ def enable(
         memory.close()
         raise
     return session
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer | None) -> str:
+    """How much fp32 state per parameter the host keeps: Lion one tensor, the others (Adam,
+    AdamW, and optimizers sized like them) two."""
+    return (
+        "lion" if optimizer is not None and "lion" in type(optimizer).__name__.lower() else "adam"
+    )
 
 
 def _check_nodes_exist(placements: dict, topology: Topology) -> None:

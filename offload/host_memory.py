@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from allocators.policies import get_policy
-from allocators.tensor_classes import host_tensor_groups
+from allocators.tensor_classes import OptimizerName, runtime_tensor_groups
 from allocators.tiered import DEFAULT_BUDGETS, Allocation, TieredAllocator
 from allocators.topology import Topology
 
@@ -76,8 +76,13 @@ def plan_placements(
     hidden: int,
     layers: int,
     tokens: int,
+    optimizer: OptimizerName = "adam",
+    grad_nbytes_per_param: int = 2,
+    grad_staging: bool = False,
+    optimizer_offload: bool = True,
 ) -> dict:
-    """Placement per tensor class from ``policy`` for a model and micro-batch of ``tokens``.
+    """Placement per tensor class from ``policy`` for a model and micro-batch of ``tokens``,
+    over the host groups this runtime allocates (allocators.tensor_classes.runtime_tensor_groups).
 
     >>> from allocators.topology import NumaNode
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -87,7 +92,17 @@ def plan_placements(
     >>> plan["activations"].nodes
     (0,)
     """
-    groups = host_tensor_groups(n_params, 1, tokens, hidden, layers)
+    groups = runtime_tensor_groups(
+        n_params,
+        1,
+        tokens,
+        hidden,
+        layers,
+        optimizer=optimizer,
+        grad_nbytes_per_param=grad_nbytes_per_param,
+        grad_staging=grad_staging,
+        optimizer_offload=optimizer_offload,
+    )
     return get_policy(policy)(groups, topology.tiers, budgets).by_class()
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 from torch import nn
 
 from allocators.errors import ConfigError
 from allocators.placement import Placement
-from allocators.tensor_classes import host_tensor_groups
+from allocators.tensor_classes import OptimizerName, runtime_tensor_groups
 from allocators.topology import Topology
 from offload.host_memory import plan_placements
 from offload.model_shapes import ModelShape, ModelShapeError, shape_from_config
@@ -122,9 +122,12 @@ def plan_run(
     batch: int,
     seq: int,
     profile: str | None = None,
+    runtime: Mapping[str, object] | None = None,
 ) -> RunPlan:
     """Plan host memory with the ``planned`` policy for ``n_params`` of ``shape`` at ``batch`` x ``seq``.
 
+    The groups are those this runtime allocates (runtime_tensor_groups; ``runtime`` holds its
+    keyword arguments: optimizer, grad_nbytes_per_param, grad_staging, optimizer_offload).
     Raises BudgetExceededError when the groups do not fit the budgets.
 
     >>> from allocators.declared_topology import load_declared
@@ -136,7 +139,16 @@ def plan_run(
     ('planned', 'activation_checkpoints', True)
     """
     rates = load_rates(topology, profile)
-    groups = host_tensor_groups(n_params, batch, seq, shape.hidden, shape.layers)
+    runtime = dict(runtime or {})
+    groups = runtime_tensor_groups(n_params, batch, seq, shape.hidden, shape.layers, **runtime)
+    # What offload.enable does: params stay on the device, gradients land in their own dtype
+    # and the CPU step reads them there (no fp32 master gradients).
+    config = replace(
+        OUR_RUNTIME,
+        offload_params=False,
+        fp32_master_grads=False,
+        param_nbytes=4 if runtime.get("grad_nbytes_per_param", 2) == 4 else 2,
+    )
     chosen = plan(
         groups,
         topology.tiers,
@@ -146,7 +158,7 @@ def plan_run(
         batch=batch,
         seq=seq,
         rates=rates,
-        config=OUR_RUNTIME,
+        config=config,
     )
     return RunPlan(chosen, shape, batch, seq, profile, tuple(rates.notes))
 
@@ -161,13 +173,19 @@ def run_placements(
     layers: int,
     tokens: int,
     profile: str | None = None,
+    optimizer: OptimizerName = "adam",
+    grad_staging: bool = False,
+    optimizer_offload: bool = True,
 ) -> tuple[dict, RunPlan | None]:
     """Placement per tensor class for ``model`` under ``policy``, and the plan behind it.
 
     ``planned`` plans for micro-batches of ``tokens`` tokens (one sequence of that length) and
     returns its RunPlan. The paper's policies need only sizes (``hidden``, ``layers``) and return
     no plan. A model without a usable transformers config cannot be simulated: ``cxl_aware``
-    places it instead, with a warning that says why, and the plan is None.
+    places it instead, with a warning that says why, and the plan is None. The sizes are those
+    this runtime allocates: gradients in the params' dtype, a staging copy with accumulation
+    (``grad_staging``), optimizer state for ``optimizer``; nothing but activations when
+    ``optimizer_offload`` is off.
 
     >>> import warnings
     >>> from allocators.declared_topology import load_declared
@@ -179,10 +197,17 @@ def run_placements(
     >>> run is None, "'cxl_aware' instead" in str(caught[0].message)
     (True, True)
     """
-    n_params = max(sum(p.numel() for p in model.parameters()), 1)
+    trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    n_params = max(sum(p.numel() for p in trainable), 1)
+    runtime = {
+        "optimizer": optimizer,
+        "grad_nbytes_per_param": max((p.element_size() for p in trainable), default=4),
+        "grad_staging": grad_staging,
+        "optimizer_offload": optimizer_offload,
+    }
     sizes = {"n_params": n_params, "hidden": hidden, "layers": layers, "tokens": tokens}
     if policy != "planned":
-        return plan_placements(topology, policy, budgets, **sizes), None
+        return plan_placements(topology, policy, budgets, **sizes, **runtime), None
     shape, reason = model_shape(model)
     if shape is None:
         warnings.warn(
@@ -192,8 +217,15 @@ def run_placements(
             UserWarning,
             stacklevel=3,
         )
-        return plan_placements(topology, FALLBACK_POLICY, budgets, **sizes), None
+        return plan_placements(topology, FALLBACK_POLICY, budgets, **sizes, **runtime), None
     run = plan_run(
-        topology, budgets, shape=shape, n_params=n_params, batch=1, seq=tokens, profile=profile
+        topology,
+        budgets,
+        shape=shape,
+        n_params=n_params,
+        batch=1,
+        seq=tokens,
+        profile=profile,
+        runtime=runtime,
     )
     return run.by_class(), run
