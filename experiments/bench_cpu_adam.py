@@ -5,9 +5,16 @@ A script, never a test. Each thread count runs in its own subprocess (OMP_NUM_TH
 any OpenMP runtime starts, so DeepSpeed's and torch's pools both get it). Torch and DeepSpeed do
 the conversions the way a user would: ``grad.float()`` before the step, ``out.copy_(param)`` after;
 ours reads bf16 grads and writes the bf16 copy in its single pass. The roofline is 28 bytes per
-element (read p, m, v fp32 + bf16 grad; write p, m, v + bf16 copy) over the triad bandwidth
-measured in the same process (torch ``add(b, c, alpha=s, out=a)``, 3 x 256 MiB, STREAM counting:
-12 bytes per element, no write-allocate) in as many threads as the optimizers use, before each size.
+element (read p, m, v fp32 + bf16 grad; write p, m, v + bf16 copy) over the bandwidth of the
+access pattern Adam has, measured in the same process right before and right after each size
+(the better 95th-percentile rate of the two: a ceiling, as STREAM reports its best trial):
+profilers' C "update" pass ``a = a * s + b`` (reads two arrays, writes one back in place, so no
+write-allocate, 24 bytes per element counted and moved) in as many threads as the optimizers use,
+one pinned to each CPU ours may run on. Its two fp64 arrays hold 16 bytes per Adam element, Adam's own footprint
+(capped at 1 GiB each), so a size that fits the last-level cache is held to cache bandwidth and a
+larger one to DRAM. A STREAM triad is the wrong yardstick: it writes a third array, whose lines
+the hardware reads before writing (4 arrays moved, 3 counted), while Adam's in-place writes touch
+lines it has just read; only the bf16 copy costs Adam a write-allocate (2 bytes, not counted).
 The ``*_step_only`` rows time torch's and DeepSpeed's step alone with fp32 grads already in
 place and no bf16 copy (what their kernels do, not what a bf16 pipeline costs); ratios are
 against the full-pipeline rows ``torch_fused`` and ``deepspeed``.
@@ -26,7 +33,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
@@ -36,11 +42,20 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.results_io import RESULTS_DIR, this_machine
-from profilers.trial_stats import MIN_TRIALS, summarize
+from optim_cpu.numa_cores import node_cpus
+from profilers.kernels import load_kernels
+from profilers.memory_bandwidth import stream_stats
+from profilers.trial_stats import MIN_TRIALS, TrialStats, summarize
 
 SIZES = {"1.84M": 1_840_000, "21M": 20_970_000, "68M": 67_900_000, "671M": 671_000_000}
 ROOFLINE_BYTES_PER_ELEM = 28
-TRIAD_ELEMS = 64 << 20
+# Adam's footprint per element: p, m, v fp32 + bf16 grad + bf16 copy; the update pass gets as much.
+FOOTPRINT_BYTES_PER_ELEM = 16
+UPDATE_MAX_ARRAY_NBYTES = 1 << 30
+# Each update trial moves at least this much, so a cache-sized pass is not timed in microseconds.
+UPDATE_MIN_TRIAL_NBYTES = 1 << 30
+# A 1-minute load average above this means other jobs shared the cores during the run.
+SHARED_LOAD = 1.0
 # Bytes each implementation holds per element at its peak (state, grads, copies), used to skip
 # sizes that do not fit: ours p,m,v + bf16 grad + bf16 out; the others add a fp32 grad.
 PEAK_BYTES_PER_ELEM = {"ours": 16, "torch_fused": 20, "deepspeed": 20}
@@ -63,7 +78,10 @@ class AdamRow:
     p95_elems_per_s: float
     trials: int
     noisy: bool
-    triad_gib_per_s: float
+    update_gib_per_s: float
+    update_before_median_gib_per_s: float
+    update_after_median_gib_per_s: float
+    update_array_nbytes: int
     roofline_fraction: float
     ratio_vs_torch_fused: float | None
     ratio_vs_deepspeed: float | None
@@ -71,31 +89,27 @@ class AdamRow:
     note: str
 
 
-def triad_gib_per_s(threads: int, trials: int) -> float:
-    """Median triad bandwidth a = b + s*c (STREAM byte counting: 12 B/elem, no write-allocate).
+def update_stats(n_elems: int, threads: int, trials: int) -> tuple[TrialStats, int, str]:
+    """GiB/s of the in-place update pass ``a = a * s + b`` over Adam's footprint, per trial.
 
-    ``threads`` Python threads each run a single-threaded torch.add on their own slice (torch
-    releases the GIL), the way our workers split a step, so no OpenMP barrier is timed.
+    Returns the trial statistics, the bytes of each of its two arrays and a note ("" unless the
+    C kernels could not be built and the one-thread numpy fallback measured it instead). Threads
+    are pinned one per CPU over the CPUs :class:`optim_cpu.CPUAdamW` pins its workers to.
+
+    >>> update_stats(1 << 16, threads=1, trials=5)[1]  # two arrays of 8 B per element
+    524288
     """
-    a, b, c = (torch.ones(TRIAD_ELEMS) for _ in range(3))
-    bounds = [TRIAD_ELEMS * i // threads for i in range(threads + 1)]
-    spans = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            rates = []
-            for _ in range(trials + 1):
-                start = time.perf_counter()
-                list(
-                    pool.map(
-                        lambda span: torch.add(b[span], c[span], alpha=3.0, out=a[span]), spans
-                    )
-                )
-                rates.append(12 * TRIAD_ELEMS / (time.perf_counter() - start) / 2**30)
-    finally:
-        torch.set_num_threads(saved)
-    return summarize(rates[1:]).median
+    nbytes = min(UPDATE_MAX_ARRAY_NBYTES, n_elems * FOOTPRINT_BYTES_PER_ELEM // 2)
+    allowed = node_cpus(None)
+    cpus = tuple(allowed[i % len(allowed)] for i in range(threads))
+    passes = max(1, -(-UPDATE_MIN_TRIAL_NBYTES // (3 * nbytes)))
+    kernels = load_kernels()
+    # torch.full writes every page, so no page fault lands inside a timed pass.
+    a, b = (torch.full((nbytes // 8,), 1.0, dtype=torch.float64) for _ in range(2))
+    stats = stream_stats(
+        kernels, "update", (a.data_ptr(), b.data_ptr()), nbytes, cpus, passes=passes, trials=trials
+    )
+    return stats, nbytes, kernels.note
 
 
 def _time_steps(step: Callable[[], None], trials: int, warmup: int) -> list[float]:
@@ -190,35 +204,55 @@ def worker(threads: int, sizes: list[str], trials: int, warmup: int, machine: st
     torch.set_num_threads(threads)
     for label in sizes:
         n = SIZES[label]
-        # Measured next to each size: on a shared machine the bandwidth on offer drifts.
-        triad = triad_gib_per_s(threads, trials)
-        for impl in IMPLS:
-            need = PEAK_BYTES_PER_ELEM[impl] * n
-            base = AdamRow("measured", machine, impl, n, threads, 0.0, 0.0, 0.0, 0.0, 0, False,
-                           triad, 0.0, None, None, "", "")  # fmt: skip
-            available = psutil.virtual_memory().available
-            if need > 0.8 * available:
-                row = replace(base, note=f"skipped: needs {need / 2**30:.1f} GiB, "
-                              f"{available / 2**30:.1f} GiB available")  # fmt: skip
-            else:
-                try:
-                    seconds, kernel = RUNNERS[impl](n, threads, trials, warmup)
-                    stats = summarize([n / s for s in seconds])
-                    row = replace(
-                        base,
-                        elems_per_s=stats.median,
-                        step_ms=1e3 * n / stats.median,
-                        p5_elems_per_s=stats.p5,
-                        p95_elems_per_s=stats.p95,
-                        trials=stats.trials,
-                        noisy=stats.noisy,
-                        roofline_fraction=stats.median * ROOFLINE_BYTES_PER_ELEM / (triad * 2**30),
-                        kernel=kernel,
-                    )
-                except Exception as exc:  # a row that says why beats a crashed sweep
-                    row = replace(base, note=f"failed: {type(exc).__name__}: {exc}"[:300])
-            gc.collect()
+        # Measured next to each size, before and after its rows: on a shared machine the
+        # bandwidth on offer drifts while the five implementations run.
+        before, update_nbytes, kernel_note = update_stats(n, threads, trials)
+        rows = [_measure(impl, n, threads, trials, warmup, machine) for impl in IMPLS]
+        after, _, _ = update_stats(n, threads, trials)
+        # A roofline is a ceiling: the best rate on offer around the size (STREAM reports its
+        # best trial too), the 95th percentile so that one lucky trial does not set it.
+        ceiling = max(before.p95, after.p95)
+        for row in rows:
+            row = replace(
+                row,
+                update_gib_per_s=ceiling,
+                update_before_median_gib_per_s=before.median,
+                update_after_median_gib_per_s=after.median,
+                update_array_nbytes=update_nbytes,
+                roofline_fraction=row.elems_per_s * ROOFLINE_BYTES_PER_ELEM / (ceiling * 2**30),
+                note="; ".join(filter(None, (row.note, kernel_note))),
+            )
             print(json.dumps(asdict(row)), flush=True)
+
+
+def _measure(impl: str, n: int, threads: int, trials: int, warmup: int, machine: str) -> AdamRow:
+    need = PEAK_BYTES_PER_ELEM[impl] * n
+    base = AdamRow("measured", machine, impl, n, threads, 0.0, 0.0, 0.0, 0.0, 0, False,
+                   0.0, 0.0, 0.0, 0, 0.0, None, None, "", "")  # fmt: skip
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        row = replace(base, note=f"skipped: needs {need / 2**30:.1f} GiB, "
+                      f"{available / 2**30:.1f} GiB available")  # fmt: skip
+    else:
+        try:
+            seconds, kernel = RUNNERS[impl](n, threads, trials, warmup)
+            stats = summarize([n / s for s in seconds])
+            row = replace(
+                base,
+                elems_per_s=stats.median,
+                step_ms=1e3 * n / stats.median,
+                p5_elems_per_s=stats.p5,
+                p95_elems_per_s=stats.p95,
+                trials=stats.trials,
+                noisy=stats.noisy,
+                kernel=kernel,
+            )
+        except Exception as exc:  # a row that says why beats a crashed sweep
+            row = replace(base, note=f"failed: {type(exc).__name__}: {exc}"[:300])
+    load = os.getloadavg()[0]
+    shared = f"shared machine: 1-min load {load:.2f}" if load > SHARED_LOAD else ""
+    gc.collect()
+    return replace(row, note="; ".join(filter(None, (row.note, shared))))
 
 
 def add_ratios(rows: list[AdamRow]) -> list[AdamRow]:
@@ -264,11 +298,10 @@ def render(rows: list[AdamRow], console: Console) -> None:
             f"{r.roofline_fraction:.0%}" if r.elems_per_s else "-", r.note or r.kernel,
         )  # fmt: skip
     console.print(table)
-    triads = ", ".join(sorted({f"{r.triad_gib_per_s:.1f}" for r in rows}))
+    updates = ", ".join(f"{r.update_gib_per_s:.1f}" for r in rows if r.impl == "ours")
     console.print(
-        f"triad (torch add per thread, STREAM counting), GiB/s, measured before each size: "
-        f"{triads}; roofline = {ROOFLINE_BYTES_PER_ELEM} B/elem over the triad of its size. "
-        "A fraction above 1 means the machine got quieter after the triad was taken."
+        f"update pass a = a*s + b (C kernel, Adam's footprint, 3 arrays counted), best GiB/s "
+        f"around each size: {updates}; roofline = {ROOFLINE_BYTES_PER_ELEM} B/elem over it."
     )
 
 
