@@ -54,6 +54,9 @@ FOOTPRINT_BYTES_PER_ELEM = 16
 UPDATE_MAX_ARRAY_NBYTES = 1 << 30
 # Each update trial moves at least this much, so a cache-sized pass is not timed in microseconds.
 UPDATE_MIN_TRIAL_NBYTES = 1 << 30
+# Update trials per optimizer trial: the ceiling is a high percentile, which needs more samples
+# than a median, and one update trial costs a fraction of a second.
+UPDATE_TRIALS_PER_TRIAL = 2
 # A 1-minute load average above this means other jobs shared the cores during the run.
 SHARED_LOAD = 1.0
 # Bytes each implementation holds per element at its peak (state, grads, copies), used to skip
@@ -206,9 +209,10 @@ def worker(threads: int, sizes: list[str], trials: int, warmup: int, machine: st
         n = SIZES[label]
         # Measured next to each size, before and after its rows: on a shared machine the
         # bandwidth on offer drifts while the five implementations run.
-        before, update_nbytes, kernel_note = update_stats(n, threads, trials)
+        update_trials = UPDATE_TRIALS_PER_TRIAL * trials
+        before, update_nbytes, kernel_note = update_stats(n, threads, update_trials)
         rows = [_measure(impl, n, threads, trials, warmup, machine) for impl in IMPLS]
-        after, _, _ = update_stats(n, threads, trials)
+        after, _, _ = update_stats(n, threads, update_trials)
         # A roofline is a ceiling: the best rate on offer around the size (STREAM reports its
         # best trial too), the 95th percentile so that one lucky trial does not set it.
         ceiling = max(before.p95, after.p95)
