@@ -13,6 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from allocators.errors import ConfigError
 from offload.config import OffloadConfig
 from offload.doctor import CheckResult, parse_budget_args, run_checks
 
@@ -41,6 +42,24 @@ def register(subparsers) -> None:
         metavar="TIER=SIZE",
         help="a tier budget such as dram=64GiB (repeatable; overrides --config)",
     )
+    parser.add_argument(
+        "--model",
+        help="also check that this model's offloaded host memory fits: a name "
+        "(qwen2.5-7b, llama-1.1b, ...) or a transformers config.json",
+    )
+    parser.add_argument("--seq", type=int, default=4096, help="with --model: tokens per sequence")
+    parser.add_argument("--batch", type=int, default=1, help="with --model: micro-batch")
+    parser.add_argument(
+        "--optimizer", choices=("adam", "lion"), default="adam", help="with --model (AdamW: adam)"
+    )
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="with --model: params"
+    )
+    parser.add_argument(
+        "--grad-accumulation",
+        action="store_true",
+        help="with --model: more than one backward per step (a staging buffer for gradients)",
+    )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.set_defaults(func=_run)
 
@@ -51,6 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         budgets.update(OffloadConfig.from_yaml(args.config).budgets)
     budgets.update(parse_budget_args(args.budget))
     results = run_checks(args.sysfs_root, budgets or None)
+    if args.model:
+        results.append(_model_check(args, budgets))
     failed = any(r.failed for r in results)
     if args.json:
         report = {"failed": failed, "checks": [dataclasses.asdict(r) for r in results]}
@@ -58,6 +79,27 @@ def _run(args: argparse.Namespace) -> int:
     else:
         Console().print(_table(results))
     return 1 if failed else 0
+
+
+def _model_check(args: argparse.Namespace, budgets: dict[str, int | str]) -> CheckResult:
+    from allocators.sysfs_topology import discover
+    from allocators.units import parse_size
+    from offload.doctor_model_fit import ModelWorkload, check_model_fits
+    from offload.model_shapes import load_model_shape
+
+    for name in ("seq", "batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)} must be at least 1, e.g. --{name} 1")
+    work = ModelWorkload(
+        load_model_shape(args.model),
+        seq=args.seq,
+        batch=args.batch,
+        optimizer=args.optimizer,
+        param_nbytes=4 if args.dtype == "fp32" else 2,
+        grad_accumulation=args.grad_accumulation,
+    )
+    budget = sum(parse_size(v, what=f"budget {k}") for k, v in budgets.items()) if budgets else None
+    return check_model_fits(discover(args.sysfs_root, use_nvml=False), work, budget)
 
 
 def _table(results: list[CheckResult]) -> Table:

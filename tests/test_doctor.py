@@ -207,3 +207,32 @@ def test_config_budgets_are_checked_and_budget_flags_override_them(quiet_machine
 def test_a_malformed_budget_flag_says_what_to_write(quiet_machine, capsys):
     assert doctor_cli("--sysfs-root", str(FIXTURES / "cxl-movable"), "--budget", "dram") == 2
     assert "--budget dram=64GiB" in capsys.readouterr().err
+
+
+def test_model_check_sizes_what_offload_enable_allocates(quiet_machine, capsys):
+    """A 1.1B model at 8K needs about 15 GiB on the host: fits a two-socket server, not the
+    captured CI machine (4 GiB free when it was captured)."""
+
+    def model_fits(fixture: str) -> tuple[int, dict]:
+        root = str(FIXTURES / fixture)
+        code = doctor_cli("--sysfs-root", root, "--model", "llama-1.1b", "--seq", "8192", "--json")
+        checks = json.loads(capsys.readouterr().out)["checks"]
+        return code, {c["check"]: c for c in checks}["model fits"]
+
+    code, fits = model_fits("two-socket")
+    assert code == 0 and fits["status"] == "ok"
+    assert "needs 15" in fits["finding"] and "latency_critical" in fits["finding"]
+    code, fits = model_fits("this-machine")
+    assert code == 1 and fits["status"] == "fail" and "shorten the sequence" in fits["fix"]
+
+
+def test_model_check_against_budgets_and_bad_input(quiet_machine, capsys):
+    from offload.doctor_model_fit import ModelWorkload, check_model_fits
+    from offload.model_shapes import MODELS
+
+    work = ModelWorkload(MODELS["llama-1.1b"], seq=8192)
+    result = check_model_fits(topo("two-socket"), work, budget_nbytes=1 << 30)
+    assert result.status == "fail" and result.fix.startswith("raise the budgets")
+    assert doctor_cli("--model", "llama-1.1b", "--seq", "0") == 2
+    assert "--seq 0 must be at least 1" in capsys.readouterr().err
+    assert doctor_cli("--model", "no-such-model") == 2

@@ -1,0 +1,105 @@
+"""`offload doctor --model`: will this model's offloaded host memory fit this machine? Sizes come
+from what offload.enable() allocates (allocators.tensor_classes.runtime_tensor_groups); nothing is
+allocated or timed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from allocators.tensor_classes import OptimizerName, runtime_tensor_groups
+from allocators.topology import Topology
+from allocators.units import format_bytes
+from offload.doctor import CheckResult
+from offload.model_shapes import ModelShape
+
+# Below this much free host memory left over, the process, pinned staging and the page cache
+# start to compete with the offloaded state: a warning, not a failure.
+HEADROOM_NBYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class ModelWorkload:
+    """The training run to size: model shape, sequence, batch and how it trains."""
+
+    shape: ModelShape
+    seq: int
+    batch: int = 1
+    optimizer: OptimizerName = "adam"
+    param_nbytes: int = 2
+    grad_accumulation: bool = False
+
+
+def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
+    """Host bytes per group offload.enable() allocates for ``work``.
+
+    >>> from offload.model_shapes import MODELS
+    >>> need = host_need_nbytes(ModelWorkload(MODELS["qwen2.5-7b"], seq=32768))
+    >>> round(sum(need.values()) / 2**30)
+    105
+    """
+    groups = runtime_tensor_groups(
+        work.shape.n_params,
+        work.batch,
+        work.seq,
+        work.shape.hidden,
+        work.shape.layers,
+        optimizer=work.optimizer,
+        grad_nbytes_per_param=work.param_nbytes,
+        grad_staging=work.grad_accumulation,
+    )
+    return {g.name: g.nbytes for g in groups}
+
+
+def check_model_fits(
+    topo: Topology, work: ModelWorkload, budget_nbytes: int | None = None
+) -> CheckResult:
+    """Fail when the host memory the run needs is more than its budgets (when given) or than
+    the CPU and CXL nodes have free; warn when less than 8 GiB would be left over.
+
+    >>> from allocators.topology import NumaNode
+    >>> from offload.model_shapes import MODELS
+    >>> node = NumaNode(0, "dram", (0,), 125 << 30, 110 << 30)
+    >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
+    >>> check_model_fits(topo, ModelWorkload(MODELS["qwen2.5-7b"], seq=32768)).status
+    'warn'
+    >>> check_model_fits(topo, ModelWorkload(MODELS["mistral-nemo-12b"], seq=4096)).status
+    'fail'
+    """
+    need = host_need_nbytes(work)
+    total = sum(need.values())
+    free = sum(node.free_bytes for node in topo.nodes)
+    parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in need.items())
+    finding = (
+        f"{work.shape.name} at {work.batch} x {work.seq} tokens needs {format_bytes(total)} of "
+        f"host memory ({parts}); free here: {format_bytes(free)}"
+    )
+    if budget_nbytes is not None:
+        finding += f"; budgets: {format_bytes(budget_nbytes)}"
+    fix = (
+        "shorten the sequence or batch, add memory (a CXL card), or train fewer parameters "
+        "(e.g. LoRA); activations='checkpoint' keeps only layer inputs on the host"
+    )
+    if budget_nbytes is not None and total > budget_nbytes:
+        return CheckResult("model fits", "fail", finding, "raise the budgets, or " + fix)
+    if total > free:
+        return CheckResult("model fits", "fail", finding, fix)
+    if free - total < HEADROOM_NBYTES:
+        return CheckResult(
+            "model fits",
+            "warn",
+            finding,
+            f"less than {format_bytes(HEADROOM_NBYTES)} would be left for the process, pinned "
+            "staging and the page cache; stop other jobs or " + fix,
+        )
+    return CheckResult("model fits", "ok", finding)
+
+
+def budget_total(budgets: Mapping[str, int] | None) -> int | None:
+    """The sum of per-tier budgets in bytes, or None without budgets.
+
+    >>> budget_total({"dram": 1 << 30, "cxl": 1 << 30}) == 2 << 30
+    True
+    """
+    return sum(budgets.values()) if budgets else None
