@@ -77,16 +77,19 @@ class TieredKVCache(Cache):
 
     Each layer's tokens go into host blocks of ``block_tokens`` tokens (tensor class
     ``kv_cache``, placed by the allocator's plan or by ``placement``); growing the context adds
-    blocks and never copies the past. ``hbm_layers`` device slots hold the layers in use: while
-    layer i computes, layer i + hbm_layers - 1 is copied in on the H2D stream; new tokens are
-    written into the slot and copied out on the D2H stream. On CPU the same calls run
-    synchronously and "HBM" is ordinary memory.
+    blocks and never copies the past. ``hbm_layers`` device slots hold layers: with fewer slots
+    than layers, the first ``hbm_layers - 2`` layers stay resident and the other layers rotate
+    through two slots (a least-recently-used window over a cyclic pass would bring every layer
+    back every token); while layer i computes, the next layer not on the device is copied in on
+    the H2D stream. New tokens are written into the slot and copied out on the D2H stream. On
+    CPU the same calls run synchronously and "HBM" is ordinary memory.
 
     Args:
         memory: a HostMemory or TieredAllocator; its budgets bound the cache per tier. The
             cache releases only its own blocks.
         device: where attention runs (default: CUDA if available, else CPU).
-        hbm_layers: device slots (>= 1); 2 overlaps the next layer's copy with this layer.
+        hbm_layers: device slots (>= 1); 2 overlaps the next layer's copy with this layer,
+            each slot beyond 2 keeps one more layer resident (one layer fewer to copy per token).
         block_tokens: tokens per host block and layer (bigger blocks: fewer, larger copies).
         placement: overrides the plan's kv_cache placement, e.g. ``[(0, 0.5), (2, 0.5)]``.
             Without it the allocator's plan for class ``kv_cache`` is used (local DRAM when it
@@ -351,29 +354,45 @@ class TieredKVCache(Cache):
     def _holding(self, layer_idx: int) -> _Slot | None:
         return next((slot for slot in self._slots if slot.layer_idx == layer_idx), None)
 
+    def _resident(self, slot: _Slot) -> bool:
+        """Whether ``slot`` holds one of the layers that stay on the device (the first
+        ``hbm_layers - 2``): evicting them would only bring them back next token."""
+        return slot.layer_idx is not None and slot.layer_idx < self.hbm_layers - 2
+
     def _victim(self, keep: _Slot | None) -> _Slot:
         """The slot to refill: empty first, then the least recently used one that is neither
-        ``keep`` (this layer's) nor prefetched and waiting for its layer. Its layer ran before,
-        so its attention is already queued ahead of the copy.
+        ``keep`` (this layer's), nor resident, nor prefetched and waiting for its layer. Its
+        layer ran before, so its attention is already queued ahead of the copy.
         """
-        candidates = [s for s in self._slots if s is not keep and not s.prefetched]
-        candidates = candidates or [s for s in self._slots if s is not keep] or self._slots
-        return min(candidates, key=lambda s: (s.layer_idx is not None, s.last_use))
+        movable = [s for s in self._slots if s is not keep and not self._resident(s)]
+        candidates = [s for s in movable if not s.prefetched]
+        candidates = candidates or movable or [s for s in self._slots if s is not keep]
+        return min(candidates or self._slots, key=lambda s: (s.layer_idx is not None, s.last_use))
 
     def _prefetch_target(self, layer_idx: int) -> int | None:
-        # With W slots, layer i + W - 1 takes the slot of the layer used W - 1 updates ago; the
-        # copy starts now and overlaps the W - 1 layers that compute before it is needed.
+        # The next layer in decode order that is not on the device; its copy overlaps this
+        # layer's compute. It wraps to layer 0 only once every layer is known.
         if self.hbm_layers < 2:
             return None
-        target = layer_idx + self.hbm_layers - 1
-        if target < len(self.layers):
-            return target
-        if self._layers_complete:
-            return target % len(self.layers)
+        n_layers = len(self.layers)
+        for ahead in range(1, n_layers):
+            target = layer_idx + ahead
+            if target >= n_layers:
+                if not self._layers_complete:
+                    return None
+                target %= n_layers
+            if self._holding(target) is None:
+                return target
         return None
 
     def _prefetch(self, layer_idx: int | None, current: _Slot) -> None:
         if layer_idx is None or self._holding(layer_idx) is not None:
+            return
+        # Only into a slot whose layer has run: evicting a prefetched layer not yet used (or a
+        # resident one) would make the copy come back before it is needed.
+        if not any(
+            s is not current and not self._resident(s) and not s.prefetched for s in self._slots
+        ):
             return
         slot = self._victim(keep=current)
         self._fill(slot, layer_idx)

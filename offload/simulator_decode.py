@@ -5,9 +5,9 @@ It predicts the DMA side only (a bound on tokens/s); it must not allocate, place
 
 What one decode step moves, following offload.kv_cache.TieredKVCache block by block:
 
-- H2D: with fewer device slots than layers (``hbm_layers < layers``) the slots rotate, so every
-  layer's stored blocks come back once per step (whole blocks of ``block_tokens`` tokens); with a
-  slot per layer nothing comes back.
+- H2D: with fewer device slots than layers (``hbm_layers < layers``) the first
+  ``hbm_layers - 2`` layers stay resident and every other layer's stored blocks come back once
+  per step (whole blocks of ``block_tokens`` tokens); with a slot per layer nothing comes back.
 - D2H: the block holding each layer's new token is copied out whole, once per layer.
 - Per copy a fixed latency (simulator_rates.COPY_LATENCY_S) on its stream; the two streams run
   side by side, so the stream with more copies sets the exposed latency.
@@ -151,7 +151,8 @@ def decode_traffic(
     _checked_tokens(context_tokens, batch)
     block = block_nbytes(shape, batch, config)
     blocks_per_layer = -(-context_tokens // config.block_tokens)
-    streamed = shape.layers if config.hbm_layers < shape.layers else 0
+    resident = max(0, config.hbm_layers - 2)
+    streamed = shape.layers - resident if config.hbm_layers < shape.layers else 0
     traffic = Traffic()
     if streamed:
         traffic.add("h2d", float(streamed * blocks_per_layer * block), placement)

@@ -402,3 +402,21 @@ def test_spill_goes_node_by_node_so_a_full_card_passes_blocks_to_the_next():
             if row.node is not None
         }
     assert per_node == {0: 8192, 1: 8192, 2: 6 * 8192}
+
+
+def test_slots_beyond_two_keep_layers_resident_and_stream_fewer():
+    """Four layers: two slots bring all four back each token; three slots keep layer 0 on the
+    device and bring three back, with the same tokens as DynamicCache."""
+    model, ids = tiny_llama(0, hidden=64, layers=4, vocab=128).eval(), prompt()
+    expected = generate(model, ids, DynamicCache())
+    loads = {}
+    for slots in (2, 3):
+        mem = HostMemory(one_node(), {"dram": "64MiB"}, pin=False)
+        with TieredKVCache(mem, device="cpu", block_tokens=BLOCK_TOKENS, hbm_layers=slots) as c:
+            assert torch.equal(generate(model, ids, c), expected)
+            stats = c.stats()
+        loads[slots] = stats.prefetched_loads + stats.blocking_loads
+    # The prompt loads the 4 layers once; each decode step after it loads 4 layers with 2 slots
+    # and 3 with 3; the last layer of the last step prefetches one layer for a step not taken.
+    decode_steps = NEW_TOKENS - 1
+    assert loads == {2: 4 + 4 * decode_steps + 1, 3: 4 + 3 * decode_steps + 1}

@@ -83,7 +83,8 @@ class LateStreams:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(0, hidden=64, layers=3, vocab=128).eval()
+    # Four layers: with three slots one stays resident and three rotate through two.
+    return tiny_llama(0, hidden=64, layers=4, vocab=128).eval()
 
 
 def generate(model, ids, cache):
@@ -92,7 +93,7 @@ def generate(model, ids, cache):
         return model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
 
 
-@pytest.mark.parametrize("hbm_layers", [1, 2, 3])
+@pytest.mark.parametrize("hbm_layers", [1, 2, 3, 4])
 def test_late_copies_still_give_dynamic_cache_tokens(model, hbm_layers):
     ids = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(5))
     expected = generate(model, ids, DynamicCache())
