@@ -64,6 +64,30 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
+def _params_and_checkpoints(
+    n_params: int, batch: int, seq: int, hidden: int, layers: int, optimizer: str
+) -> tuple[int, TensorGroup]:
+    """The checked parameter count, and the group of one bf16 [b, s, h] checkpoint per layer."""
+    p = _positive_int(n_params, "n_params")
+    b = _positive_int(batch, "batch")
+    s = _positive_int(seq, "seq")
+    h = _positive_int(hidden, "hidden")
+    n_layers = _positive_int(layers, "layers")
+    if optimizer not in _STATE_NBYTES_PER_PARAM:
+        raise ConfigError(
+            f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
+        )
+    nbytes = 2 * b * s * h * n_layers
+    checkpoints = TensorGroup(
+        name="activation_checkpoints",
+        tensor_classes=("activations",),
+        nbytes=nbytes,
+        cpu_touched=False,
+        parts=(("layer-input checkpoints (bf16)", nbytes),),
+    )
+    return p, checkpoints
+
+
 def host_tensor_groups(
     n_params: int,
     batch: int,
@@ -85,15 +109,7 @@ def host_tensor_groups(
     >>> host_tensor_groups(1000, 1, 8, 4, 2, optimizer="lion")[0].nbytes
     12000
     """
-    p = _positive_int(n_params, "n_params")
-    b = _positive_int(batch, "batch")
-    s = _positive_int(seq, "seq")
-    h = _positive_int(hidden, "hidden")
-    n_layers = _positive_int(layers, "layers")
-    if optimizer not in _STATE_NBYTES_PER_PARAM:
-        raise ConfigError(
-            f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
-        )
+    p, activations = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer)
     if optimizer == "lion":
         state_parts = (("lion momentum (fp32)", 4 * p),)
     else:
@@ -103,7 +119,6 @@ def host_tensor_groups(
         ("master grads (fp32)", 4 * p),
         ("master weights (fp32)", 4 * p),
     )
-    activation_nbytes = 2 * b * s * h * n_layers
     return (
         TensorGroup(
             name="latency_critical",
@@ -119,13 +134,7 @@ def host_tensor_groups(
             cpu_touched=False,
             parts=(("compute weights (bf16)", 2 * p),),
         ),
-        TensorGroup(
-            name="activation_checkpoints",
-            tensor_classes=("activations",),
-            nbytes=activation_nbytes,
-            cpu_touched=False,
-            parts=(("layer-input checkpoints (bf16)", activation_nbytes),),
-        ),
+        activations,
         TensorGroup(
             name="compute_grads",
             tensor_classes=("grads",),
@@ -164,24 +173,8 @@ def runtime_tensor_groups(
     >>> [g.name for g in runtime_tensor_groups(1000, 1, 8, 4, 2, optimizer_offload=False)]
     ['activation_checkpoints']
     """
-    p = _positive_int(n_params, "n_params")
-    b = _positive_int(batch, "batch")
-    s = _positive_int(seq, "seq")
-    h = _positive_int(hidden, "hidden")
-    n_layers = _positive_int(layers, "layers")
+    p, activations = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer)
     g = _positive_int(grad_nbytes_per_param, "grad_nbytes_per_param")
-    if optimizer not in _STATE_NBYTES_PER_PARAM:
-        raise ConfigError(
-            f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
-        )
-    activation_nbytes = 2 * b * s * h * n_layers
-    activations = TensorGroup(
-        name="activation_checkpoints",
-        tensor_classes=("activations",),
-        nbytes=activation_nbytes,
-        cpu_touched=False,
-        parts=(("layer-input checkpoints (bf16)", activation_nbytes),),
-    )
     if not optimizer_offload:
         return (activations,)
     state_nbytes = _STATE_NBYTES_PER_PARAM[optimizer] * p
