@@ -156,7 +156,8 @@ class HostBuffer:
             the pre-fault, with no exception to catch; PREFERRED spills to other nodes instead,
             and the placement check after pre-faulting reports the pages that spilled
             (``misplaced_pages`` and a PlacementDriftWarning).
-        register_chunk_nbytes: piece size for cudaHostRegister.
+        register_chunk_nbytes: piece size for cudaHostRegister (None: the whole buffer in one
+            call, the default).
 
     Raises:
         PlacementError: a node does not exist (the message lists the online nodes).
@@ -186,7 +187,7 @@ class HostBuffer:
         chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
         prefault_threads: int | None = None,
         strict: bool = False,
-        register_chunk_nbytes: int = cuda_host.DEFAULT_REGISTER_CHUNK_NBYTES,
+        register_chunk_nbytes: int | None = cuda_host.DEFAULT_REGISTER_CHUNK_NBYTES,
     ) -> None:
         self.requested_nbytes = parse_size(nbytes, what="HostBuffer nbytes")
         if self.requested_nbytes <= 0:
@@ -293,7 +294,7 @@ class HostBuffer:
             )
         self.misplaced_pages = misplaced
 
-    def _pin(self, register_chunk_nbytes: int) -> None:
+    def _pin(self, register_chunk_nbytes: int | None) -> None:
         registration = cuda_host.register(self.ptr, self.nbytes, register_chunk_nbytes)
         self._mapping.registration = registration
         self.pinned = registration.pinned
