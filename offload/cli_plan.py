@@ -149,20 +149,40 @@ def _rates(topology: Topology, profile_path: str | None) -> SimRates:
     return profile_rates(topology, load_profile(profile_path))
 
 
+def _group_dict(item) -> dict:
+    """One placed group as JSON-ready data."""
+    return {
+        "name": item.group.name,
+        "nbytes": item.group.nbytes,
+        "rule": item.rule,
+        "placement": [[node, fraction] for node, fraction in item.placement.shares],
+        "nbytes_per_node": {str(n): b for n, b in item.nbytes_per_node.items()},
+    }
+
+
+def _placement_table(groups, rates: SimRates, title: str) -> Table:
+    """Groups by nodes: each group's bytes and share on every node any group uses."""
+    nodes = sorted({n for item in groups for n in item.nbytes_per_node})
+    table = Table(title=title)
+    table.add_column("group")
+    table.add_column("size", justify="right")
+    for node in nodes:
+        table.add_column(f"node {node} ({rates.kinds.get(node, '?')})", justify="right")
+    for item in groups:
+        cells = []
+        for node in nodes:
+            nbytes = item.nbytes_per_node.get(node, 0)
+            share = nbytes / item.group.nbytes if item.group.nbytes else 0.0
+            cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
+        table.add_row(item.group.name, format_bytes(item.group.nbytes), *cells)
+    return table
+
+
 def plan_to_dict(result: Plan, rates: SimRates) -> dict:
     """A plan as JSON-ready data: placements, bytes per node, phases and the rate notes."""
     return {
         "policy": result.policy,
-        "groups": [
-            {
-                "name": item.group.name,
-                "nbytes": item.group.nbytes,
-                "rule": item.rule,
-                "placement": [[node, fraction] for node, fraction in item.placement.shares],
-                "nbytes_per_node": {str(n): b for n, b in item.nbytes_per_node.items()},
-            }
-            for item in result.result.groups
-        ],
+        "groups": [_group_dict(item) for item in result.result.groups],
         "predicted_s": predicted_phases(result.prediction),
         "tokens_per_s": result.prediction.tokens_per_s,
         "bottlenecks": result.prediction.bottlenecks,
@@ -173,20 +193,7 @@ def plan_to_dict(result: Plan, rates: SimRates) -> dict:
 
 def print_plan(result: Plan, rates: SimRates, console: Console) -> None:
     """Two rich tables: groups by nodes (bytes and share), then the predicted phases."""
-    nodes = sorted({n for item in result.result.groups for n in item.nbytes_per_node})
-    table = Table(title=f"placement: {result.policy}")
-    table.add_column("group")
-    table.add_column("size", justify="right")
-    for node in nodes:
-        table.add_column(f"node {node} ({rates.kinds.get(node, '?')})", justify="right")
-    for item in result.result.groups:
-        cells = []
-        for node in nodes:
-            nbytes = item.nbytes_per_node.get(node, 0)
-            share = nbytes / item.group.nbytes if item.group.nbytes else 0.0
-            cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
-        table.add_row(item.group.name, format_bytes(item.group.nbytes), *cells)
-    console.print(table)
+    console.print(_placement_table(result.result.groups, rates, f"placement: {result.policy}"))
     phases = Table(title="predicted step (simulated)")
     phases.add_column("phase")
     phases.add_column("seconds", justify="right")
@@ -267,22 +274,13 @@ def _answer(args, make, to_dict, show) -> int:
 def decode_plan_to_dict(result: DecodePlan, rates: SimRates) -> dict:
     """A decode plan as JSON-ready data: the kv_cache placement, bytes per node and the
     predicted decode step (DMA only, so tokens/s is an upper bound)."""
-    item = result.result.groups[0]
     p = result.prediction
     return {
         "mode": "decode",
         "policy": result.policy,
         "context_tokens": p.context_tokens,
         "batch": p.batch,
-        "groups": [
-            {
-                "name": item.group.name,
-                "nbytes": item.group.nbytes,
-                "rule": item.rule,
-                "placement": [[node, fraction] for node, fraction in item.placement.shares],
-                "nbytes_per_node": {str(n): b for n, b in item.nbytes_per_node.items()},
-            }
-        ],
+        "groups": [_group_dict(item) for item in result.result.groups],
         "decode_step": {
             "step_s": p.step_s,
             "dma_s": p.dma_s,
@@ -302,21 +300,9 @@ def decode_plan_to_dict(result: DecodePlan, rates: SimRates) -> dict:
 
 def print_decode_plan(result: DecodePlan, rates: SimRates, console: Console) -> None:
     """Two rich tables: the kv_cache group by nodes, then the predicted decode step."""
-    item = result.result.groups[0]
     p = result.prediction
-    table = Table(title=f"KV cache placement: {result.policy} ({p.context_tokens} tokens)")
-    table.add_column("group")
-    table.add_column("size", justify="right")
-    nodes = sorted(item.nbytes_per_node)
-    for node in nodes:
-        table.add_column(f"node {node} ({rates.kinds.get(node, '?')})", justify="right")
-    cells = []
-    for node in nodes:
-        nbytes = item.nbytes_per_node[node]
-        share = nbytes / item.group.nbytes if item.group.nbytes else 0.0
-        cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
-    table.add_row(item.group.name, format_bytes(item.group.nbytes), *cells)
-    console.print(table)
+    title = f"KV cache placement: {result.policy} ({p.context_tokens} tokens)"
+    console.print(_placement_table(result.result.groups, rates, title))
     step = Table(title="predicted decode step (simulated, DMA only)")
     step.add_column("quantity")
     step.add_column("value", justify="right")
