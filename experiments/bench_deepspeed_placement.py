@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from experiments.bench_offload_training import build_model, host_budgets, time_steps
-from experiments.child_run import run_child
+from experiments.child_run import cuda_missing, run_child
 from experiments.results_io import RESULTS_DIR, machine_slug, write_results
 
 MODES = ("deepspeed_zero3_stock", "deepspeed_zero3_placed", "offload_enable")
@@ -169,12 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
-        print(
-            "bench_deepspeed_placement needs a CUDA GPU and this machine has none; run it on the "
-            "GPU machine (tests/test_deepspeed_plugin.py covers correctness on CPU).",
-            file=sys.stderr,
-        )
+    if cuda_missing(
+        "bench_deepspeed_placement", "tests/test_deepspeed_plugin.py covers correctness on CPU"
+    ):
         return 2
     if args.child:
         result = run_one(args.child, args.seq, args.iters, args.warmup, args.policy)

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from experiments.child_run import run_child
+from experiments.child_run import cuda_missing, run_child
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
 from offload.model_shapes import MODELS
 
@@ -177,12 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
-        print(
-            "bench_kv_cache needs a CUDA GPU and this machine has none; run it on the GPU machine "
-            "(tests/test_kv_cache.py checks TieredKVCache's tokens and accounting on CPU).",
-            file=sys.stderr,
-        )
+    if cuda_missing(
+        "bench_kv_cache",
+        "tests/test_kv_cache.py checks TieredKVCache's tokens and accounting on CPU",
+    ):
         return 2
     if args.child:
         cache, context = args.child.split(":")

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from experiments.child_run import run_child
+from experiments.child_run import cuda_missing, run_child
 from experiments.results_io import machine_slug
 from offload.model_shapes import MODELS
 
@@ -262,12 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
-        print(
-            "bench_offload_training needs a CUDA GPU and this machine has none; run it on the GPU "
-            "machine (the CPU tests in tests/test_enable.py cover correctness here).",
-            file=sys.stderr,
-        )
+    if cuda_missing(
+        "bench_offload_training", "the CPU tests in tests/test_enable.py cover correctness here"
+    ):
         return 2
     if args.child:
         mode, shape, seq = args.child.split(":")

@@ -53,6 +53,26 @@ def run_child(
         return ChildOutcome("failed", error=f"no JSON result line; stdout ended {lines[-1:]!r}")
 
 
+def cuda_missing(script: str, covered_by: str) -> bool:
+    """True (after saying so on stderr) when this machine has no CUDA GPU for ``script``;
+    ``covered_by`` names what checks correctness without one.
+
+    >>> import torch
+    >>> cuda_missing("bench_x", "tests/test_x.py") == (not torch.cuda.is_available())
+    True
+    """
+    import torch  # deferred: importing this module must stay cheap for the parent process
+
+    if torch.cuda.is_available():
+        return False
+    print(
+        f"{script} needs a CUDA GPU and this machine has none; run it on the GPU machine "
+        f"({covered_by}).",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _echo(label: str, stderr: str | bytes | None) -> None:
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
     print(f"--- stderr of {label} ---\n{text}--- end of {label} ---", file=sys.stderr)
