@@ -5,7 +5,6 @@ allocated or timed here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from allocators.tensor_classes import OptimizerName, runtime_tensor_groups
@@ -94,12 +93,3 @@ def check_model_fits(
             "staging and the page cache; stop other jobs or " + fix,
         )
     return CheckResult("model fits", "ok", finding)
-
-
-def budget_total(budgets: Mapping[str, int] | None) -> int | None:
-    """The sum of per-tier budgets in bytes, or None without budgets.
-
-    >>> budget_total({"dram": 1 << 30, "cxl": 1 << 30}) == 2 << 30
-    True
-    """
-    return sum(budgets.values()) if budgets else None

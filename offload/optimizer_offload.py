@@ -286,6 +286,12 @@ class OptimizerOffload:
         if step:
             self._step_bucket(bucket)
 
+    def _land_all(self) -> None:
+        """Wait for every bucket in flight and land its gradients, stepping none."""
+        for bucket in self.buckets:
+            self._wait_for(bucket)
+            self._land(bucket, step=False)
+
     def _apply_pending_add(self, slot: ParamSlot) -> None:
         if slot.pending_add is not None:
             slot.pending_add.synchronize()
@@ -323,9 +329,7 @@ class OptimizerOffload:
     def step(self) -> None:
         """Finish the step: wait for buckets in flight, clip, step the rest, copy params back."""
         start = time.perf_counter()
-        for bucket in self.buckets:
-            self._wait_for(bucket)
-            self._land(bucket, step=False)
+        self._land_all()
         received = [s for s in self.slots if s.arrivals > 0]
         # A clip the loop already did over every gradient is the clip: doing it twice would
         # scale by a second coefficient a hair below 1.
@@ -370,9 +374,7 @@ class OptimizerOffload:
         off and is exact; one that starts clipping later, after buckets were stepped early,
         is refused with the setting to use.
         """
-        for bucket in self.buckets:
-            self._wait_for(bucket)
-            self._land(bucket, step=False)
+        self._land_all()
         managed = self.manages(params)
         if any(b.stepped for b in self.buckets):
             raise OffloadError(
@@ -405,9 +407,7 @@ class OptimizerOffload:
         undone without a copy of the state, so a :class:`PartialStepWarning` says so, with the
         counts and the remedies, and ``partial_steps`` counts it.
         """
-        for bucket in self.buckets:
-            self._wait_for(bucket)
-            self._land(bucket, step=False)
+        self._land_all()
         self._warn_if_partly_stepped("optimizer.zero_grad()")
         self._reset_window()
 
