@@ -85,18 +85,19 @@ def _model_check(args: argparse.Namespace, budgets: dict[str, int | str]) -> Che
     from allocators.sysfs_topology import discover
     from allocators.units import parse_size
     from offload.doctor_model_fit import ModelWorkload, check_model_fits
+    from offload.host_memory import HostLayout
     from offload.model_shapes import load_model_shape
 
     for name in ("seq", "batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)} must be at least 1, e.g. --{name} 1")
-    work = ModelWorkload(
-        load_model_shape(args.model),
-        seq=args.seq,
-        batch=args.batch,
+    layout = HostLayout(
         optimizer=args.optimizer,
-        param_nbytes=4 if args.dtype == "fp32" else 2,
-        grad_accumulation=args.grad_accumulation,
+        grad_nbytes_per_param=4 if args.dtype == "fp32" else 2,
+        grad_staging=args.grad_accumulation,
+    )
+    work = ModelWorkload(
+        load_model_shape(args.model), seq=args.seq, batch=args.batch, layout=layout
     )
     budget = sum(parse_size(v, what=f"budget {k}") for k, v in budgets.items()) if budgets else None
     return check_model_fits(discover(args.sysfs_root, use_nvml=False), work, budget)

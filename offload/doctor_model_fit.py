@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from allocators.tensor_classes import OptimizerName, runtime_tensor_groups
 from allocators.topology import Topology
 from allocators.units import format_bytes
 from offload.doctor import CheckResult
+from offload.host_memory import DEFAULT_LAYOUT, HostLayout
 from offload.model_shapes import ModelShape
 
 # Below this much free host memory left over, the process, pinned staging and the page cache
@@ -20,14 +20,12 @@ HEADROOM_NBYTES = 8 << 30
 
 @dataclass(frozen=True)
 class ModelWorkload:
-    """The training run to size: model shape, sequence, batch and how it trains."""
+    """The training run to size: model shape, sequence, batch and what it keeps on the host."""
 
     shape: ModelShape
     seq: int
     batch: int = 1
-    optimizer: OptimizerName = "adam"
-    param_nbytes: int = 2
-    grad_accumulation: bool = False
+    layout: HostLayout = DEFAULT_LAYOUT
 
 
 def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
@@ -38,16 +36,8 @@ def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
     >>> round(sum(need.values()) / 2**30)
     105
     """
-    groups = runtime_tensor_groups(
-        work.shape.n_params,
-        work.batch,
-        work.seq,
-        work.shape.hidden,
-        work.shape.layers,
-        optimizer=work.optimizer,
-        grad_nbytes_per_param=work.param_nbytes,
-        grad_staging=work.grad_accumulation,
-    )
+    shape = work.shape
+    groups = work.layout.groups(shape.n_params, work.batch, work.seq, shape.hidden, shape.layers)
     return {g.name: g.nbytes for g in groups}
 
 

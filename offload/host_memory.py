@@ -67,6 +67,41 @@ class HostFallbacks:
     reasons: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class HostLayout:
+    """What offload.enable() keeps on the host for a run, as runtime_tensor_groups sizes it:
+    optimizer state for ``optimizer``, gradients of ``grad_nbytes_per_param`` (the params'
+    dtype), a staging copy with ``grad_staging``, and nothing but activations without
+    ``optimizer_offload``.
+
+    >>> [g.name for g in HostLayout(optimizer_offload=False).groups(1000, 1, 8, 4, 2)]
+    ['activation_checkpoints']
+    """
+
+    optimizer: OptimizerName = "adam"
+    grad_nbytes_per_param: int = 2
+    grad_staging: bool = False
+    optimizer_offload: bool = True
+
+    def groups(self, n_params: int, batch: int, seq: int, hidden: int, layers: int):
+        """The host tensor groups of this layout for a model and micro-batch."""
+        return runtime_tensor_groups(
+            n_params,
+            batch,
+            seq,
+            hidden,
+            layers,
+            optimizer=self.optimizer,
+            grad_nbytes_per_param=self.grad_nbytes_per_param,
+            grad_staging=self.grad_staging,
+            optimizer_offload=self.optimizer_offload,
+        )
+
+
+# The layout of offload.enable()'s defaults: Adam(W), bf16 gradients, no accumulation.
+DEFAULT_LAYOUT = HostLayout()
+
+
 def plan_placements(
     topology: Topology,
     policy: str,
@@ -76,13 +111,10 @@ def plan_placements(
     hidden: int,
     layers: int,
     tokens: int,
-    optimizer: OptimizerName = "adam",
-    grad_nbytes_per_param: int = 2,
-    grad_staging: bool = False,
-    optimizer_offload: bool = True,
+    layout: HostLayout = DEFAULT_LAYOUT,
 ) -> dict:
     """Placement per tensor class from ``policy`` for a model and micro-batch of ``tokens``,
-    over the host groups this runtime allocates (allocators.tensor_classes.runtime_tensor_groups).
+    over the host groups of ``layout`` (what this runtime allocates).
 
     >>> from allocators.topology import NumaNode
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -92,17 +124,7 @@ def plan_placements(
     >>> plan["activations"].nodes
     (0,)
     """
-    groups = runtime_tensor_groups(
-        n_params,
-        1,
-        tokens,
-        hidden,
-        layers,
-        optimizer=optimizer,
-        grad_nbytes_per_param=grad_nbytes_per_param,
-        grad_staging=grad_staging,
-        optimizer_offload=optimizer_offload,
-    )
+    groups = layout.groups(n_params, 1, tokens, hidden, layers)
     return get_policy(policy)(groups, topology.tiers, budgets).by_class()
 
 

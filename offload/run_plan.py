@@ -15,9 +15,9 @@ from torch import nn
 
 from allocators.errors import ConfigError
 from allocators.placement import Placement
-from allocators.tensor_classes import OptimizerName, runtime_tensor_groups
+from allocators.tensor_classes import OptimizerName
 from allocators.topology import Topology
-from offload.host_memory import plan_placements
+from offload.host_memory import DEFAULT_LAYOUT, HostLayout, plan_placements
 from offload.model_shapes import ModelShape, ModelShapeError, shape_from_config
 from offload.planner import Plan, plan, predicted_phases
 from offload.simulate import OUR_RUNTIME
@@ -122,12 +122,11 @@ def plan_run(
     batch: int,
     seq: int,
     profile: str | None = None,
-    runtime: Mapping[str, object] | None = None,
+    layout: HostLayout = DEFAULT_LAYOUT,
 ) -> RunPlan:
     """Plan host memory with the ``planned`` policy for ``n_params`` of ``shape`` at ``batch`` x ``seq``.
 
-    The groups are those this runtime allocates (runtime_tensor_groups; ``runtime`` holds its
-    keyword arguments: optimizer, grad_nbytes_per_param, grad_staging, optimizer_offload).
+    The groups are those this runtime allocates for ``layout``.
     Raises BudgetExceededError when the groups do not fit the budgets.
 
     >>> from allocators.declared_topology import load_declared
@@ -139,15 +138,14 @@ def plan_run(
     ('planned', 'activation_checkpoints', True)
     """
     rates = load_rates(topology, profile)
-    runtime = dict(runtime or {})
-    groups = runtime_tensor_groups(n_params, batch, seq, shape.hidden, shape.layers, **runtime)
+    groups = layout.groups(n_params, batch, seq, shape.hidden, shape.layers)
     # What offload.enable does: params stay on the device, gradients land in their own dtype
     # and the CPU step reads them there (no fp32 master gradients).
     config = replace(
         OUR_RUNTIME,
         offload_params=False,
         fp32_master_grads=False,
-        param_nbytes=4 if runtime.get("grad_nbytes_per_param", 2) == 4 else 2,
+        param_nbytes=4 if layout.grad_nbytes_per_param == 4 else 2,
     )
     chosen = plan(
         groups,
@@ -199,15 +197,15 @@ def run_placements(
     """
     trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
     n_params = max(sum(p.numel() for p in trainable), 1)
-    runtime = {
-        "optimizer": optimizer,
-        "grad_nbytes_per_param": max((p.element_size() for p in trainable), default=4),
-        "grad_staging": grad_staging,
-        "optimizer_offload": optimizer_offload,
-    }
+    layout = HostLayout(
+        optimizer=optimizer,
+        grad_nbytes_per_param=max((p.element_size() for p in trainable), default=4),
+        grad_staging=grad_staging,
+        optimizer_offload=optimizer_offload,
+    )
     sizes = {"n_params": n_params, "hidden": hidden, "layers": layers, "tokens": tokens}
     if policy != "planned":
-        return plan_placements(topology, policy, budgets, **sizes, **runtime), None
+        return plan_placements(topology, policy, budgets, **sizes, layout=layout), None
     shape, reason = model_shape(model)
     if shape is None:
         warnings.warn(
@@ -217,7 +215,7 @@ def run_placements(
             UserWarning,
             stacklevel=3,
         )
-        return plan_placements(topology, FALLBACK_POLICY, budgets, **sizes, **runtime), None
+        return plan_placements(topology, FALLBACK_POLICY, budgets, **sizes, layout=layout), None
     run = plan_run(
         topology,
         budgets,
@@ -226,6 +224,6 @@ def run_placements(
         batch=1,
         seq=tokens,
         profile=profile,
-        runtime=runtime,
+        layout=layout,
     )
     return run.by_class(), run
