@@ -75,22 +75,41 @@ def rows_table(rows: Sequence[ResultRow], title: str) -> Table:
 
 
 def profile_table(profile: MachineProfile) -> Table:
-    """Per-node rates of a profile; ``-`` where a rate was not measured.
+    """Rates of a profile, one row per rate and one column per node; ``-`` where not measured.
+
+    Rates are rows because a machine has a handful of nodes but eight rates: columns named after
+    the rates were cut to "read_…" on an 80-column terminal. The caption says what was skipped
+    and which machine it was, so a CPU-only profile's empty DMA rows read as skipped, not as zero.
 
     >>> from profilers.machine_info import MachineInfo, Versions
     >>> from profilers.machine_profile import NodeProfile
     >>> p = MachineProfile("t", MachineInfo("h", "c", 1, 1, 1), Versions("3", "2", None, None, "0"),
-    ...                    {}, {0: NodeProfile(latency_ns=100.0)})
-    >>> profile_table(p).row_count
-    1
+    ...                    {}, {0: NodeProfile(latency_ns=100.0)}, skipped=("bandwidth: no GPU",))
+    >>> table = profile_table(p)
+    >>> table.row_count, [c.header for c in table.columns]
+    (8, ['rate', 'node 0'])
     """
+    machine = profile.machine
     table = Table(
-        title=f"profile of {profile.machine.hostname} ({profile.schema})", title_justify="left"
+        title=f"profile of {machine.hostname} ({profile.schema}, {profile.created_utc})",
+        title_justify="left",
+        caption="; ".join(
+            [
+                f"{machine.cpu_model}, {machine.cores} cores, "
+                f"{format_bytes(machine.memory_bytes)}, kernel {profile.kernel}"
+                + (" (degraded)" if profile.degraded else ""),
+                *(f"skipped {s}" for s in profile.skipped),
+            ]
+        ),
+        caption_justify="left",
+        # Title and caption wrap to the table's width; one node's two columns alone are narrow.
+        min_width=76,
     )
-    table.add_column("node")
+    table.add_column("rate")
+    nodes = sorted(profile.nodes.items())
+    for node, _ in nodes:
+        table.add_column(f"node {node}", justify="right")
     for key in RATE_KEYS:
-        table.add_column(key, justify="right")
-    for node, rates in sorted(profile.nodes.items()):
-        values = [getattr(rates, k) for k in RATE_KEYS]
-        table.add_row(str(node), *("-" if v is None else f"{v:.4g}" for v in values))
+        values = [getattr(rates, key) for _, rates in nodes]
+        table.add_row(key, *("-" if v is None else f"{v:.4g}" for v in values))
     return table
