@@ -2,8 +2,12 @@
 planned) x (1 or 2 CXL cards) x the paper's (micro-batch, sequence) sweep, for both of its models.
 
 Simulated on the paper's declared machines (allocators/topologies/paper-{1,2}aic.yaml) with the
-paper's runtime (DeepSpeed ZeRO-3: the optimizer steps after backward, with DeepSpeed's per-step
-overhead) and with ours (the optimizer steps during backward). Budgets: experiments.paper_setup.
+paper's runtime (DeepSpeed ZeRO-3: bf16 params streamed from the host, fp32 master gradients, the
+optimizer after backward, DeepSpeed's per-step overhead) and with ours (offload.runtime_step: what
+offload.enable runs in the paper's activation mode; params stay on the GPU, gradients are read
+where they land, the optimizer steps during backward), each over the host groups it allocates.
+Budgets: experiments.paper_setup, one machine for both runtimes (local DRAM capped as for the
+paper's groups; local_only gets what each runtime needs).
 Measured rows come from real runs: ``--report CSV`` takes the per-step report of a run of
 offload.enable (columns forward_ms, backward_ms, optimizer_ms; steps after the first two are
 averaged, as in the paper) for the model, batch, seq, strategy and cards given; this machine has
@@ -32,7 +36,8 @@ from experiments.paper_setup import (
 from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
 from offload.model_shapes import MODELS
 from offload.planner import plan
-from offload.simulate import DEEPSPEED_ZERO3, OUR_RUNTIME
+from offload.runtime_step import OUR_RUNTIME, host_groups
+from offload.simulate import DEEPSPEED_ZERO3
 from offload.simulator_rates import sim_rates
 
 RUNTIMES = {"deepspeed-zero3": DEEPSPEED_ZERO3, "ours": OUR_RUNTIME}
@@ -54,14 +59,12 @@ def simulated_rows(models: Sequence[str] = PAPER_MODELS) -> list[dict]:
         for runtime, config in RUNTIMES.items():
             for model in models:
                 for batch, seq in PAPER_SWEEP:
-                    groups = paper_groups(model, batch, seq)
+                    groups = host_groups(config, MODELS[model], batch, seq)
+                    # One machine for both runtimes: local DRAM capped as for the paper's run.
+                    capped = paper_budgets(paper_groups(model, batch, seq), cards * CXL_CARD_NBYTES)
                     reference = None
                     for strategy in STRATEGIES:
-                        budgets = (
-                            local_only_budgets(groups)
-                            if strategy == "local_only"
-                            else paper_budgets(groups, cards * CXL_CARD_NBYTES)
-                        )
+                        budgets = local_only_budgets(groups) if strategy == "local_only" else capped
                         result = plan(
                             groups,
                             topology.tiers,

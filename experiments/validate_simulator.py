@@ -33,9 +33,9 @@ from allocators.topology import NodeRates, NumaNode
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
 from offload.config import OffloadConfig
 from offload.model_shapes import MODELS, ModelShape, load_model_shape
+from offload.runtime_step import SIMULATED_ACTIVATIONS, runtime_step
 from offload.simulate import (
     DEEPSPEED_OVERHEAD_S_PER_PARAM,
-    OUR_RUNTIME,  # noqa: F401  (tests/test_experiments.py takes it from this module)
     StepConfig,
     phase_traffic,
     simulate_step,
@@ -358,28 +358,24 @@ def runtime_config(
     chunked_loss: bool = False,
     gpu: GpuModel | None = None,
 ) -> StepConfig:
-    """The simulator's settings for a run of ``offload.enable``: our runtime's layout (params stay
-    on the device; gradients land in their dtype and the optimizer reads them there), the loss's
-    log-probs offloaded with the activations unless ``loss_chunk_tokens`` chunks the loss, and
-    saved tensors under the runtime's ``activation_min_nbytes`` left on the device.
+    """The simulator's settings for a run of ``offload.enable`` with these settings (others at
+    enable()'s defaults), as offload.runtime_step defines them for every caller.
 
     >>> runtime_config("float32").param_nbytes, runtime_config().overlap_step
     (4, True)
+    >>> from offload.runtime_step import OUR_RUNTIME
+    >>> runtime_config() == OUR_RUNTIME
+    True
     """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype = {dtype!r}; write 'float32', 'bfloat16' or 'float16'")
-    return StepConfig(
-        optimizer="adamw",
-        offload_params=False,
-        recompute=activations == "checkpoint",
-        offload_activations=activations != "off",
+    settings = OffloadConfig(
+        activations=activations,
         overlap_step=overlap_step,
-        param_nbytes=4 if dtype == "float32" else 2,
-        fp32_master_grads=False,
-        head_activations=activations != "off" and not chunked_loss,
-        activation_min_nbytes=OffloadConfig().activation_min_nbytes,
-        gpu=gpu or GpuModel(),
+        # Any chunk size: the simulator only needs to know the log-probs never exist whole.
+        loss_chunk_tokens=1024 if chunked_loss else None,
     )
+    return runtime_step(settings, param_nbytes=4 if dtype == "float32" else 2, gpu=gpu)
 
 
 def step_config(preset: Preset, gpu: GpuModel | None = None) -> StepConfig:
@@ -743,8 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--activations",
         default="checkpoint",
-        choices=("checkpoint", "saved_tensors", "off"),
-        help="with --report: the run's offload.enable(activations=...)",
+        choices=SIMULATED_ACTIVATIONS,
+        help="with --report: the run's offload.enable(activations=...); 'saved_tensors' is not "
+        "simulated (its inner-layer tensors are not counted)",
     )
     parser.add_argument(
         "--overlap-step",

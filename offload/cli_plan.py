@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from rich.console import Console
 from rich.table import Table
 
 from allocators.errors import OffloadError
-from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import Topology
 from allocators.topology_command import load_topology
 from allocators.units import format_bytes
@@ -27,7 +27,8 @@ from offload.planner import (
     plan_decode,
     predicted_phases,
 )
-from offload.simulate import DEEPSPEED_ZERO3, OUR_RUNTIME, StepConfig
+from offload.runtime_step import OUR_RUNTIME, host_groups
+from offload.simulate import DEEPSPEED_ZERO3, StepConfig
 from offload.simulator_decode import DecodeConfig
 from offload.simulator_rates import GIB, SimRates, profile_rates, sim_rates
 
@@ -47,9 +48,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="place a model's host tensors with a policy and predict the step's phases",
-        description="Place the paper's host tensor groups (optimizer data, weights, activation "
-        "checkpoints, gradients) over local DRAM and CXL nodes and predict forward, backward "
-        "and step times with the simulator.",
+        description="Place a runtime's host tensor groups (optimizer data, activation "
+        "checkpoints, gradients, and with deepspeed-zero3 the bf16 weights) over local DRAM and "
+        "CXL nodes and predict forward, backward and step times with the simulator.",
     )
     parser.add_argument(
         "--model",
@@ -80,8 +81,10 @@ def register(subparsers) -> None:
         "--runtime",
         default="ours",
         choices=tuple(RUNTIMES),
-        help="ours: the optimizer steps during backward; deepspeed-zero3: after it, "
-        "with DeepSpeed's per-step overhead (the paper's setting)",
+        help="ours: what offload.enable runs (params on the GPU, gradients read where they "
+        "land, the optimizer stepping during backward, checkpoints and the loss's log-probs "
+        "offloaded); deepspeed-zero3: params streamed from the host, fp32 master gradients, "
+        "the optimizer after backward, DeepSpeed's per-step overhead (the paper's setting)",
     )
     decode = parser.add_argument_group(
         "decode", "with --decode: place the KV cache of a long-context decode instead"
@@ -229,14 +232,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
     shape = load_model_shape(args.model)
     topology = load_topology(file=args.topology)
     rates = _rates(topology, args.profile)
-    groups = host_tensor_groups(
-        shape.n_params, args.batch, args.seq, shape.hidden, shape.layers, args.optimizer
-    )
-    config = StepConfig(
-        optimizer=args.optimizer,
-        overlap_step=RUNTIMES[args.runtime].overlap_step,
-        overhead_s_per_param=RUNTIMES[args.runtime].overhead_s_per_param,
-    )
+    config = replace(RUNTIMES[args.runtime], optimizer=args.optimizer)
+    groups = host_groups(config, shape, args.batch, args.seq)
     return _answer(
         args,
         lambda: plan(

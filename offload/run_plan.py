@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pandas as pd
 from torch import nn
@@ -20,7 +20,7 @@ from allocators.topology import Topology
 from offload.host_memory import DEFAULT_LAYOUT, HostLayout, plan_placements
 from offload.model_shapes import ModelShape, ModelShapeError, shape_from_config
 from offload.planner import Plan, plan, predicted_phases
-from offload.simulate import OUR_RUNTIME
+from offload.runtime_step import runtime_step
 from offload.simulator_rates import SimRates, profile_rates, sim_rates
 
 # What "planned" falls back to when the model's shape is unknown: the paper's policy.
@@ -126,7 +126,8 @@ def plan_run(
 ) -> RunPlan:
     """Plan host memory with the ``planned`` policy for ``n_params`` of ``shape`` at ``batch`` x ``seq``.
 
-    The groups are those this runtime allocates for ``layout``.
+    The groups are those this runtime allocates for ``layout``, and the step is the one it runs
+    (offload.runtime_step, for ``layout``'s optimizer and gradient dtype).
     Raises BudgetExceededError when the groups do not fit the budgets.
 
     >>> from allocators.declared_topology import load_declared
@@ -139,13 +140,8 @@ def plan_run(
     """
     rates = load_rates(topology, profile)
     groups = layout.groups(n_params, batch, seq, shape.hidden, shape.layers)
-    # What offload.enable does: params stay on the device, gradients land in their own dtype
-    # and the CPU step reads them there (no fp32 master gradients).
-    config = replace(
-        OUR_RUNTIME,
-        offload_params=False,
-        fp32_master_grads=False,
-        param_nbytes=4 if layout.grad_nbytes_per_param == 4 else 2,
+    config = runtime_step(
+        param_nbytes=4 if layout.grad_nbytes_per_param == 4 else 2, optimizer=layout.optimizer
     )
     chosen = plan(
         groups,

@@ -16,8 +16,9 @@ parameter fetch that cannot overlap. Traffic per tensor class and phase:
 | master_params (fp32, 4P) | | | CPU reads and writes 4P |
 | optimizer_state (Adam 8P, Lion 4P) | | | CPU reads and writes it all |
 
-With ``overlap_step`` the optimizer's CPU traffic runs during backward (sharing the nodes with the
-DMA), and only the last bucket's step (1/L of it) is left exposed after backward.
+With ``overlap_step`` the optimizer's CPU traffic, and the copy of each bucket's updated params back
+to the device, run during backward (sharing the nodes and the link with its DMA), and only the last
+bucket's step and copy (1/L of them) are left exposed after backward.
 
 The table is DeepSpeed's layout for a bf16 model. ``StepConfig.param_nbytes`` (2: bf16, 4: fp32)
 scales params, grads and activations; ``fp32_master_grads=False`` is our runtime's layout: the
@@ -99,8 +100,9 @@ class StepConfig:
             )
 
 
+# The paper's runtime. Ours (params on the device, no fp32 master gradients, the step overlapped)
+# is offload.runtime_step.OUR_RUNTIME, read from offload.enable()'s settings.
 DEEPSPEED_ZERO3 = StepConfig(overhead_s_per_param=DEEPSPEED_OVERHEAD_S_PER_PARAM)
-OUR_RUNTIME = StepConfig(overlap_step=True)
 
 
 @dataclass(frozen=True)
@@ -232,11 +234,12 @@ def simulate_step(
     forward_mem = memory_seconds(traffic["forward"], rates)
     backward_traffic = traffic["backward"]
     if config.overlap_step:
-        backward_traffic = backward_traffic.merged(traffic["step_cpu"])
+        # Each finished bucket is stepped and its params copied back while backward goes on.
+        backward_traffic = backward_traffic.merged(traffic["step_cpu"]).merged(traffic["step_dma"])
     backward_mem = memory_seconds(backward_traffic, rates)
     if config.overlap_step:
-        # What backward could not hide: the last bucket, stepped once backward is done.
-        step_s = step_cpu.seconds / shape.layers + step_dma.seconds
+        # What backward could not hide: the last bucket, stepped and copied once it is done.
+        step_s = (step_cpu.seconds + step_dma.seconds) / shape.layers
     else:
         step_s = step_cpu.seconds + step_dma.seconds
 

@@ -7,13 +7,22 @@ import pandas as pd
 import pytest
 
 from experiments import exp_end_to_end, exp_phase_ablation, validate_simulator
-from experiments.results_io import write_results
+from experiments.results_io import SIMULATED_DIR, write_results
 
 
 @pytest.fixture(scope="module")
-def end_to_end():
-    rows = pd.DataFrame(exp_end_to_end.simulated_rows(["qwen2.5-7b"]))
-    return rows[rows["runtime"] == "deepspeed-zero3"]
+def sweep():
+    return pd.DataFrame(exp_end_to_end.simulated_rows(["qwen2.5-7b"]))
+
+
+@pytest.fixture(scope="module")
+def end_to_end(sweep):
+    return sweep[sweep["runtime"] == "deepspeed-zero3"]
+
+
+@pytest.fixture(scope="module")
+def ours(sweep):
+    return sweep[sweep["runtime"] == "ours"]
 
 
 def test_a_row_without_a_source_is_refused(tmp_path):
@@ -48,6 +57,30 @@ def test_planned_is_never_below_cxl_aware(end_to_end):
     assert (frame["planned"] >= frame["cxl_aware"] * (1 - 1e-9)).all()
 
 
+def test_our_runtime_is_simulated_as_offload_enable_runs_it():
+    assert exp_end_to_end.RUNTIMES["ours"] == validate_simulator.runtime_config()
+    assert exp_end_to_end.RUNTIMES["ours"].offload_params is False
+
+
+def test_our_rows_place_no_host_copy_of_the_weights(ours, end_to_end):
+    assert not ours["placement"].str.contains("compute_params").any()
+    assert end_to_end["placement"].str.contains("compute_params").all()
+
+
+def test_our_planned_is_never_below_cxl_aware(ours):
+    frame = ours.pivot_table(
+        index=["cards", "batch", "seq"], columns="strategy", values="tokens_per_s"
+    )
+    assert (frame["planned"] >= frame["cxl_aware"] * (1 - 1e-9)).all()
+
+
+def test_the_committed_sweep_is_what_the_script_computes(sweep):
+    committed = pd.read_csv(SIMULATED_DIR / "end_to_end.csv")
+    committed = committed[committed["model"] == "qwen2.5-7b"].reset_index(drop=True)
+    assert list(committed["runtime"]) == list(sweep["runtime"])
+    assert committed["tokens_per_s"].to_numpy() == pytest.approx(sweep["tokens_per_s"].to_numpy())
+
+
 def test_moving_the_optimizer_group_to_cxl_hurts_most():
     rows = pd.DataFrame(exp_phase_ablation.simulated_rows(["qwen2.5-7b"]))
     worst = rows.groupby("moved")["slowdown"].max()
@@ -70,7 +103,7 @@ def test_a_report_is_compared_phase_by_phase():
         1,
         8192,
         validate_simulator.h100_rates(),
-        validate_simulator.OUR_RUNTIME,
+        validate_simulator.runtime_config(),
     )
     assert table.set_index("phase").loc["total", "measured_s"] == pytest.approx(1.45)
 

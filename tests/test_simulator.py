@@ -1,13 +1,19 @@
 """The step simulator: the paper's DMA and CPU AdamW figures come out of the rate model, and each
 phase responds to placement the way the module docstring says."""
 
+from dataclasses import replace
+
 import pytest
 
 from allocators.declared_topology import load_declared
 from allocators.placement import as_placement, interleave
+from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import NodeRates, NumaNode
+from offload.config import OffloadConfig
+from offload.host_memory import DEFAULT_LAYOUT
 from offload.model_shapes import MODELS
-from offload.simulate import OUR_RUNTIME, SimulationError, StepConfig, simulate_step
+from offload.runtime_step import OUR_RUNTIME, host_groups, runtime_step
+from offload.simulate import DEEPSPEED_ZERO3, SimulationError, StepConfig, simulate_step
 from offload.simulator_rates import GIB, RateModelError, paper_rates, sim_rates
 from offload.simulator_traffic import Traffic, copy_seconds, memory_seconds
 
@@ -101,13 +107,67 @@ def test_gradients_on_one_card_slow_a_short_backward():
     assert slow.forward_s == local.forward_s
 
 
-def test_overlapping_the_step_hides_most_of_it():
+def test_overlapping_the_step_hides_all_but_the_last_buckets_step_and_copy_back():
     shape, rates = MODELS["qwen2.5-7b"], paper_rates(1)
     placements = everything_on(as_placement(0))
-    serial = simulate_step(shape, 2, 32768, placements, rates, StepConfig())
+    serial = simulate_step(
+        shape, 2, 32768, placements, rates, replace(OUR_RUNTIME, overlap_step=False)
+    )
     overlapped = simulate_step(shape, 2, 32768, placements, rates, OUR_RUNTIME)
     assert overlapped.step_s == pytest.approx(serial.step_s / shape.layers)
     assert overlapped.total_s < serial.total_s
+
+
+# What offload.enable runs; these fail if OUR_RUNTIME or runtime_step drift from its settings.
+
+
+def test_our_runtime_keeps_params_on_the_device_and_reads_gradients_where_they_land():
+    assert OUR_RUNTIME.offload_params is False
+    assert OUR_RUNTIME.fp32_master_grads is False
+    assert OUR_RUNTIME.overhead_s_per_param == 0.0
+
+
+def test_our_runtime_is_enables_defaults_in_the_papers_activation_mode():
+    defaults = OffloadConfig()
+    assert OUR_RUNTIME == runtime_step(defaults.replace(activations="checkpoint"))
+    assert OUR_RUNTIME.overlap_step is defaults.overlap_step
+    assert OUR_RUNTIME.activation_min_nbytes == defaults.activation_min_nbytes
+    assert OUR_RUNTIME.head_activations is (defaults.loss_chunk_tokens is None)
+    assert OUR_RUNTIME.recompute and OUR_RUNTIME.offload_activations
+    assert OUR_RUNTIME.param_nbytes == 2
+
+
+def test_enables_default_activation_mode_is_refused_rather_than_under_counted():
+    with pytest.raises(SimulationError, match="saved_tensors"):
+        runtime_step(OffloadConfig())
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "value"),
+    [
+        ({"overlap_step": False}, "overlap_step", False),
+        ({"max_grad_norm": 1.0}, "overlap_step", False),
+        ({"loss_chunk_tokens": 512}, "head_activations", False),
+        ({"activation_min_nbytes": 0}, "activation_min_nbytes", 0),
+        ({"activations": "off"}, "offload_activations", False),
+    ],
+)
+def test_the_runtime_step_follows_each_setting_it_depends_on(settings, field, value):
+    step = runtime_step(OffloadConfig(**{"activations": "checkpoint", **settings}))
+    assert getattr(step, field) == value
+
+
+def test_our_runtime_is_planned_over_the_host_groups_enable_allocates():
+    shape = MODELS["qwen2.5-7b"]
+    groups = host_groups(OUR_RUNTIME, shape, 1, 4096)
+    assert groups == DEFAULT_LAYOUT.groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
+    assert "compute_params" not in {g.name for g in groups}
+
+
+def test_the_papers_runtime_keeps_its_four_groups():
+    shape = MODELS["qwen2.5-7b"]
+    paper = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
+    assert host_groups(DEEPSPEED_ZERO3, shape, 1, 4096) == paper
 
 
 def test_lion_moves_fewer_optimizer_bytes_than_adam():
