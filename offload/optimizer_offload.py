@@ -126,8 +126,8 @@ class OptimizerOffload:
         self._first_window = True
         self.loop_clips = False
         self.last_grad_norm: torch.Tensor | None = None
-        # H2D copies of updated params since the last step; list.append is atomic, and the
-        # worker thread appends while the autograd thread runs.
+        # H2D copies of updated params not known to have finished; list.append is atomic, and
+        # the worker thread appends while the autograd thread runs.
         self._copy_backs: list[CopyEvent] = []
         self.optimizer_ms = 0.0
         self.wait_ms = 0.0
@@ -345,7 +345,9 @@ class OptimizerOffload:
                 self._step_bucket(bucket)
         for event in self._copy_backs:
             self.streams.wait(event)
-        self._copy_backs = []
+        # The compute stream waits for them, the host does not: close() must, before their
+        # host blocks go back to the pool (which may unpin and unmap them at once).
+        self._copy_backs = [event for event in self._copy_backs if not event.query()]
         if self._clipped_ids:
             # The loop clips: from now on every bucket waits for optimizer.step().
             self.loop_clips = True
@@ -480,11 +482,17 @@ class OptimizerOffload:
             load_state_dict(self.host.state_dict())
 
     def close(self) -> None:
-        """Remove the gradient hooks, stop the worker and free the host blocks."""
+        """Remove the gradient hooks, stop the worker, wait for the copies still in flight and
+        free the host blocks."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.zero_grad_pending_check()
+        # A freed block may be unpinned and unmapped at once, so no DMA may still use one: the
+        # gradients of a bucket that never completed land, and the params' copies back finish.
+        self._land_all()
+        for event in self._copy_backs:
+            event.synchronize()
+        self._copy_backs = []
         self._warn_if_partly_stepped("disable()")
         self.host.close()
         # The inner optimizer keeps views of the masters and of its state; drop it first.

@@ -3,6 +3,8 @@ paths run only where a GPU is present."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from offload.activation_offload import ActivationOffloader, find_layers
 from offload.host_memory import HostMemory
 from offload.optimizer_offload import OptimizerOffload
 from offload.optimizer_patch import OptimizerPatch
-from offload.streams import CopyStreams
+from offload.streams import CopyEvent, CopyStreams
 from offload.tiny_finetune import tiny_llama
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -164,6 +166,102 @@ def test_optimizer_without_a_host_rule_falls_back_to_its_own_class(memory):
         ref_opt.zero_grad()
     off.close()
     assert torch.equal(model.weight, reference.weight)
+
+
+class HeldCopy:
+    """A queued copy: it runs when the host waits for it or for a copy queued after it."""
+
+    def __init__(self, streams: HeldStreams, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.streams, self.src, self.dst, self.done = streams, src, dst, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.streams.run_until(self)
+
+
+class HeldStreams:
+    """CopyStreams' calls with each copy held until the host waits for it, as a GPU may still be
+    running it long after the call: a compute-stream wait does not run it (the host goes on).
+    One queue for both directions keeps the copies in issue order."""
+
+    def __init__(self) -> None:
+        self.queue: list[HeldCopy] = []
+        self._lock = threading.Lock()
+
+    def d2h(self, src, dst, tiers=None) -> HeldCopy:
+        return self._hold(src, dst)
+
+    def h2d(self, src, dst, after=None, wait_compute=True, tiers=None) -> HeldCopy:
+        return self._hold(src, dst)
+
+    def mark(self) -> CopyEvent:
+        return CopyEvent(None)
+
+    def wait(self, event) -> None:
+        pass
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def run_until(self, copy: HeldCopy) -> None:
+        with self._lock:
+            while not copy.done:
+                head = self.queue.pop(0)
+                with torch.no_grad():
+                    head.dst.copy_(head.src)
+                head.src = head.dst = None
+                head.done = True
+
+    def _hold(self, src, dst) -> HeldCopy:
+        copy = HeldCopy(self, src, dst)
+        with self._lock:
+            self.queue.append(copy)
+        return copy
+
+
+def _copies_in_flight_at_each_release(memory, streams, monkeypatch) -> list[int]:
+    counts: list[int] = []
+    release = memory.release
+
+    def counting_release(block):
+        counts.append(streams.in_flight())
+        release(block)
+
+    monkeypatch.setattr(memory, "release", counting_release)
+    return counts
+
+
+def test_close_lets_the_last_steps_copies_back_finish_before_freeing_their_blocks(
+    memory, monkeypatch
+):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    streams = HeldStreams()
+    off = OptimizerOffload(torch.optim.AdamW(model.parameters(), lr=0.1), memory, streams)
+    in_flight = _copies_in_flight_at_each_release(memory, streams, monkeypatch)
+    model(torch.ones(2, 8)).sum().backward()
+    off.step()
+    assert streams.in_flight() > 0  # only the compute stream waits for the copies back
+    updated = [slot.master.clone() for slot in off.slots]
+    off.close()
+    assert in_flight and not any(in_flight)
+    for param, master in zip(model.parameters(), updated, strict=True):
+        assert torch.equal(param.detach(), master)
+
+
+def test_close_lands_gradients_of_a_bucket_still_waiting_for_others(memory, monkeypatch):
+    model = nn.Linear(8, 4)
+    unused = nn.Parameter(torch.zeros(4))  # same bucket, never gets a gradient
+    streams = HeldStreams()
+    opt = torch.optim.AdamW([*model.parameters(), unused], lr=0.1)
+    off = OptimizerOffload(opt, memory, streams)
+    in_flight = _copies_in_flight_at_each_release(memory, streams, monkeypatch)
+    model(torch.ones(2, 8)).sum().backward()
+    assert streams.in_flight() > 0
+    off.close()
+    assert in_flight and not any(in_flight)
 
 
 @pytest.mark.gpu
