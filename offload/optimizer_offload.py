@@ -193,7 +193,13 @@ class OptimizerOffload:
 
     def _make_bucket(self, index: int, members: list[tuple[int, nn.Parameter]]) -> Bucket:
         master_nbytes = sum(p.numel() * 4 for _, p in members)
-        grad_nbytes = sum(p.numel() * p.element_size() for _, p in members)
+        grad_offsets, grad_nbytes = [], 0
+        for _, p in members:
+            # A view of the block's bytes must start on a multiple of its element size: a
+            # float32 gradient after a bfloat16 one of odd size would not.
+            grad_nbytes = -(-grad_nbytes // p.element_size()) * p.element_size()
+            grad_offsets.append(grad_nbytes)
+            grad_nbytes += p.numel() * p.element_size()
         masters = self.memory.allocate("master_params", master_nbytes)
         grads = self.memory.allocate("grads", grad_nbytes)
         blocks = [masters, grads]
@@ -202,8 +208,8 @@ class OptimizerOffload:
             # Later micro-steps land here before being summed into the host gradient.
             staging = self.memory.allocate("master_grads", grad_nbytes)
             blocks.append(staging)
-        slots, master_at, grad_at = [], 0, 0
-        for gi, p in members:
+        slots, master_at = [], 0
+        for (gi, p), grad_at in zip(members, grad_offsets, strict=True):
             master = masters.tensor(torch.float32, tuple(p.shape), master_at)
             with torch.no_grad():
                 master.copy_(p.detach())
@@ -226,7 +232,6 @@ class OptimizerOffload:
                 )
             )
             master_at += p.numel() * 4
-            grad_at += p.numel() * p.element_size()
         return Bucket(index=index, slots=slots, blocks=blocks)
 
     @property

@@ -168,6 +168,24 @@ def test_optimizer_without_a_host_rule_falls_back_to_its_own_class(memory):
     assert torch.equal(model.weight, reference.weight)
 
 
+def test_a_bucket_mixing_an_odd_sized_bf16_param_and_an_fp32_one_steps(memory):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3).to(torch.bfloat16))]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    off = OptimizerOffload(
+        torch.optim.SGD(params, lr=0.1), memory, CopyStreams(torch.device("cpu"))
+    )
+    ref_opt = torch.optim.SGD(reference, lr=0.1)
+    for group in (params, reference):
+        sum(p.float().square().sum() for p in group).backward()
+    off.step()
+    ref_opt.step()
+    off.close()
+    # The bf16 param is stepped on an fp32 master and rounded once; its gradient is the same.
+    assert torch.equal(params[0], reference[0])
+    assert torch.allclose(params[1].float(), reference[1].float(), atol=1e-2)
+
+
 class HeldCopy:
     """A queued copy: it runs when the host waits for it or for a copy queued after it."""
 
