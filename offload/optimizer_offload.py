@@ -348,11 +348,7 @@ class OptimizerOffload:
                 # (a bucket some of whose params got no gradient never took its own mark).
                 bucket.read_done = self.streams.mark()
                 self._step_bucket(bucket)
-        for event in self._copy_backs:
-            self.streams.wait(event)
-        # The compute stream waits for them, the host does not: close() must, before their
-        # host blocks go back to the pool (which may unpin and unmap them at once).
-        self._copy_backs = [event for event in self._copy_backs if not event.query()]
+        self._wait_for_copy_backs()
         if self._clipped_ids:
             # The loop clips: from now on every bucket waits for optimizer.step().
             self.loop_clips = True
@@ -416,7 +412,17 @@ class OptimizerOffload:
         """
         self._land_all()
         self._warn_if_partly_stepped("optimizer.zero_grad()")
+        # Params stepped early may still be on their way back: the next forward reads them.
+        self._wait_for_copy_backs()
         self._reset_window()
+
+    def _wait_for_copy_backs(self) -> None:
+        """Make the compute stream wait for the params' copies back. The host does not wait:
+        those not finished yet are kept for close(), which must before freeing their blocks
+        (the pool may unpin and unmap a freed block at once)."""
+        for event in self._copy_backs:
+            self.streams.wait(event)
+        self._copy_backs = [event for event in self._copy_backs if not event.query()]
 
     def _warn_if_partly_stepped(self, where: str) -> None:
         stepped = [s for b in self.buckets if b.stepped for s in b.slots if s.arrivals > 0]

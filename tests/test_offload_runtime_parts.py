@@ -12,7 +12,7 @@ from torch import nn
 from allocators.sysfs_topology import discover
 from offload.activation_offload import ActivationOffloader, find_layers
 from offload.host_memory import HostMemory
-from offload.optimizer_offload import OptimizerOffload
+from offload.optimizer_offload import OptimizerOffload, PartialStepWarning
 from offload.optimizer_patch import OptimizerPatch
 from offload.streams import CopyEvent, CopyStreams
 from offload.tiny_finetune import tiny_llama
@@ -206,19 +206,23 @@ class HeldStreams:
 
     def __init__(self) -> None:
         self.queue: list[HeldCopy] = []
+        self.h2d_issued: list[HeldCopy] = []
+        self.compute_waited_for: list[HeldCopy] = []
         self._lock = threading.Lock()
 
     def d2h(self, src, dst, tiers=None) -> HeldCopy:
         return self._hold(src, dst)
 
     def h2d(self, src, dst, after=None, wait_compute=True, tiers=None) -> HeldCopy:
-        return self._hold(src, dst)
+        copy = self._hold(src, dst)
+        self.h2d_issued.append(copy)
+        return copy
 
     def mark(self) -> CopyEvent:
         return CopyEvent(None)
 
     def wait(self, event) -> None:
-        pass
+        self.compute_waited_for.append(event)
 
     def in_flight(self) -> int:
         return len(self.queue)
@@ -388,3 +392,39 @@ def test_cuda_llama_with_shared_saves_clipping_and_chunked_loss_matches_plain():
     assert (report["forward_ms"] > 0).all() and (report["backward_ms"] > 0).all()
     assert report["activation_shared_nbytes"].sum() > 0
     assert report["hidden_transfer_fraction"].between(0, 1).all()
+
+
+class StopBackward(torch.autograd.Function):
+    """Identity forward; its backward raises, as an error or a KeyboardInterrupt would."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward stopped here")
+
+
+def test_zero_grad_after_a_stopped_backward_orders_the_early_copies_back_before_forward(memory):
+    torch.manual_seed(0)
+    lower, upper = nn.Linear(8, 8), nn.Linear(8, 8)
+    streams = HeldStreams()
+    opt = torch.optim.AdamW([*lower.parameters(), *upper.parameters()], lr=0.1)
+    # One bucket per layer: the upper layer's gradients arrive first and are stepped at once.
+    off = OptimizerOffload(opt, memory, streams, bucket_nbytes=8 * 8 * 4 + 8 * 4)
+
+    def loss(stop: bool) -> torch.Tensor:
+        h = lower(torch.ones(2, 8))
+        return upper(StopBackward.apply(h) if stop else h).sum()
+
+    loss(stop=False).backward()
+    off.step()  # the first step is never stepped early
+    before = len(streams.h2d_issued)
+    with pytest.raises(RuntimeError, match="backward stopped here"):
+        loss(stop=True).backward()
+    with pytest.warns(PartialStepWarning):
+        off.zero_grad()
+    early = streams.h2d_issued[before:]
+    assert early and all(copy in streams.compute_waited_for for copy in early)
+    off.close()
