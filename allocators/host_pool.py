@@ -135,7 +135,9 @@ class HostPool:
         return buf
 
     def release(self, buf: HostBuffer) -> None:
-        """Return ``buf`` to the pool for reuse; its tensor views must be gone.
+        """Return ``buf`` to the pool for reuse; its tensor views must be gone, and so must any
+        asynchronous copy (DMA) into or out of it: past ``max_cached_nbytes`` a released buffer
+        is unpinned and unmapped at once, and a cached one is handed to the next acquire().
 
         A buffer freed by its user is forgotten instead of cached.
         """
