@@ -180,7 +180,7 @@ class CopyStreams:
         return CopyEvent(event)
 
     def wait(self, event: CopyEvent) -> None:
-        """Make the compute stream wait for ``event``; counts host time spent (zero on CUDA)."""
+        """Make the compute stream wait for ``event``; the host goes on (see :meth:`host_wait`)."""
         event.wait_on_current_stream()
 
     def host_wait(self, event: CopyEvent) -> None:
