@@ -417,8 +417,8 @@ class OptimizerOffload:
         self._reset_window()
 
     def _wait_for_copy_backs(self) -> None:
-        """Make the compute stream wait for the params' copies back. The host does not wait:
-        those not finished yet are kept for close(), which must before freeing their blocks
+        """Make the compute stream wait for the params' copies back. The host goes on, so those
+        not finished yet are kept: close() waits for them before it frees their host blocks
         (the pool may unpin and unmap a freed block at once)."""
         for event in self._copy_backs:
             self.streams.wait(event)
