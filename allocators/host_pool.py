@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from allocators.host_buffer import PAGE_NBYTES, HostBuffer
 from allocators.placement import Placement, as_placement
+from allocators.policies import split_nbytes
 from allocators.striping import DEFAULT_CHUNK_NBYTES
 from allocators.units import parse_size
 
@@ -110,10 +111,22 @@ class HostPool:
         nbytes: int | str,
         placement: Placement | int | Sequence[tuple[int, float]],
         pin: bool | None = None,
+        *,
+        room_nbytes: Mapping[int, int] | None = None,
     ) -> HostBuffer:
         """A buffer of at least ``nbytes`` on ``placement``: a cached one if any, else a new one.
 
-        ``pin`` defaults to the pool's setting.
+        ``pin`` defaults to the pool's setting. ``room_nbytes`` (node -> bytes) bounds what the
+        cache may keep on each named node once a new buffer has to be made: cached buffers
+        holding more there are freed first, least recently released first. A caller with
+        per-node budgets passes what its budget leaves, so memory held (in use + cached) stays
+        within the budget even when requests change size class and old buffers never hit again.
+
+        >>> pool = HostPool(pin=False)
+        >>> pool.release(pool.acquire(1 << 20, 0))
+        >>> _ = pool.acquire(2 << 20, 0, room_nbytes={0: 0})
+        >>> pool.stats().cached_nbytes, pool.stats().evictions
+        (0, 1)
         """
         request = parse_size(nbytes, what="HostPool.acquire nbytes")
         if request <= 0:
@@ -128,6 +141,9 @@ class HostPool:
                 self._hits += 1
                 return buf
             self._misses += 1
+            victims = self._evict_for_room_locked(room_nbytes) if room_nbytes else []
+        for victim in victims:
+            victim.free()
         # Made outside the lock: mapping and pre-faulting take milliseconds per MiB.
         buf = HostBuffer(key[0], key[1], pin=key[2], **self._options)
         with self._lock:
@@ -170,6 +186,36 @@ class HostPool:
                 del self._by_key[key]
             cached -= buf.nbytes
             victims.append(buf)
+        self._evictions += len(victims)
+        return victims
+
+    def _evict_for_room_locked(self, room_nbytes: Mapping[int, int]) -> list[HostBuffer]:
+        """Drop least recently released buffers on the nodes where the cache holds more than
+        ``room_nbytes`` allows; buffers on other nodes stay."""
+        shares = {
+            ident: split_nbytes(buf.nbytes, key[1], self.chunk_nbytes)
+            for ident, (key, buf) in self._cached.items()
+        }
+        cached: dict[int, int] = {}
+        for share in shares.values():
+            for node, n in share.items():
+                cached[node] = cached.get(node, 0) + n
+        over = {n for n, room in room_nbytes.items() if cached.get(n, 0) > max(room, 0)}
+        victims = []
+        for ident, (key, buf) in list(self._cached.items()):
+            if not over:
+                break
+            if not any(n > 0 and node in over for node, n in shares[ident].items()):
+                continue
+            del self._cached[ident]
+            self._by_key[key].remove(buf)
+            if not self._by_key[key]:
+                del self._by_key[key]
+            victims.append(buf)
+            for node, n in shares[ident].items():
+                cached[node] = cached.get(node, 0) - n
+                if node in over and cached[node] <= max(room_nbytes[node], 0):
+                    over.discard(node)
         self._evictions += len(victims)
         return victims
 

@@ -148,7 +148,14 @@ class TieredAllocator:
             raise ValueError(f"{topology.source} has no DRAM node to use as local memory")
         self.local_node = self.tiers.local_dram[0].id
         self.pin = pin
-        self._own_pool = HostPool() if backing is None else None
+        # The pool may keep released buffers up to the whole budget, so a step's activations
+        # (often more than any fixed cache) are reused, not unpinned and re-pinned every step;
+        # allocate() passes each node's remaining budget so in-use plus cached stays within it.
+        self._own_pool = (
+            HostPool(max_cached_nbytes=max(sum(self.budgets.node_nbytes.values()), 1))
+            if backing is None
+            else None
+        )
         self.backing: Backing = self._own_pool if backing is None else backing
         # What the backing will really map and how it stripes, so the check before touching
         # memory is exact; a backing that does not say is expected to round to whole pages.
@@ -191,7 +198,15 @@ class TieredAllocator:
             chosen = self.placements.get(cls, as_placement(self.local_node))
         reserved = self._charge(cls, nbytes, chosen, self._size_for(nbytes))
         try:
-            buffer = self.backing.acquire(nbytes, chosen, pin=self.pin)
+            if self._own_pool is not None:
+                with self._lock:
+                    room = {
+                        node: budget - self._used[node]
+                        for node, budget in self.budgets.node_nbytes.items()
+                    }
+                buffer = self._own_pool.acquire(nbytes, chosen, pin=self.pin, room_nbytes=room)
+            else:
+                buffer = self.backing.acquire(nbytes, chosen, pin=self.pin)
         except BaseException:
             self._uncharge(cls, reserved)
             raise

@@ -126,3 +126,26 @@ def test_concurrent_acquire_and_release_keep_the_books(pool):
     assert stats.hits + stats.misses == 80
     assert stats.in_use_nbytes == 0
     assert stats.cached_nbytes == stats.misses * size_class(MiB) - stats.evictions * size_class(MiB)
+
+
+def test_a_miss_frees_cached_buffers_only_on_nodes_over_their_room(pool):
+    old = pool.acquire(1 * MiB, placement=0)
+    older = pool.acquire(2 * MiB, placement=0)
+    pool.release(older)
+    pool.release(old)
+    # Room on a node the cache does not use frees nothing.
+    pool.release(pool.acquire(3 * MiB, placement=0, room_nbytes={1: 0}))
+    assert pool.stats().evictions == 0
+    # 3 MiB of room on node 0 with 6 MiB cached: the least recently released go (2 MiB, then
+    # 1 MiB) until what is left fits; the most recent (3 MiB) stays.
+    kept = pool.acquire(4 * MiB, placement=0, room_nbytes={0: 3 * MiB})
+    assert pool.stats().cached_nbytes == 3 * MiB and older.freed and old.freed
+    pool.release(kept)
+
+
+def test_a_hit_never_frees_what_is_cached(pool):
+    buf = pool.acquire(1 * MiB, placement=0)
+    pool.release(buf)
+    pool.release(pool.acquire(2 * MiB, placement=0))
+    assert pool.acquire(1 * MiB, placement=0, room_nbytes={0: 0}) is buf
+    assert pool.stats().evictions == 0

@@ -429,3 +429,29 @@ def test_allocation_views_pass_the_offset_to_a_real_host_buffer():
         grads.tensor(torch.int32, (1,), offset_bytes=2)
     alloc.release(grads)
     alloc.close()
+
+
+def test_default_pool_keeps_memory_held_within_the_budget_when_sizes_change():
+    # A run whose saved tensors change size class every step would leave each step's buffers
+    # cached and unusable; in use plus cached must still stay within the budget.
+    alloc = TieredAllocator(topology(), {"dram": "16MiB"}, pin=False)
+    for step in range(6):
+        live = [alloc.allocate("activations", (3 + step) * MIB) for _ in range(2)]
+        assert alloc.backing.stats().held_nbytes <= 16 * MIB
+        for allocation in live:
+            alloc.release(allocation)
+    alloc.close()
+
+
+def test_default_pool_caches_a_whole_step_of_activations_beyond_a_fixed_cache():
+    # Steady state: the same requests every step are all hits after the first, however much
+    # of the budget they take (the pool's cache is sized by the budget, not a fixed 4 GiB).
+    alloc = TieredAllocator(topology(), {"dram": "24MiB"}, pin=False)
+    for _ in range(3):
+        live = [alloc.allocate("activations", 5 * MIB) for _ in range(4)]
+        for allocation in live:
+            alloc.release(allocation)
+    stats = alloc.backing.stats()
+    assert (stats.misses, stats.hits, stats.evictions) == (4, 8, 0)
+    assert alloc.backing.max_cached_nbytes == 24 * MIB
+    alloc.close()
