@@ -17,6 +17,28 @@ from optim_cpu import Bucket, CPUAdam, CPUAdamW
 from optim_cpu.state_alloc import StateAllocator
 
 
+def host_setting(key: str, value):
+    """A user's group setting as the host copy of the optimizer needs it.
+
+    The user's optimizer was built for device params: ``capturable=True`` (CUDA-graph safe
+    steps) is refused by torch for CPU params at the first step, and a tensor hyper-parameter
+    on the GPU cannot drive a CPU step, so the host copy steps non-capturable with plain floats.
+    :meth:`HostOptimizer.state_dict` hands the user's own values back.
+
+    >>> host_setting("capturable", True), host_setting("lr", torch.tensor(0.5))
+    (False, 0.5)
+    >>> host_setting("betas", (torch.tensor(0.9), 0.99))
+    (0.8999999761581421, 0.99)
+    """
+    if key == "capturable":
+        return False
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(host_setting(key, v) for v in value)
+    return value
+
+
 def native_class(optimizer: torch.optim.Optimizer) -> type | None:
     """optim_cpu's class computing exactly what ``optimizer`` computes, or None.
 
@@ -64,7 +86,7 @@ class HostOptimizer:
         self.user_optimizer = user_optimizer
         groups = []
         for user_group, masters in zip(user_optimizer.param_groups, master_groups, strict=True):
-            group = {k: v for k, v in user_group.items() if k != "params"}
+            group = {k: host_setting(k, v) for k, v in user_group.items() if k != "params"}
             group["params"] = list(masters)
             groups.append(group)
         native = native_class(user_optimizer)
@@ -84,7 +106,9 @@ class HostOptimizer:
         # Some defaults (AdamW's decoupled_weight_decay) are not constructor arguments; every
         # group carries them anyway.
         accepted = inspect.signature(cls.__init__).parameters
-        defaults = {k: v for k, v in user_optimizer.defaults.items() if k in accepted}
+        defaults = {
+            k: host_setting(k, v) for k, v in user_optimizer.defaults.items() if k in accepted
+        }
         try:
             return cls(groups, **defaults)
         except (TypeError, ValueError) as exc:
@@ -100,7 +124,7 @@ class HostOptimizer:
         ):
             for key, value in user_group.items():
                 if key != "params":
-                    group[key] = value
+                    group[key] = host_setting(key, value)
 
     def step_params(
         self,
@@ -135,6 +159,11 @@ class HostOptimizer:
         so that nothing handed out points into host blocks that may be freed."""
         with self._lock:
             state = self.inner.state_dict()
+        # The user's own settings (capturable, tensor lr) go back, not the host copy's.
+        for saved, user_group in zip(
+            state["param_groups"], self.user_optimizer.param_groups, strict=True
+        ):
+            saved.update({k: v for k, v in user_group.items() if k != "params"})
         state["state"] = {
             index: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
             for index, s in state["state"].items()
