@@ -34,6 +34,11 @@ class PartialStepWarning(RuntimeWarning):
     """A step was abandoned after some buckets had been stepped early (backward failed)."""
 
 
+class ForwardBeforeStepWarning(RuntimeWarning):
+    """A forward ran after backward() and before optimizer.step() while buckets were stepped
+    early: it read updated params where plain torch would read the old ones."""
+
+
 def clip_by_global_norm(
     grads: list[torch.Tensor],
     max_norm: float,
@@ -136,6 +141,7 @@ class OptimizerOffload:
         self.host_step_ms = 0.0
         # Steps abandoned after part of the model was already updated (see zero_grad).
         self.partial_steps = 0
+        self._warned_forward_before_step = False
         # Params the user's loop clipped this window (torch.nn.utils.clip_grad_norm_, routed).
         self._clipped_ids: set[int] = set()
         self._state_blocks: list[HostBlock] = []
@@ -415,6 +421,35 @@ class OptimizerOffload:
         # Params stepped early may still be on their way back: the next forward reads them.
         self._wait_for_copy_backs()
         self._reset_window()
+
+    def before_forward(self) -> None:
+        """Called before each forward of the model: a forward between backward() and
+        ``optimizer.step()`` (an evaluation, a logging pass) must not read params half copied
+        back. The buckets stepped early are finished and the compute stream waits for their
+        copies back; the forward then reads their updated values, unlike plain torch, which a
+        :class:`ForwardBeforeStepWarning` says once (``overlap_step=False`` keeps the old
+        values until the step). With nothing stepped early this costs one scan of the buckets.
+        """
+        early = [bucket for bucket in self.buckets if bucket.stepped]
+        if not early:
+            return
+        # The worker queues a bucket's copies back only once it has stepped it.
+        for bucket in early:
+            self._wait_for(bucket)
+        self._wait_for_copy_backs()
+        if not self._warned_forward_before_step:
+            self._warned_forward_before_step = True
+            updated = sum(1 for b in early for s in b.slots if s.arrivals > 0)
+            warnings.warn(
+                f"a forward ran after backward() and before optimizer.step(), when {updated} "
+                "parameters had already been stepped while backward ran: it reads their updated "
+                "values (plain torch would read the old ones until optimizer.step()). Call it "
+                "after optimizer.step(), or pass overlap_step=False to offload.enable() to step "
+                "only at optimizer.step(); if it starts the next micro-batch of gradient "
+                "accumulation, pass grad_accumulation_steps=N instead",
+                ForwardBeforeStepWarning,
+                stacklevel=2,
+            )
 
     def _wait_for_copy_backs(self) -> None:
         """Make the compute stream wait for the params' copies back. The host goes on, so those

@@ -145,6 +145,9 @@ class OffloadSession:
                 on_step_start=self._clock.step_started,
             )
             self._clip = ClipPatch(self._optimizer)
+            self._hooks.append(
+                self.model.register_forward_pre_hook(lambda *_: self._optimizer.before_forward())
+            )
         if self.streams.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.streams.device)
 
