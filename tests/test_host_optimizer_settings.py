@@ -8,7 +8,7 @@ import torch
 
 import offload
 from allocators.sysfs_topology import discover
-from offload.tiny_finetune import tiny_llama
+from offload.tiny_finetune import tiny_llama, train_steps
 
 pytest.importorskip("transformers")
 
@@ -18,22 +18,11 @@ def _batches(n: int) -> list[torch.Tensor]:
     return [torch.randint(0, 128, (2, 16), generator=gen) for _ in range(n)]
 
 
-def _train(model, optimizer, data) -> list[float]:
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_a_capturable_optimizer_with_a_tensor_lr_trains_on_the_host_and_is_given_back():
     data = _batches(4)
     reference = tiny_llama(0, hidden=64, layers=2, vocab=128)
     # What the user's optimizer computes, stepped where torch allows it (CPU: not capturable).
-    expected = _train(
+    expected = train_steps(
         reference, torch.optim.Adam(reference.parameters(), lr=1e-3, amsgrad=True), data
     )
 
@@ -45,7 +34,7 @@ def test_a_capturable_optimizer_with_a_tensor_lr_trains_on_the_host_and_is_given
     )
     sess = offload.enable(model, user, topology=discover(), budgets={"dram": "1GiB"})
     try:
-        losses = _train(model, user, data)
+        losses = train_steps(model, user, data)
     finally:
         sess.disable()
     assert losses == pytest.approx(expected, rel=1e-6, abs=1e-7)
