@@ -5,9 +5,12 @@ the groups a policy places (sizes in bytes, priority order). Sizes only: no plac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from allocators.errors import ConfigError
+
+if TYPE_CHECKING:
+    from allocators.activation_bytes import ActivationEstimate
 
 TensorClass = Literal[
     "optimizer_state",
@@ -65,9 +68,16 @@ def _positive_int(value: object, what: str) -> int:
 
 
 def _params_and_checkpoints(
-    n_params: int, batch: int, seq: int, hidden: int, layers: int, optimizer: str
+    n_params: int,
+    batch: int,
+    seq: int,
+    hidden: int,
+    layers: int,
+    optimizer: str,
+    activations: ActivationEstimate | None = None,
 ) -> tuple[int, TensorGroup]:
-    """The checked parameter count, and the group of one bf16 [b, s, h] checkpoint per layer."""
+    """The checked parameter count, and the activations group: ``activations``' host bytes when
+    given, else the paper's one bf16 [b, s, h] checkpoint per layer."""
     p = _positive_int(n_params, "n_params")
     b = _positive_int(batch, "batch")
     s = _positive_int(seq, "seq")
@@ -77,13 +87,19 @@ def _params_and_checkpoints(
         raise ConfigError(
             f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
         )
-    nbytes = 2 * b * s * h * n_layers
+    if activations is None:
+        nbytes = 2 * b * s * h * n_layers
+        parts: tuple[tuple[str, int], ...] = (("layer-input checkpoints (bf16)", nbytes),)
+    else:
+        nbytes = activations.host_nbytes
+        parts = tuple((f"{name} ({activations.mode})", n) for name, n in activations.parts)
+    # The paper's name for the group, whatever the mode fills it with: policies rank by it.
     checkpoints = TensorGroup(
         name="activation_checkpoints",
         tensor_classes=("activations",),
         nbytes=nbytes,
         cpu_touched=False,
-        parts=(("layer-input checkpoints (bf16)", nbytes),),
+        parts=parts,
     )
     return p, checkpoints
 
@@ -156,6 +172,7 @@ def runtime_tensor_groups(
     grad_nbytes_per_param: int = 2,
     grad_staging: bool = False,
     optimizer_offload: bool = True,
+    activations: ActivationEstimate | None = None,
 ) -> tuple[TensorGroup, ...]:
     """The host groups offload.enable() really allocates, in the paper's priority order.
 
@@ -163,7 +180,9 @@ def runtime_tensor_groups(
     gradients in the dtype they land in), no host copy of the compute weights (the updated
     half-precision params are written over their own gradients) and, without gradient
     accumulation, no staging buffer: 1. ``latency_critical``: optimizer state and fp32 masters
-    (Adam 12P, Lion 8P); 2. ``activation_checkpoints``: 2bshL; 3. ``compute_grads``: the
+    (Adam 12P, Lion 8P); 2. ``activation_checkpoints``: the host bytes of ``activations``
+    (allocators.activation_bytes.estimate_activations, for the run's activation mode), else
+    the paper's layer inputs, 2bshL; 3. ``compute_grads``: the
     gradients as they land (``grad_nbytes_per_param`` x P), twice that with ``grad_staging``
     (later micro-steps land in a second buffer, class ``master_grads``, before being summed).
     The group also names class ``params``: the updated half-precision params live in it.
@@ -172,11 +191,15 @@ def runtime_tensor_groups(
     [('latency_critical', 12000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
     >>> [g.name for g in runtime_tensor_groups(1000, 1, 8, 4, 2, optimizer_offload=False)]
     ['activation_checkpoints']
+    >>> from allocators.activation_bytes import DecoderDims, estimate_activations
+    >>> est = estimate_activations(DecoderDims(2, 4, 8, 2, 1, 2, 16), batch=1, seq=8, min_nbytes=0)
+    >>> runtime_tensor_groups(1000, 1, 8, 4, 2, activations=est)[1].nbytes == est.host_nbytes
+    True
     """
-    p, activations = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer)
+    p, saved = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer, activations)
     g = _positive_int(grad_nbytes_per_param, "grad_nbytes_per_param")
     if not optimizer_offload:
-        return (activations,)
+        return (saved,)
     state_nbytes = _STATE_NBYTES_PER_PARAM[optimizer] * p
     critical_parts = ((f"{optimizer} state (fp32)", state_nbytes), ("master weights (fp32)", 4 * p))
     grad_parts = ((f"gradients as they land ({g} B/param)", g * p),)
@@ -191,7 +214,7 @@ def runtime_tensor_groups(
             cpu_touched=True,
             parts=critical_parts,
         ),
-        activations,
+        saved,
         TensorGroup(
             name="compute_grads",
             tensor_classes=grad_classes,

@@ -100,6 +100,14 @@ def enable(
         optimizer=_optimizer_kind(optimizer),
         grad_staging=settings.grad_accumulation_steps > 1,
         optimizer_offload=settings.optimizer_offload and optimizer is not None,
+        # Without a stack of layers to checkpoint, "checkpoint" offloads every saved tensor.
+        activations=(
+            "saved_tensors"
+            if settings.activations == "checkpoint" and layers is None
+            else settings.activations
+        ),
+        activation_min_nbytes=settings.activation_min_nbytes,
+        loss_chunk_tokens=settings.loss_chunk_tokens,
     )
     _check_nodes_exist(placements, topology)
     memory = HostMemory(topology, tier_budgets, placements)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
+from allocators.activation_bytes import DEFAULT_MIN_NBYTES, ActivationMode, DecoderDims
 from allocators.errors import ConfigError
 from allocators.placement import Placement
 from allocators.tensor_classes import OptimizerName
@@ -126,8 +127,9 @@ def plan_run(
 ) -> RunPlan:
     """Plan host memory with the ``planned`` policy for ``n_params`` of ``shape`` at ``batch`` x ``seq``.
 
-    The groups are those this runtime allocates for ``layout``, and the step is the one it runs
-    (offload.runtime_step, for ``layout``'s optimizer and gradient dtype).
+    The groups are those this runtime allocates for ``layout`` (activations sized for its mode
+    from ``shape``), and the step is the one it runs (offload.runtime_step, for ``layout``'s
+    optimizer and gradient dtype).
     Raises BudgetExceededError when the groups do not fit the budgets.
 
     >>> from allocators.declared_topology import load_declared
@@ -139,7 +141,9 @@ def plan_run(
     ('planned', 'activation_checkpoints', True)
     """
     rates = load_rates(topology, profile)
-    groups = layout.groups(n_params, batch, seq, shape.hidden, shape.layers)
+    groups = layout.groups(
+        n_params, batch, seq, shape.hidden, shape.layers, dims=DecoderDims.of(shape)
+    )
     config = runtime_step(
         param_nbytes=4 if layout.grad_nbytes_per_param == 4 else 2, optimizer=layout.optimizer
     )
@@ -170,6 +174,9 @@ def run_placements(
     optimizer: OptimizerName = "adam",
     grad_staging: bool = False,
     optimizer_offload: bool = True,
+    activations: ActivationMode = "saved_tensors",
+    activation_min_nbytes: int = DEFAULT_MIN_NBYTES,
+    loss_chunk_tokens: int | None = None,
 ) -> tuple[dict, RunPlan | None]:
     """Placement per tensor class for ``model`` under ``policy``, and the plan behind it.
 
@@ -179,7 +186,9 @@ def run_placements(
     places it instead, with a warning that says why, and the plan is None. The sizes are those
     this runtime allocates: gradients in the params' dtype, a staging copy with accumulation
     (``grad_staging``), optimizer state for ``optimizer``; nothing but activations when
-    ``optimizer_offload`` is off.
+    ``optimizer_offload`` is off; the activations ``activations`` mode offloads (saves of at
+    least ``activation_min_nbytes``, the loss in chunks of ``loss_chunk_tokens``), sized from
+    the model's transformers config (without one: one layer input per layer).
 
     >>> import warnings
     >>> from allocators.declared_topology import load_declared
@@ -198,11 +207,15 @@ def run_placements(
         grad_nbytes_per_param=max((p.element_size() for p in trainable), default=4),
         grad_staging=grad_staging,
         optimizer_offload=optimizer_offload,
+        activations=activations,
+        activation_min_nbytes=activation_min_nbytes,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
+    shape, reason = model_shape(model)
+    dims = None if shape is None else DecoderDims.of(shape)
     sizes = {"n_params": n_params, "hidden": hidden, "layers": layers, "tokens": tokens}
     if policy != "planned":
-        return plan_placements(topology, policy, budgets, **sizes, layout=layout), None
-    shape, reason = model_shape(model)
+        return plan_placements(topology, policy, budgets, **sizes, layout=layout, dims=dims), None
     if shape is None:
         warnings.warn(
             f"policy='planned' needs the model's shape to predict the step, but {reason}; "
