@@ -56,6 +56,17 @@ def register(subparsers) -> None:
         "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="with --model: params"
     )
     parser.add_argument(
+        "--activations",
+        choices=("saved_tensors", "checkpoint", "off"),
+        default="saved_tensors",
+        help="with --model: what enable() offloads (default, as enable(): every saved tensor)",
+    )
+    parser.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        help="with --model: the loss in chunks of this many tokens (no fp32 log-probs on the host)",
+    )
+    parser.add_argument(
         "--grad-accumulation",
         action="store_true",
         help="with --model: more than one backward per step (a staging buffer for gradients)",
@@ -88,13 +99,17 @@ def _model_check(args: argparse.Namespace, budgets: dict[str, int | str]) -> Che
     from offload.host_memory import HostLayout
     from offload.model_shapes import load_model_shape
 
-    for name in ("seq", "batch"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} {getattr(args, name)} must be at least 1, e.g. --{name} 1")
+    for name in ("seq", "batch", "loss_chunk_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value} must be at least 1, e.g. {flag} 1")
     layout = HostLayout(
         optimizer=args.optimizer,
         grad_nbytes_per_param=4 if args.dtype == "fp32" else 2,
         grad_staging=args.grad_accumulation,
+        activations=args.activations,
+        loss_chunk_tokens=args.loss_chunk_tokens,
     )
     work = ModelWorkload(
         load_model_shape(args.model), seq=args.seq, batch=args.batch, layout=layout

@@ -5,8 +5,9 @@ allocated or timed here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from allocators.activation_bytes import ACTIVATION_MODES, DecoderDims
 from allocators.topology import Topology
 from allocators.units import format_bytes
 from offload.doctor import CheckResult
@@ -20,7 +21,8 @@ HEADROOM_NBYTES = 8 << 30
 
 @dataclass(frozen=True)
 class ModelWorkload:
-    """The training run to size: model shape, sequence, batch and what it keeps on the host."""
+    """The training run to size: model shape, sequence, batch and what it keeps on the host
+    (``layout``: by default offload.enable()'s, activations="saved_tensors")."""
 
     shape: ModelShape
     seq: int
@@ -33,25 +35,55 @@ def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
 
     >>> from offload.model_shapes import MODELS
     >>> need = host_need_nbytes(ModelWorkload(MODELS["qwen2.5-7b"], seq=32768))
-    >>> round(sum(need.values()) / 2**30)
-    105
+    >>> round(sum(need.values()) / 2**30), round(need["activation_checkpoints"] / 2**30)
+    (348, 249)
     """
     shape = work.shape
-    groups = work.layout.groups(shape.n_params, work.batch, work.seq, shape.hidden, shape.layers)
+    groups = work.layout.groups(
+        shape.n_params,
+        work.batch,
+        work.seq,
+        shape.hidden,
+        shape.layers,
+        dims=DecoderDims.of(shape),
+    )
     return {g.name: g.nbytes for g in groups}
+
+
+def activation_needs_nbytes(work: ModelWorkload) -> dict[str, int]:
+    """Host bytes of ``work``'s activations in each mode offload.enable() offers, the rest of
+    its layout unchanged: what switching ``activations`` would save.
+
+    >>> from offload.model_shapes import MODELS
+    >>> needs = activation_needs_nbytes(ModelWorkload(MODELS["llama-1.1b"], seq=4096))
+    >>> needs["off"], needs["saved_tensors"] > 10 * needs["checkpoint"]
+    (0, True)
+    """
+    dims = DecoderDims.of(work.shape)
+    return {
+        mode: replace(work.layout, activations=mode)
+        .activation_estimate(dims, work.batch, work.seq)
+        .host_nbytes
+        for mode in ACTIVATION_MODES
+    }
 
 
 def check_model_fits(
     topo: Topology, work: ModelWorkload, budget_nbytes: int | None = None
 ) -> CheckResult:
     """Fail when the host memory the run needs is more than its budgets (when given) or than
-    the CPU and CXL nodes have free; warn when less than 8 GiB would be left over.
+    the CPU and CXL nodes have free; warn when less than 8 GiB would be left over. The finding
+    also gives the run's total in the other activation modes.
 
     >>> from allocators.topology import NumaNode
     >>> from offload.model_shapes import MODELS
     >>> node = NumaNode(0, "dram", (0,), 125 << 30, 110 << 30)
     >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
-    >>> check_model_fits(topo, ModelWorkload(MODELS["qwen2.5-7b"], seq=32768)).status
+    >>> qwen = ModelWorkload(MODELS["qwen2.5-7b"], seq=32768)
+    >>> check_model_fits(topo, qwen).status
+    'fail'
+    >>> lean = HostLayout(activations="checkpoint", loss_chunk_tokens=4096)
+    >>> check_model_fits(topo, replace(qwen, layout=lean)).status
     'warn'
     >>> check_model_fits(topo, ModelWorkload(MODELS["mistral-nemo-12b"], seq=4096)).status
     'fail'
@@ -60,15 +92,18 @@ def check_model_fits(
     total = sum(need.values())
     free = sum(node.free_bytes for node in topo.nodes)
     parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in need.items())
+    mode = work.layout.activations
     finding = (
-        f"{work.shape.name} at {work.batch} x {work.seq} tokens needs {format_bytes(total)} of "
-        f"host memory ({parts}); free here: {format_bytes(free)}"
+        f"{work.shape.name} at {work.batch} x {work.seq} tokens with activations={mode!r} "
+        f"needs {format_bytes(total)} of host memory ({parts}); free here: "
+        f"{format_bytes(free)}; {_other_modes(work, total)}"
     )
     if budget_nbytes is not None:
         finding += f"; budgets: {format_bytes(budget_nbytes)}"
     fix = (
         "shorten the sequence or batch, add memory (a CXL card), or train fewer parameters "
-        "(e.g. LoRA); activations='checkpoint' keeps only layer inputs on the host"
+        "(e.g. LoRA); activations='checkpoint' keeps only layer inputs on the host, and "
+        "loss_chunk_tokens keeps the loss's fp32 log-probs off it"
     )
     if budget_nbytes is not None and total > budget_nbytes:
         return CheckResult("model fits", "fail", finding, "raise the budgets, or " + fix)
@@ -83,3 +118,14 @@ def check_model_fits(
             "staging and the page cache; stop other jobs or " + fix,
         )
     return CheckResult("model fits", "ok", finding)
+
+
+def _other_modes(work: ModelWorkload, total: int) -> str:
+    """E.g. "activations='checkpoint' needs 20.1 GiB": the run's total in the other modes."""
+    needs = activation_needs_nbytes(work)
+    own = needs[work.layout.activations]
+    return "; ".join(
+        f"activations={mode!r} needs {format_bytes(total - own + nbytes)}"
+        for mode, nbytes in needs.items()
+        if mode != work.layout.activations
+    )

@@ -209,21 +209,35 @@ def test_a_malformed_budget_flag_says_what_to_write(quiet_machine, capsys):
     assert "--budget dram=64GiB" in capsys.readouterr().err
 
 
+def _model_fits(capsys, fixture: str, *flags: str) -> tuple[int, dict]:
+    root = str(FIXTURES / fixture)
+    code = doctor_cli(
+        "--sysfs-root", root, "--model", "llama-1.1b", "--seq", "8192", "--json", *flags
+    )
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    return code, {c["check"]: c for c in checks}["model fits"]
+
+
 def test_model_check_sizes_what_offload_enable_allocates(quiet_machine, capsys):
-    """A 1.1B model at 8K needs about 15 GiB on the host: fits a two-socket server, not the
-    captured CI machine (4 GiB free when it was captured)."""
-
-    def model_fits(fixture: str) -> tuple[int, dict]:
-        root = str(FIXTURES / fixture)
-        code = doctor_cli("--sysfs-root", root, "--model", "llama-1.1b", "--seq", "8192", "--json")
-        checks = json.loads(capsys.readouterr().out)["checks"]
-        return code, {c["check"]: c for c in checks}["model fits"]
-
-    code, fits = model_fits("two-socket")
+    """A 1.1B model at 8K with enable()'s default activations (every saved tensor of 1 MiB or
+    more) needs about 33 GiB on the host: fits a two-socket server, not the captured CI machine
+    (4 GiB free when it was captured)."""
+    code, fits = _model_fits(capsys, "two-socket")
     assert code == 0 and fits["status"] == "ok"
-    assert "needs 15" in fits["finding"] and "latency_critical" in fits["finding"]
-    code, fits = model_fits("this-machine")
+    assert "activations='saved_tensors' needs 32.89 GiB" in fits["finding"]
+    assert "latency_critical" in fits["finding"]
+    code, fits = _model_fits(capsys, "this-machine")
     assert code == 1 and fits["status"] == "fail" and "shorten the sequence" in fits["fix"]
+
+
+def test_model_check_says_what_each_activation_mode_needs(quiet_machine, capsys):
+    _, saved = _model_fits(capsys, "two-socket")
+    assert "activations='checkpoint' needs 16.16 GiB" in saved["finding"]
+    _, checkpoint = _model_fits(capsys, "two-socket", "--activations", "checkpoint")
+    assert "with activations='checkpoint' needs 16.16 GiB" in checkpoint["finding"]
+    assert "activations='saved_tensors' needs 32.89 GiB" in checkpoint["finding"]
+    _, chunked = _model_fits(capsys, "two-socket", "--loss-chunk-tokens", "4096")
+    assert "with activations='saved_tensors' needs 31.89 GiB" in chunked["finding"]
 
 
 def test_model_check_against_budgets_and_bad_input(quiet_machine, capsys):
@@ -235,4 +249,6 @@ def test_model_check_against_budgets_and_bad_input(quiet_machine, capsys):
     assert result.status == "fail" and result.fix.startswith("raise the budgets")
     assert doctor_cli("--model", "llama-1.1b", "--seq", "0") == 2
     assert "--seq 0 must be at least 1" in capsys.readouterr().err
+    assert doctor_cli("--model", "llama-1.1b", "--loss-chunk-tokens", "0") == 2
+    assert "--loss-chunk-tokens 0 must be at least 1" in capsys.readouterr().err
     assert doctor_cli("--model", "no-such-model") == 2
