@@ -18,6 +18,7 @@ from allocators.errors import ConfigError
 from allocators.placement import Placement
 from allocators.tensor_classes import OptimizerName
 from allocators.topology import Topology
+from offload.config import OffloadConfig
 from offload.host_memory import DEFAULT_LAYOUT, HostLayout, plan_placements
 from offload.model_shapes import ModelShape, ModelShapeError, shape_from_config
 from offload.planner import Plan, plan, predicted_phases
@@ -144,8 +145,15 @@ def plan_run(
     groups = layout.groups(
         n_params, batch, seq, shape.hidden, shape.layers, dims=DecoderDims.of(shape)
     )
+    settings = OffloadConfig(
+        activations=layout.activations,
+        activation_min_nbytes=layout.activation_min_nbytes,
+        loss_chunk_tokens=layout.loss_chunk_tokens,
+    )
     config = runtime_step(
-        param_nbytes=4 if layout.grad_nbytes_per_param == 4 else 2, optimizer=layout.optimizer
+        settings,
+        param_nbytes=4 if layout.grad_nbytes_per_param == 4 else 2,
+        optimizer=layout.optimizer,
     )
     chosen = plan(
         groups,

@@ -11,14 +11,15 @@ in their own dtype and the CPU optimizer reads them there (no fp32 master gradie
 buckets are stepped during backward unless ``overlap_step`` is off or ``max_grad_norm`` needs
 every gradient first, the loss's fp32 log-probs leave with the activations unless
 ``loss_chunk_tokens`` chunks the loss, and saved tensors under ``activation_min_nbytes`` stay on
-the device. The simulator counts activations as one [b, s, h] layer input per layer, recomputed
-in backward: ``activations="checkpoint"`` (the paper's mode), or ``"off"``. ``"saved_tensors"``
-(enable()'s default) also offloads each layer's inner tensors unless the model checkpoints its
-own layers, and those bytes are not modelled, so it is refused rather than under-counted.
+the device. The activations simulated are those the hooks move in the run's mode
+(allocators.activation_bytes): ``"checkpoint"`` (the paper's mode: layer inputs, the layers
+recomputed in backward), ``"saved_tensors"`` (enable()'s default: every saved tensor, nothing
+recomputed) or ``"off"``.
 """
 
 from __future__ import annotations
 
+from allocators.activation_bytes import DecoderDims
 from allocators.tensor_classes import TensorGroup, host_tensor_groups
 from offload.config import OffloadConfig
 from offload.host_memory import HostLayout
@@ -26,8 +27,8 @@ from offload.model_shapes import ModelShape
 from offload.simulate import SimulationError, StepConfig
 from offload.simulator_compute import GpuModel
 
-# The activation modes whose traffic the simulator counts.
-SIMULATED_ACTIVATIONS = ("checkpoint", "off")
+# The activation modes whose traffic the simulator counts: all of enable()'s.
+SIMULATED_ACTIVATIONS = ("checkpoint", "saved_tensors", "off")
 
 
 def runtime_step(
@@ -49,19 +50,10 @@ def runtime_step(
     (False, False, True, True)
     >>> runtime_step(OffloadConfig(activations="checkpoint", max_grad_norm=1.0)).overlap_step
     False
-    >>> runtime_step(OffloadConfig())  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    offload.simulate.SimulationError: activations = 'saved_tensors' is not simulated: ...
+    >>> runtime_step(OffloadConfig()).recompute
+    False
     """
     settings = settings or OffloadConfig(activations="checkpoint")
-    if settings.activations not in SIMULATED_ACTIVATIONS:
-        raise SimulationError(
-            f"activations = {settings.activations!r} is not simulated: it offloads every saved "
-            "tensor of a layer, and the simulator counts one layer input per layer. Simulate "
-            "activations='checkpoint' (what enable() offloads for a model that checkpoints its "
-            "layers) or 'off'"
-        )
     if not settings.optimizer_offload:
         raise SimulationError(
             "optimizer_offload = False is not simulated: the simulator models the CPU "
@@ -77,8 +69,9 @@ def runtime_step(
         overlap_step=settings.overlap_step and settings.max_grad_norm is None,
         param_nbytes=param_nbytes,
         fp32_master_grads=False,
-        head_activations=offloaded and settings.loss_chunk_tokens is None,
+        activation_mode=settings.activations,
         activation_min_nbytes=settings.activation_min_nbytes,
+        loss_chunk_tokens=settings.loss_chunk_tokens,
         gpu=gpu or GpuModel(),
     )
 
@@ -92,8 +85,8 @@ def host_groups(
 ) -> tuple[TensorGroup, ...]:
     """The host tensor groups of a runtime that runs ``step``, for ``shape`` at ``batch`` x
     ``seq``: with fp32 master gradients, DeepSpeed's (the paper's four, bf16 weights included);
-    without, ours (offload.host_memory.HostLayout: optimizer data, checkpoints, gradients as
-    they land; no host copy of the weights).
+    without, ours (offload.host_memory.HostLayout: optimizer data, the activations of the
+    step's mode, gradients as they land; no host copy of the weights).
 
     >>> from offload.model_shapes import MODELS
     >>> from offload.simulate import DEEPSPEED_ZERO3
@@ -108,5 +101,13 @@ def host_groups(
     sizes = (shape.n_params, batch, seq, shape.hidden, shape.layers)
     if step.fp32_master_grads:
         return host_tensor_groups(*sizes, optimizer)
-    layout = HostLayout(optimizer=optimizer, grad_nbytes_per_param=step.param_nbytes)
-    return layout.groups(*sizes)
+    layout = HostLayout(
+        optimizer=optimizer,
+        grad_nbytes_per_param=step.param_nbytes,
+        activations=step.activation_mode or "checkpoint",
+        activation_min_nbytes=step.activation_min_nbytes,
+        loss_chunk_tokens=step.loss_chunk_tokens,
+    )
+    # A step without our mode counts the paper's layer inputs: size the group the same way.
+    dims = None if step.activation_mode is None else DecoderDims.of(shape)
+    return layout.groups(*sizes, dims=dims)

@@ -10,7 +10,7 @@ parameter fetch that cannot overlap. Traffic per tensor class and phase:
 | class | forward | backward | step |
 |---|---|---|---|
 | params (bf16, 2P) | H2D 2P (ZeRO-3) | H2D 2P (ZeRO-3) | CPU writes 2P; H2D 2P (ZeRO-2) |
-| activations (2bshL) | D2H | H2D | |
+| activations (2bshL; ours: what its hooks save) | D2H | H2D | |
 | grads (bf16, 2P) | | D2H 2P, CPU reads 2P | |
 | master_grads (fp32, 4P) | | CPU writes 4P | CPU reads 4P |
 | master_params (fp32, 4P) | | | CPU reads and writes 4P |
@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from allocators.activation_bytes import DecoderDims, estimate_activations
 from allocators.errors import OffloadError
 from allocators.placement import Placement
 from offload.model_shapes import ModelShape
@@ -67,8 +68,10 @@ class StepConfig:
     - ``param_nbytes``: bytes per element of the model's params, grads and activations (2: bf16).
     - ``fp32_master_grads``: backward copies gradients into fp32 master gradients on the host
       (DeepSpeed); False: the optimizer reads them as they landed (our runtime).
-    - ``head_activations``: the loss's fp32 log-probabilities (4 b s V bytes) are offloaded too,
-      twice (our runtime's saved-tensor hooks: log_softmax and nll_loss each save that tensor).
+    - ``activation_mode``: None counts the paper's activations, one [b, s, h] layer input per
+      layer; our runtime's mode (``"checkpoint"``, ``"saved_tensors"``) counts every tensor its
+      saved-tensor hooks move in that mode (allocators.activation_bytes: with the loss's fp32
+      log-probs, stored once, unless ``loss_chunk_tokens`` chunks the loss).
     - ``activation_min_nbytes``: saved tensors smaller than this stay on the device (our
       runtime's setting of that name); 0 offloads every one.
 
@@ -85,8 +88,9 @@ class StepConfig:
     gpu: GpuModel = field(default_factory=GpuModel)
     param_nbytes: int = 2
     fp32_master_grads: bool = True
-    head_activations: bool = False
+    activation_mode: str | None = None
     activation_min_nbytes: int = 0
+    loss_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in _STATE_NBYTES_PER_PARAM:
@@ -130,12 +134,18 @@ class StepPrediction:
 
 
 def _activation_nbytes(shape: ModelShape, batch: int, seq: int, config: StepConfig) -> int:
+    if config.activation_mode is not None:
+        return estimate_activations(
+            DecoderDims.of(shape),
+            batch=batch,
+            seq=seq,
+            mode=config.activation_mode,  # type: ignore[arg-type]
+            dtype_nbytes=config.param_nbytes,
+            min_nbytes=config.activation_min_nbytes,
+            loss_chunk_tokens=config.loss_chunk_tokens,
+        ).moved_nbytes
     checkpoint = config.param_nbytes * batch * seq * shape.hidden
-    total = shape.layers * checkpoint if checkpoint >= config.activation_min_nbytes else 0
-    log_probs = 4 * batch * seq * shape.vocab
-    if config.head_activations and log_probs >= config.activation_min_nbytes:
-        total += 2 * log_probs
-    return total
+    return shape.layers * checkpoint if checkpoint >= config.activation_min_nbytes else 0
 
 
 def phase_traffic(

@@ -5,12 +5,13 @@ from dataclasses import replace
 
 import pytest
 
+from allocators.activation_bytes import DecoderDims, estimate_activations
 from allocators.declared_topology import load_declared
 from allocators.placement import as_placement, interleave
 from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import NodeRates, NumaNode
 from offload.config import OffloadConfig
-from offload.host_memory import DEFAULT_LAYOUT
+from offload.host_memory import HostLayout
 from offload.model_shapes import MODELS
 from offload.runtime_step import OUR_RUNTIME, host_groups, runtime_step
 from offload.simulate import DEEPSPEED_ZERO3, SimulationError, StepConfig, simulate_step
@@ -132,14 +133,19 @@ def test_our_runtime_is_enables_defaults_in_the_papers_activation_mode():
     assert OUR_RUNTIME == runtime_step(defaults.replace(activations="checkpoint"))
     assert OUR_RUNTIME.overlap_step is defaults.overlap_step
     assert OUR_RUNTIME.activation_min_nbytes == defaults.activation_min_nbytes
-    assert OUR_RUNTIME.head_activations is (defaults.loss_chunk_tokens is None)
+    assert OUR_RUNTIME.activation_mode == "checkpoint"
+    assert OUR_RUNTIME.loss_chunk_tokens == defaults.loss_chunk_tokens
     assert OUR_RUNTIME.recompute and OUR_RUNTIME.offload_activations
     assert OUR_RUNTIME.param_nbytes == 2
 
 
-def test_enables_default_activation_mode_is_refused_rather_than_under_counted():
-    with pytest.raises(SimulationError, match="saved_tensors"):
-        runtime_step(OffloadConfig())
+def test_enables_default_activation_mode_moves_every_saved_tensor_and_recomputes_nothing():
+    step = runtime_step(OffloadConfig())
+    assert step.activation_mode == "saved_tensors" and not step.recompute
+    shape = MODELS["llama-1.1b"]
+    saved = estimate_activations(DecoderDims.of(shape), batch=1, seq=4096).moved_nbytes
+    assert _step_bytes(step, "d2h", "forward") == pytest.approx(saved / shape.n_params)
+    assert _step_bytes(step, "d2h", "forward") > 10 * _step_bytes(OUR_RUNTIME, "d2h", "forward")
 
 
 @pytest.mark.parametrize(
@@ -147,7 +153,8 @@ def test_enables_default_activation_mode_is_refused_rather_than_under_counted():
     [
         ({"overlap_step": False}, "overlap_step", False),
         ({"max_grad_norm": 1.0}, "overlap_step", False),
-        ({"loss_chunk_tokens": 512}, "head_activations", False),
+        ({"loss_chunk_tokens": 512}, "loss_chunk_tokens", 512),
+        ({"activations": "saved_tensors"}, "activation_mode", "saved_tensors"),
         ({"activation_min_nbytes": 0}, "activation_min_nbytes", 0),
         ({"activations": "off"}, "offload_activations", False),
     ],
@@ -160,7 +167,9 @@ def test_the_runtime_step_follows_each_setting_it_depends_on(settings, field, va
 def test_our_runtime_is_planned_over_the_host_groups_enable_allocates():
     shape = MODELS["qwen2.5-7b"]
     groups = host_groups(OUR_RUNTIME, shape, 1, 4096)
-    assert groups == DEFAULT_LAYOUT.groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
+    layout = HostLayout(activations="checkpoint")
+    sizes = (shape.n_params, 1, 4096, shape.hidden, shape.layers)
+    assert groups == layout.groups(*sizes, dims=DecoderDims.of(shape))
     assert "compute_params" not in {g.name for g in groups}
 
 
@@ -226,13 +235,16 @@ def test_an_fp32_model_copies_its_master_back_and_a_bf16_model_its_half_copy():
     assert _step_bytes(bf16, "h2d", "step_dma") == 2
 
 
-def test_the_loss_log_probs_go_out_twice_and_small_checkpoints_stay():
+def test_the_loss_log_probs_go_out_once_unless_chunked_and_small_checkpoints_stay():
+    # log_softmax and nll_loss save the same tensor; the runtime copies it to the host once.
+    # Chunked, the loss saves its chunks of hidden states instead: as many bytes as lm_head's.
     shape = MODELS["llama-1.1b"]
     checkpoints = 2 * 4096 * shape.hidden * shape.layers / shape.n_params
     plain = StepConfig()
-    with_head = StepConfig(head_activations=True)
-    assert _step_bytes(with_head, "d2h", "forward") - _step_bytes(plain, "d2h", "forward") == (
-        pytest.approx(2 * 4 * 4096 * shape.vocab / shape.n_params)
+    ours = StepConfig(activation_mode="checkpoint", activation_min_nbytes=1 << 20)
+    chunked = replace(ours, loss_chunk_tokens=4096)
+    assert _step_bytes(ours, "d2h", "forward") - _step_bytes(chunked, "d2h", "forward") == (
+        pytest.approx(4 * 4096 * shape.vocab / shape.n_params)
     )
     assert _step_bytes(plain, "d2h", "forward") == pytest.approx(checkpoints)
     too_small = StepConfig(activation_min_nbytes=2 * 4096 * shape.hidden + 1)
