@@ -4,9 +4,10 @@ must not look at a model object, allocate or time anything.
 
 What the saved-tensor hooks see, per token (b x s of them), at compute dtype bytes ``e``: each
 RMSNorm saves its fp32 upcast input (4h), its fp32 rsqrt (4) and the normalised value cast back
-(e h); each of the q/k/v and gate/up projections saves the norm output it reads (e h: a fresh
-view per projection, which the runtime does not see as shared); rotary saves cos and sin
-(e d each, per position); SDPA saves q, k, v, its output and an fp32 logsumexp per head; o_proj
+(e h); the q/k/v projections save the norm output they read once between them, and so do
+gate/up (each saves a fresh view, which the runtime shares while the norm output lives); rotary
+saves cos and sin (e d each, per position, once for all layers: every layer views the same
+tensors); SDPA saves q, k, v, its output and an fp32 logsumexp per head; o_proj
 and down_proj save their inputs; the gated MLP saves gate, SiLU(gate) and up. Outside the layers:
 the token ids, the final norm, lm_head's input and the loss's fp32 log-probs (log_softmax and
 nll_loss save the same tensor, which the runtime stores once).
@@ -114,12 +115,13 @@ def saved_tensors(
     else:
         out += _norm(t, h, e, 2 * layers)
         out += [
-            # F.linear saves a fresh 2-D view of its 3-D input per call, and the runtime shares
-            # a host copy only while the saved tensor object lives: q, k, v and gate, up each
-            # store the norm output they read.
-            SavedTensor("q/k/v and gate/up input", e * t * h, 5 * layers),
-            # cos and sin are [1, s, d] (positions shared by the batch), saved anew per layer.
-            SavedTensor("rotary cos, sin", e * s * d, 2 * layers),
+            # F.linear saves a fresh 2-D view of its 3-D input per call; the runtime shares one
+            # host copy while the view's base (the norm output) lives: one for q/k/v, one for
+            # gate/up.
+            SavedTensor("q/k/v and gate/up input", e * t * h, 2 * layers),
+            # cos and sin are [1, s, d] (positions shared by the batch), made once per forward
+            # and viewed by every layer: shared the same way.
+            SavedTensor("rotary cos, sin", e * s * d, 2),
             SavedTensor("attention q and output", e * t * q_heads * d, 2 * layers),
             # No padding mask: SDPA runs with enable_gqa, so k and v keep their kv heads.
             SavedTensor("attention k, v", e * t * kv_heads * d, 2 * layers),
@@ -184,7 +186,7 @@ def estimate_activations(
     >>> ckpt = estimate_activations(dims, batch=1, seq=4096, mode="checkpoint",
     ...                             loss_chunk_tokens=4096)
     >>> round(full.moved_nbytes / 2**30, 1), round(ckpt.moved_nbytes / 2**30, 2)
-    (27.3, 0.88)
+    (24.9, 0.88)
     """
     kept = [
         item

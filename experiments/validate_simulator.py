@@ -398,9 +398,9 @@ def predict(
     """The simulator's value for each of PHASES (seconds, or bytes per step) with everything on
     ``node``, and what bounds each timed phase.
 
-    >>> w = PRESETS["cpu-sizes"].workloads[0]  # fp32 gradients; log-probs twice; layer inputs
+    >>> w = PRESETS["cpu-sizes"].workloads[0]  # fp32 gradients; log-probs once; layer inputs
     >>> pred, _ = predict(w, host_device_rates(8.0, 15.0), step_config(PRESETS["cpu-sizes"]))
-    >>> pred["d2h"] == 4 * w.shape.n_params + 2 * 4 * w.seq * w.shape.vocab  # (inputs < 1 MiB)
+    >>> pred["d2h"] == 4 * w.shape.n_params + 4 * w.seq * w.shape.vocab  # (inputs < 1 MiB)
     True
     """
     w = workload
@@ -740,8 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--activations",
         default="checkpoint",
         choices=SIMULATED_ACTIVATIONS,
-        help="with --report: the run's offload.enable(activations=...); 'saved_tensors' is not "
-        "simulated (its inner-layer tensors are not counted)",
+        help="with --report: the run's offload.enable(activations=...); 'saved_tensors' is "
+        "simulated from allocators.activation_bytes (every saved tensor of a Llama-like layer)",
     )
     parser.add_argument(
         "--overlap-step",

@@ -252,9 +252,13 @@ class ActivationOffloader:
             return shared
         block = self.memory.allocate("activations", nbytes)
         saved = SavedActivation(self, block, tensor, self._tag)
-        # Only while the first source tensor lives is an equal address the same memory: a
-        # freed tensor's address can be handed to a new one of the same shape.
-        self._recent[key] = (weakref.ref(tensor), weakref.ref(saved))
+        # Only while the memory's owner lives is an equal address the same memory: a freed
+        # tensor's address can be handed to a new one of the same shape. The owner is the view's
+        # base when there is one: F.linear saves a fresh 2-D view of its input per call, which
+        # dies as soon as the call returns, while the input itself (the norm output q, k and v
+        # all read) lives on; views share their base's version counter, which the key holds.
+        owner = tensor._base if tensor._base is not None else tensor
+        self._recent[key] = (weakref.ref(owner), weakref.ref(saved))
         self._live.add(saved)
         self._by_tag[self._tag].append(weakref.ref(saved))
         self.offloaded_count += 1

@@ -145,7 +145,8 @@ def test_enables_default_activation_mode_moves_every_saved_tensor_and_recomputes
     shape = MODELS["llama-1.1b"]
     saved = estimate_activations(DecoderDims.of(shape), batch=1, seq=4096).moved_nbytes
     assert _step_bytes(step, "d2h", "forward") == pytest.approx(saved / shape.n_params)
-    assert _step_bytes(step, "d2h", "forward") > 10 * _step_bytes(OUR_RUNTIME, "d2h", "forward")
+    # Every saved tensor, not one layer input per layer (1.1B at 4K: about 9x the bytes).
+    assert _step_bytes(step, "d2h", "forward") > 8 * _step_bytes(OUR_RUNTIME, "d2h", "forward")
 
 
 @pytest.mark.parametrize(
