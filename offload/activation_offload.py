@@ -11,7 +11,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from allocators.errors import OffloadError
+from allocators.errors import BudgetExceededError, OffloadError
+from allocators.units import format_bytes
 from offload.host_memory import HostBlock, HostMemory
 from offload.streams import CopyEvent, CopyStreams
 
@@ -250,7 +251,17 @@ class ActivationOffloader:
             self.shared_count += 1
             self.shared_nbytes += nbytes
             return shared
-        block = self.memory.allocate("activations", nbytes)
+        try:
+            block = self.memory.allocate("activations", nbytes)
+        except BudgetExceededError as exc:
+            where = "before the first layer" if self._tag < 0 else f"in layer {self._tag}"
+            raise BudgetExceededError(
+                f"{exc}. The forward ran out of host budget for saved activations {where}: "
+                f"every saved tensor of at least {format_bytes(self.min_nbytes)} goes to the "
+                "host. `offload doctor --model NAME --seq N` says what each activation mode "
+                "needs; pass activations='checkpoint' (only layer inputs) or loss_chunk_tokens=N "
+                "(no whole fp32 log-probs), or raise the budget"
+            ) from exc
         saved = SavedActivation(self, block, tensor, self._tag)
         # Only while the memory's owner lives is an equal address the same memory: a freed
         # tensor's address can be handed to a new one of the same shape. The owner is the view's
