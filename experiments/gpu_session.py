@@ -182,9 +182,10 @@ def all_stages() -> tuple[Stage, ...]:
               120, 40, "optimizer vs (emulated) DMA per contention policy, 8 threads",
               needs_gpu=False),
         Stage("doctor", 10,
-              _py("-m", "offload.cli", "doctor", "--model", "qwen2.5-7b", "--seq", "32768"),
+              _py("-m", "offload.cli", "doctor", "--model", "qwen2.5-7b", "--seq", "32768",
+                  "--activations", "checkpoint", "--loss-chunk-tokens", "4096"),
               60, 10, "offload doctor on a real GPU machine, and whether 7B at 32K fits its host "
-              "memory (exit 1 = a check failed)", needs_gpu=False),
+              "memory as train-7b-32k runs it (exit 1 = a check failed)", needs_gpu=False),
         Stage("pytest-all", 5,
               _py("-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={s}/pytest_all.xml"),
               420, 240, "the whole suite with CUDA present (buffers really get pinned)", part=2),
