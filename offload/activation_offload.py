@@ -85,6 +85,37 @@ class SavedActivation:
         self.drop()
 
 
+class ParamCast:
+    """A saved cast of a model parameter (autocast's bf16 copy of an fp32 weight): nothing is
+    stored; backward casts the parameter again. Offloading it would move 2 bytes per parameter
+    each way every step to save what one cast on the device rebuilds. The parameter's own
+    backward reads it before the parameter's gradient is complete, so before any optimizer step
+    (early or not) can change it; the version check says so loudly if that ever breaks.
+    """
+
+    __slots__ = ("param", "dtype", "device", "version", "view")
+
+    def __init__(self, param: nn.Parameter, like: torch.Tensor) -> None:
+        self.param = param
+        self.dtype = like.dtype
+        self.device = like.device
+        self.version = param._version
+        # Ops save views of the cast (linear saves weight.t()): rebuilt over a fresh cast,
+        # which has the same contiguous layout as the one forward made.
+        self.view = (tuple(like.shape), like.stride(), like.storage_offset())
+
+    def value(self) -> torch.Tensor:
+        """The cast again, bit-equal to the one forward saved."""
+        if self.param._version != self.version:
+            raise OffloadError(
+                "a parameter whose cast forward saved was changed in place before backward used "
+                "it; step the optimizer after backward (or pass overlap_step=False)"
+            )
+        with torch.no_grad():
+            cast = self.param.to(device=self.device, dtype=self.dtype, copy=True)
+            return cast.as_strided(*self.view)
+
+
 class ActivationOffloader:
     """Saved-tensor hooks that offload activations of at least ``min_nbytes`` from ``model``.
 
@@ -125,6 +156,9 @@ class ActivationOffloader:
         # save their common input): they share its host copy instead of making their own.
         self.shared_count = 0
         self.shared_nbytes = 0
+        # Saved casts of parameters (autocast) rebuilt in backward instead of moved.
+        self.recast_count = 0
+        self.recast_nbytes = 0
         self._recent: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self._kept_storages = self._storages_of_params_and_buffers()
         self._hooks_context: torch.autograd.graph.saved_tensors_hooks | None = None
@@ -232,10 +266,33 @@ class ActivationOffloader:
             return False
         return tensor.untyped_storage().data_ptr() not in self._kept_storages
 
+    def _param_cast(self, tensor: torch.Tensor) -> ParamCast | None:
+        """A ParamCast when ``tensor`` is ``param.to(dtype)`` of one of the model's parameters
+        (autocast's cached weight casts) or a view of it, else None."""
+        cast = tensor._base if tensor._base is not None else tensor
+        fn = cast.grad_fn
+        if fn is None or type(fn).__name__ != "ToCopyBackward0" or len(fn.next_functions) != 1:
+            return None
+        source = getattr(fn.next_functions[0][0], "variable", None)
+        if not isinstance(source, torch.Tensor) or source.grad_fn is not None:
+            return None
+        if source.untyped_storage().data_ptr() not in self._kept_storages:
+            return None
+        # Only a plain contiguous cast, never written to, is rebuilt bit for bit by a new one.
+        plain = cast.shape == source.shape and cast.is_contiguous() and source.is_contiguous()
+        if not plain or cast.storage_offset() != 0 or cast._version != 0:
+            return None
+        return ParamCast(source, tensor)
+
     def _pack(self, tensor: torch.Tensor):
         if not self._should_offload(tensor):
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
+        cast = self._param_cast(tensor)
+        if cast is not None:
+            self.recast_count += 1
+            self.recast_nbytes += nbytes
+            return cast
         key = (
             tensor.device,
             tensor.data_ptr(),
@@ -287,6 +344,8 @@ class ActivationOffloader:
         return saved
 
     def _unpack(self, packed):
+        if isinstance(packed, ParamCast):
+            return packed.value()
         if not isinstance(packed, SavedActivation):
             return packed
         if packed.tag != self._backward_tag:
