@@ -129,6 +129,8 @@ class CopyStreams:
         self.counters = TransferCounters()
         # The autograd thread and the optimizer's worker thread both copy and count.
         self._lock = threading.Lock()
+        # Held while one copy and its timing events are queued (see _cuda_copy).
+        self._issue_lock = threading.Lock()
         self._d2h_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self._h2d_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
 
@@ -167,9 +169,7 @@ class CopyStreams:
             self.counters.add("h2d", src.numel() * src.element_size(), tiers)
         if not self.is_cuda:
             return self._timed_cpu_copy(src, dst, "h2d")
-        if after is not None and after._event is not None:
-            self._h2d_stream.wait_event(after._event)
-        return self._cuda_copy(self._h2d_stream, src, dst, "h2d", wait_compute)
+        return self._cuda_copy(self._h2d_stream, src, dst, "h2d", wait_compute, after)
 
     def mark(self) -> CopyEvent:
         """An event at the current point of the compute stream (complete at once on CPU)."""
@@ -218,15 +218,22 @@ class CopyStreams:
         dst: torch.Tensor,
         direction: str,
         wait_compute: bool = True,
+        after: CopyEvent | None = None,
     ) -> CopyEvent:
-        if wait_compute:
-            stream.wait_stream(torch.cuda.current_stream(self.device))
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            dst.copy_(src, non_blocking=True)
-            end.record(stream)
+        # The autograd thread and the optimizer's worker both issue on the H2D stream: without
+        # the lock one's copy could land between the other's start and end events, and its time
+        # would be counted twice.
+        with self._issue_lock:
+            if after is not None and after._event is not None:
+                stream.wait_event(after._event)
+            if wait_compute:
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                dst.copy_(src, non_blocking=True)
+                end.record(stream)
         device_side = src if src.is_cuda else dst
         device_side.record_stream(stream)
         with self._lock:
