@@ -11,12 +11,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# Names layers take a KV cache by (transformers uses all of these across models and versions).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
 
 class LayerCheckpointing:
     """Wrap each layer's forward in ``torch.utils.checkpoint`` (non-reentrant); undo with remove().
 
     Layers already checkpointed by the model (Hugging Face ``gradient_checkpointing_enable``)
-    are left alone: their inputs already are the only saved tensors.
+    are left alone: their inputs already are the only saved tensors. Under gradients a wrapped
+    layer gets no KV cache (``use_cache=False``), as under Hugging Face's own checkpointing.
 
     >>> layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
     >>> wrapped = LayerCheckpointing(layers)
@@ -41,6 +45,14 @@ class LayerCheckpointing:
         def run(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
+            # A layer that appends to a KV cache would append again when backward replays it
+            # (Gemma2 then attends over twice the keys); Hugging Face drops the cache under its
+            # own checkpointing for the same reason, so a training forward runs without one.
+            for name in _CACHE_KWARGS:
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
             # preserve_rng_state (the default) makes the recomputation draw the same dropout.
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
