@@ -138,13 +138,45 @@ MODELS: dict[str, ModelShape] = {
 }
 
 
+# Other names configs use for the same sizes (GPT-2 style), tried when the Llama name is absent.
+_ALIASES = {
+    "num_hidden_layers": ("n_layer", "num_layers"),
+    "hidden_size": ("n_embd", "d_model"),
+    "num_attention_heads": ("n_head", "num_heads"),
+    "intermediate_size": ("n_inner", "ffn_dim"),
+}
+
+
+def _with_aliases(config: dict) -> dict:
+    out = dict(config)
+    for key, aliases in _ALIASES.items():
+        if key in out:
+            continue
+        for alias in aliases:
+            if alias in config:
+                out[key] = config[alias]
+                break
+    # GPT-2 writes n_inner = None for its default MLP width, four times the hidden size.
+    if out.get("intermediate_size") is None and "hidden_size" in out and "n_inner" in config:
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    return out
+
+
 def shape_from_config(config: dict, name: str = "config") -> ModelShape:
-    """Build a shape from a transformers config dict (the keys of a Llama/Qwen2/Mistral config.json).
+    """Build a shape from a transformers config dict (the keys of a Llama/Qwen2/Mistral config.json,
+    or GPT-2's ``n_layer``/``n_embd``/``n_head``/``n_inner``). Parameter counts assume a gated
+    MLP (three matrices), so they overstate a plain MLP's; the KV cache sizes (layers, KV heads,
+    head dim) are exact either way.
 
     >>> shape_from_config({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
     ...                    "num_attention_heads": 4, "vocab_size": 100}).kv_heads
     4
+    >>> gpt2 = shape_from_config({"n_layer": 12, "n_embd": 768, "n_head": 12, "n_inner": None,
+    ...                           "vocab_size": 50257})
+    >>> gpt2.layers, gpt2.head_dim, gpt2.intermediate
+    (12, 64, 3072)
     """
+    config = _with_aliases(config)
     required = (
         "num_hidden_layers",
         "hidden_size",
@@ -156,7 +188,8 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
     if missing:
         raise ModelShapeError(
             f"{name} lacks {missing}; a Llama-family config.json has num_hidden_layers, "
-            "hidden_size, intermediate_size, num_attention_heads and vocab_size"
+            "hidden_size, intermediate_size, num_attention_heads and vocab_size (GPT-2 style "
+            "n_layer, n_embd, n_head, n_inner are read too)"
         )
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
