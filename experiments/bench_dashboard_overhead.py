@@ -18,6 +18,7 @@ on the running session per round, drawing into /dev/null (the live panel with a 
 
     python experiments/bench_dashboard_overhead.py
     python experiments/bench_dashboard_overhead.py --rounds 20 --steps 6 --svg /tmp/dashboard.svg
+    python experiments/bench_dashboard_overhead.py --device cuda --svg docs/dashboard_gpu.svg
 """
 
 from __future__ import annotations
@@ -185,10 +186,11 @@ def mode_rates(args: argparse.Namespace) -> dict[str, float]:
 def measure(args: argparse.Namespace) -> dict[str, ModeTotals]:
     """Every mode once per round, order rotated per round, all in one session."""
     gen = torch.Generator().manual_seed(1)
-    model = tiny_llama(hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+    device = torch.device(args.device)
+    model = tiny_llama(hidden=args.hidden, layers=args.layers, vocab=args.vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [
-        torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+        torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
         for _ in range(args.steps)
     ]
     rates = mode_rates(args)
@@ -224,17 +226,18 @@ def measure(args: argparse.Namespace) -> dict[str, ModeTotals]:
             train_steps(model, optimizer, batches)
             # Let the thread poll the last steps, so the panel's rates include them.
             time.sleep(2 * dashboard.period_s)
-            write_svg(dashboard, args.svg)
+            write_svg(dashboard, args.svg, device)
             dashboard.stop()
     return totals
 
 
-def write_svg(dashboard: DashboardThread, path: Path) -> None:
-    """The panel the dashboard would draw now, recorded as SVG."""
+def write_svg(dashboard: DashboardThread, path: Path, device: torch.device) -> None:
+    """The panel the dashboard would draw now, recorded as SVG, titled with where it ran."""
     console = Console(record=True, width=100, file=io.StringIO())
     console.print(render_dashboard(dashboard.probe.latest()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    console.save_svg(str(path), title="offload.enable(..., dashboard=True): tiny Llama on CPU")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    console.save_svg(str(path), title=f"offload.enable(..., dashboard=True): tiny Llama on {where}")
 
 
 def summarize(totals: dict[str, ModeTotals], args: argparse.Namespace) -> list[dict]:
@@ -301,11 +304,16 @@ def main(argv: list[str] | None = None) -> None:
         "--refresh-per-s", type=float, default=2.0, help="log_lines polls a second (default 2)"
     )
     parser.add_argument("--svg", type=Path, default=None, help="write a live panel here at the end")
+    parser.add_argument(
+        "--device", default="cpu", help="where the model trains: cpu (default) or cuda"
+    )
     parser.add_argument("--note", default=NOTE, help="stored with each row")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.steps < 1 or args.warmup > args.steps:
         parser.error("need --rounds >= 2, --steps >= 1 and --warmup <= --steps")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     totals = measure(args)
     rows = summarize(totals, args)
     path = args.out or RESULTS_DIR / this_machine() / "dashboard_overhead.csv"
