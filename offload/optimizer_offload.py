@@ -491,11 +491,8 @@ class OptimizerOffload:
     def state_dict(self) -> dict:
         """The user optimizer's state dict format, plus ``offload_master_params`` (fp32)."""
         self.zero_grad_pending_check()
+        # HostOptimizer.state_dict already carries the user's own group settings.
         state = self.host.state_dict()
-        state["param_groups"] = [
-            {**saved, **{k: v for k, v in user.items() if k != "params"}}
-            for saved, user in zip(state["param_groups"], self.optimizer.param_groups, strict=True)
-        ]
         state["offload_master_params"] = {i: s.master.clone() for i, s in enumerate(self.slots)}
         return state
 
