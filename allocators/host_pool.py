@@ -135,8 +135,7 @@ class HostPool:
         with self._lock:
             shelf = self._by_key.get(key)
             if shelf:
-                buf = shelf.pop()
-                del self._cached[id(buf)]
+                buf = self._take_cached_locked(id(shelf[-1]))
                 self._in_use[id(buf)] = (key, buf)
                 self._hits += 1
                 return buf
@@ -175,15 +174,21 @@ class HostPool:
         for victim in victims:
             victim.free()
 
+    def _take_cached_locked(self, ident: int) -> HostBuffer:
+        """Remove the cached buffer ``ident`` from the cache and its shelf, and return it."""
+        key, buf = self._cached.pop(ident)
+        shelf = self._by_key[key]
+        shelf.remove(buf)
+        if not shelf:
+            del self._by_key[key]
+        return buf
+
     def _evict_locked(self, limit_nbytes: int) -> list[HostBuffer]:
         """Drop least recently released buffers until the cache holds at most ``limit_nbytes``."""
         victims = []
         cached = sum(buf.nbytes for _, buf in self._cached.values())
         while cached > limit_nbytes:
-            _, (key, buf) = self._cached.popitem(last=False)
-            self._by_key[key].remove(buf)
-            if not self._by_key[key]:
-                del self._by_key[key]
+            buf = self._take_cached_locked(next(iter(self._cached)))
             cached -= buf.nbytes
             victims.append(buf)
         self._evictions += len(victims)
@@ -202,16 +207,12 @@ class HostPool:
                 cached[node] = cached.get(node, 0) + n
         over = {n for n, room in room_nbytes.items() if cached.get(n, 0) > max(room, 0)}
         victims = []
-        for ident, (key, buf) in list(self._cached.items()):
+        for ident in list(self._cached):
             if not over:
                 break
             if not any(n > 0 and node in over for node, n in shares[ident].items()):
                 continue
-            del self._cached[ident]
-            self._by_key[key].remove(buf)
-            if not self._by_key[key]:
-                del self._by_key[key]
-            victims.append(buf)
+            victims.append(self._take_cached_locked(ident))
             for node, n in shares[ident].items():
                 cached[node] = cached.get(node, 0) - n
                 if node in over and cached[node] <= max(room_nbytes[node], 0):
