@@ -28,12 +28,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from allocators.activation_bytes import ACTIVATION_MODES
 from allocators.placement import Placement, as_placement
 from allocators.topology import NodeRates, NumaNode
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
 from offload.config import OffloadConfig
 from offload.model_shapes import MODELS, ModelShape, load_model_shape
-from offload.runtime_step import SIMULATED_ACTIVATIONS, runtime_step
+from offload.runtime_step import runtime_step
 from offload.simulate import (
     DEEPSPEED_OVERHEAD_S_PER_PARAM,
     StepConfig,
@@ -739,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--activations",
         default="checkpoint",
-        choices=SIMULATED_ACTIVATIONS,
+        choices=ACTIVATION_MODES,
         help="with --report: the run's offload.enable(activations=...); 'saved_tensors' is "
         "simulated from allocators.activation_bytes (every saved tensor of a Llama-like layer)",
     )

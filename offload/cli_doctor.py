@@ -13,6 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from allocators.activation_bytes import ACTIVATION_MODES
 from allocators.errors import ConfigError
 from offload.config import OffloadConfig
 from offload.doctor import CheckResult, parse_budget_args, run_checks
@@ -57,8 +58,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--activations",
-        choices=("saved_tensors", "checkpoint", "off"),
-        default="saved_tensors",
+        choices=ACTIVATION_MODES,
+        default=OffloadConfig().activations,
         help="with --model: what enable() offloads (default, as enable(): every saved tensor)",
     )
     parser.add_argument(

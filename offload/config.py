@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from allocators.activation_bytes import ACTIVATION_MODES
 from allocators.declared_topology import yaml_problem
 from allocators.errors import ConfigError
 from allocators.units import parse_size
 
-ACTIVATION_MODES = ("off", "saved_tensors", "checkpoint")
 POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
 BUDGET_TIERS = ("dram", "cxl", "remote_dram")
 

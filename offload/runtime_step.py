@@ -27,9 +27,6 @@ from offload.model_shapes import ModelShape
 from offload.simulate import SimulationError, StepConfig
 from offload.simulator_compute import GpuModel
 
-# The activation modes whose traffic the simulator counts: all of enable()'s.
-SIMULATED_ACTIVATIONS = ("checkpoint", "saved_tensors", "off")
-
 
 def runtime_step(
     settings: OffloadConfig | None = None,
