@@ -19,7 +19,7 @@ from allocators.numa import NumaFallbackWarning, NumaUnavailableError
 from allocators.placement import Placement, as_placement, interleave
 from allocators.policies import POLICIES, Budgets, PolicyResult, get_policy, parse_budgets
 from allocators.sysfs_topology import discover
-from allocators.tensor_classes import TENSOR_CLASSES, TensorClass, TensorGroup, host_tensor_groups
+from allocators.tensor_classes import TENSOR_CLASSES, TensorClass, TensorGroup
 from allocators.tiered import Allocation, TieredAllocator
 from allocators.topology import GpuInfo, NodeRates, NumaNode, Tiers, Topology
 from allocators.topology_json import topology_to_dict
@@ -36,7 +36,6 @@ __all__ = [
     "format_bytes",
     "get_policy",
     "GpuInfo",
-    "host_tensor_groups",
     "HostBuffer",
     "HostPool",
     "interleave",

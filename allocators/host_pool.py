@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from allocators.host_buffer import PAGE_NBYTES, HostBuffer
 from allocators.placement import Placement, as_placement
-from allocators.policies import split_nbytes
-from allocators.striping import DEFAULT_CHUNK_NBYTES
+from allocators.striping import DEFAULT_CHUNK_NBYTES, split_nbytes
 from allocators.units import parse_size
 
 # Classes per doubling of size. Eight bound the rounding waste below 1/8 (12.5%), where

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 from allocators.errors import BudgetExceededError, ConfigError, PlacementError
 from allocators.placement import Placement, as_placement, interleave
-from allocators.striping import chunk_counts
+from allocators.striping import split_nbytes
 from allocators.tensor_classes import TensorClass, TensorGroup
 from allocators.topology import Tiers
 from allocators.units import format_bytes, parse_size
@@ -45,25 +45,6 @@ Rule = Literal["local", "interleave", "cxl_stripe"]
 
 BudgetValue = int | float | str
 BudgetSpec = Mapping[str, BudgetValue | Mapping[int, BudgetValue]]
-
-
-def split_nbytes(nbytes: int, placement: Placement, chunk_nbytes: int = 1) -> dict[int, int]:
-    """Bytes per node when ``nbytes`` is cut into ``chunk_nbytes`` pieces shared by ``placement``.
-
-    The default cuts at single bytes (exact shares that add up to ``nbytes``, as plans need); a
-    buffer's real split uses its chunk size. Both come from allocators.striping's chunk counts,
-    so a plan and the buffers made from it agree on who gets the odd chunk.
-
-    >>> split_nbytes(10, interleave([0, 1, 2]))
-    {0: 4, 1: 3, 2: 3}
-    >>> split_nbytes(5 << 20, interleave([0, 1]), chunk_nbytes=2 << 20) == {0: 3 << 20, 1: 2 << 20}
-    True
-    """
-    counts, tail_node = chunk_counts(nbytes, placement, chunk_nbytes)
-    per_node = {node: count * chunk_nbytes for node, count in counts.items()}
-    if tail_node >= 0:
-        per_node[tail_node] += nbytes - sum(per_node.values())
-    return per_node
 
 
 @dataclass(frozen=True)
@@ -174,11 +155,10 @@ class GroupPlacement:
 class PolicyResult:
     """A policy's plan: one GroupPlacement per group, in the order the groups were given.
 
-    >>> from allocators.tensor_classes import host_tensor_groups
     >>> from allocators.topology import NumaNode, Tiers
     >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
-    >>> plan = local_only(host_tensor_groups(1000, 1, 8, 4, 2), Tiers((), (dram,), (), ()),
-    ...                   {"dram": "1MiB"})
+    >>> weights = TensorGroup("compute_params", ("params",), 2000, False, ())
+    >>> plan = local_only([weights], Tiers((), (dram,), (), ()), {"dram": "1MiB"})
     >>> plan.placements["compute_params"].nodes, plan.by_class()["params"].nodes
     ((0,), (0,))
     """
@@ -331,8 +311,7 @@ def cxl_aware(
     >>> plan = cxl_aware(groups, Tiers((), (dram,), (), (cxl,)), {"dram": 130, "cxl": 200})
     >>> [(g.rule, g.nbytes_per_node) for g in plan.groups]
     [('local', {0: 100}), ('interleave', {0: 30, 1: 70}), ('cxl_stripe', {1: 100})]
-    >>> from allocators.tensor_classes import kv_cache_group
-    >>> kv = kv_cache_group(layers=2, kv_heads=1, head_dim=4, context_tokens=8)  # 256 bytes
+    >>> kv = TensorGroup("kv_cache", ("kv_cache",), 256, False, ())
     >>> plan = cxl_aware([kv], Tiers((), (dram,), (), (cxl,)), {"dram": 100, "cxl": 200})
     >>> plan.groups[0].rule, plan.by_class()["kv_cache"].shares
     ('interleave', ((0, 0.390625), (1, 0.609375)))

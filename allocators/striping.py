@@ -114,3 +114,23 @@ def bytes_per_node(extents: list[Extent]) -> dict[int, int]:
     for extent in extents:
         totals[extent.node] = totals.get(extent.node, 0) + extent.length
     return totals
+
+
+def split_nbytes(nbytes: int, placement: Placement, chunk_nbytes: int = 1) -> dict[int, int]:
+    """Bytes per node when ``nbytes`` is cut into ``chunk_nbytes`` pieces shared by ``placement``.
+
+    The default cuts at single bytes (exact shares that add up to ``nbytes``, as plans need); a
+    buffer's real split uses its chunk size. Both come from allocators.striping's chunk counts,
+    so a plan and the buffers made from it agree on who gets the odd chunk.
+
+    >>> from allocators.placement import interleave
+    >>> split_nbytes(10, interleave([0, 1, 2]))
+    {0: 4, 1: 3, 2: 3}
+    >>> split_nbytes(5 << 20, interleave([0, 1]), chunk_nbytes=2 << 20) == {0: 3 << 20, 1: 2 << 20}
+    True
+    """
+    counts, tail_node = chunk_counts(nbytes, placement, chunk_nbytes)
+    per_node = {node: count * chunk_nbytes for node, count in counts.items()}
+    if tail_node >= 0:
+        per_node[tail_node] += nbytes - sum(per_node.values())
+    return per_node

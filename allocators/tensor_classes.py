@@ -1,16 +1,13 @@
 """Tensor classes an offloaded training step or a long-context decode keeps in host memory, and
-the groups a policy places (sizes in bytes, priority order). Sizes only: no placement, no allocation.
+the group a policy places. Names and sizes only: what a model needs is sized in offload.planning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 from allocators.errors import ConfigError
-
-if TYPE_CHECKING:
-    from allocators.activation_bytes import ActivationEstimate
 
 TensorClass = Literal[
     "optimizer_state",
@@ -25,7 +22,7 @@ TENSOR_CLASSES: tuple[TensorClass, ...] = get_args(TensorClass)
 
 OptimizerName = Literal["adam", "adamw", "lion"]
 # Bytes of fp32 optimizer state per parameter: Adam(W) keeps momentum and variance, Lion momentum.
-_STATE_NBYTES_PER_PARAM = {"adam": 8, "adamw": 8, "lion": 4}
+STATE_NBYTES_PER_PARAM = {"adam": 8, "adamw": 8, "lion": 4}
 
 
 @dataclass(frozen=True)
@@ -59,204 +56,3 @@ def check_tensor_class(name: object) -> TensorClass:
             f"tensor class {name!r} is not known; write one of {', '.join(TENSOR_CLASSES)}"
         )
     return name  # type: ignore[return-value]
-
-
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} = {value!r} must be a positive integer (e.g. {what}=4096)")
-    return value
-
-
-def _params_and_checkpoints(
-    n_params: int,
-    batch: int,
-    seq: int,
-    hidden: int,
-    layers: int,
-    optimizer: str,
-    activations: ActivationEstimate | None = None,
-) -> tuple[int, TensorGroup]:
-    """The checked parameter count, and the activations group: ``activations``' host bytes when
-    given, else the paper's one bf16 [b, s, h] checkpoint per layer."""
-    p = _positive_int(n_params, "n_params")
-    b = _positive_int(batch, "batch")
-    s = _positive_int(seq, "seq")
-    h = _positive_int(hidden, "hidden")
-    n_layers = _positive_int(layers, "layers")
-    if optimizer not in _STATE_NBYTES_PER_PARAM:
-        raise ConfigError(
-            f"optimizer {optimizer!r} is not known; write 'adam' (also for AdamW) or 'lion'"
-        )
-    if activations is None:
-        nbytes = 2 * b * s * h * n_layers
-        parts: tuple[tuple[str, int], ...] = (("layer-input checkpoints (bf16)", nbytes),)
-    else:
-        nbytes = activations.host_nbytes
-        parts = tuple((f"{name} ({activations.mode})", n) for name, n in activations.parts)
-    # The paper's name for the group, whatever the mode fills it with: policies rank by it.
-    checkpoints = TensorGroup(
-        name="activation_checkpoints",
-        tensor_classes=("activations",),
-        nbytes=nbytes,
-        cpu_touched=False,
-        parts=parts,
-    )
-    return p, checkpoints
-
-
-def host_tensor_groups(
-    n_params: int,
-    batch: int,
-    seq: int,
-    hidden: int,
-    layers: int,
-    optimizer: OptimizerName = "adam",
-) -> tuple[TensorGroup, ...]:
-    """The paper's four host tensor groups for a model and micro-batch, in priority order.
-
-    1. ``latency_critical`` (CPU-touched): optimizer state (Adam 8P, Lion 4P), fp32 master grads
-       4P, fp32 master weights 4P; 2. ``compute_params``: bf16 weights 2P; 3.
-       ``activation_checkpoints``: one bf16 [b, s, h] checkpoint per layer, 2bshL; 4.
-       ``compute_grads``: bf16 grads 2P. ``kv_cache`` belongs to inference: see
-       :func:`kv_cache_group`.
-
-    >>> [(g.name, g.nbytes) for g in host_tensor_groups(1000, 1, 8, 4, 2)]
-    [('latency_critical', 16000), ('compute_params', 2000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
-    >>> host_tensor_groups(1000, 1, 8, 4, 2, optimizer="lion")[0].nbytes
-    12000
-    """
-    p, activations = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer)
-    if optimizer == "lion":
-        state_parts = (("lion momentum (fp32)", 4 * p),)
-    else:
-        state_parts = (("adam momentum (fp32)", 4 * p), ("adam variance (fp32)", 4 * p))
-    critical_parts = (
-        *state_parts,
-        ("master grads (fp32)", 4 * p),
-        ("master weights (fp32)", 4 * p),
-    )
-    return (
-        TensorGroup(
-            name="latency_critical",
-            tensor_classes=("optimizer_state", "master_grads", "master_params"),
-            nbytes=sum(n for _, n in critical_parts),
-            cpu_touched=True,
-            parts=critical_parts,
-        ),
-        TensorGroup(
-            name="compute_params",
-            tensor_classes=("params",),
-            nbytes=2 * p,
-            cpu_touched=False,
-            parts=(("compute weights (bf16)", 2 * p),),
-        ),
-        activations,
-        TensorGroup(
-            name="compute_grads",
-            tensor_classes=("grads",),
-            nbytes=2 * p,
-            cpu_touched=False,
-            parts=(("compute grads (bf16)", 2 * p),),
-        ),
-    )
-
-
-def runtime_tensor_groups(
-    n_params: int,
-    batch: int,
-    seq: int,
-    hidden: int,
-    layers: int,
-    *,
-    optimizer: OptimizerName = "adam",
-    grad_nbytes_per_param: int = 2,
-    grad_staging: bool = False,
-    optimizer_offload: bool = True,
-    activations: ActivationEstimate | None = None,
-) -> tuple[TensorGroup, ...]:
-    """The host groups offload.enable() really allocates, in the paper's priority order.
-
-    Unlike the paper's runtime, ours keeps no fp32 master gradients (the CPU step reads the
-    gradients in the dtype they land in), no host copy of the compute weights (the updated
-    half-precision params are written over their own gradients) and, without gradient
-    accumulation, no staging buffer: 1. ``latency_critical``: optimizer state and fp32 masters
-    (Adam 12P, Lion 8P); 2. ``activation_checkpoints``: the host bytes of ``activations``
-    (allocators.activation_bytes.estimate_activations, for the run's activation mode), else
-    the paper's layer inputs, 2bshL; 3. ``compute_grads``: the
-    gradients as they land (``grad_nbytes_per_param`` x P), twice that with ``grad_staging``
-    (later micro-steps land in a second buffer, class ``master_grads``, before being summed).
-    The group also names class ``params``: the updated half-precision params live in it.
-
-    >>> [(g.name, g.nbytes) for g in runtime_tensor_groups(1000, 1, 8, 4, 2)]
-    [('latency_critical', 12000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
-    >>> [g.name for g in runtime_tensor_groups(1000, 1, 8, 4, 2, optimizer_offload=False)]
-    ['activation_checkpoints']
-    >>> from allocators.activation_bytes import DecoderDims, estimate_activations
-    >>> est = estimate_activations(DecoderDims(2, 4, 8, 2, 1, 2, 16), batch=1, seq=8, min_nbytes=0)
-    >>> runtime_tensor_groups(1000, 1, 8, 4, 2, activations=est)[1].nbytes == est.host_nbytes
-    True
-    """
-    p, saved = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer, activations)
-    g = _positive_int(grad_nbytes_per_param, "grad_nbytes_per_param")
-    if not optimizer_offload:
-        return (saved,)
-    state_nbytes = _STATE_NBYTES_PER_PARAM[optimizer] * p
-    critical_parts = ((f"{optimizer} state (fp32)", state_nbytes), ("master weights (fp32)", 4 * p))
-    grad_parts = ((f"gradients as they land ({g} B/param)", g * p),)
-    grad_classes: tuple[TensorClass, ...] = ("grads", "params", "master_grads")
-    if grad_staging:
-        grad_parts += (("accumulation staging", g * p),)
-    return (
-        TensorGroup(
-            name="latency_critical",
-            tensor_classes=("optimizer_state", "master_params"),
-            nbytes=state_nbytes + 4 * p,
-            cpu_touched=True,
-            parts=critical_parts,
-        ),
-        saved,
-        TensorGroup(
-            name="compute_grads",
-            tensor_classes=grad_classes,
-            nbytes=sum(n for _, n in grad_parts),
-            cpu_touched=False,
-            parts=grad_parts,
-        ),
-    )
-
-
-def kv_cache_group(
-    layers: int,
-    kv_heads: int,
-    head_dim: int,
-    context_tokens: int,
-    batch: int = 1,
-    dtype_nbytes: int = 2,
-) -> TensorGroup:
-    """The KV cache of a decode as one group: K and V of every layer, 2 * dtype_nbytes * L * kvh
-    * d * T * batch bytes (DESIGN.md's 4 L kvh d T for bf16). The GPU only reads it back (H2D, a
-    read stream like the compute weights) and the CPU never touches it.
-
-    >>> g = kv_cache_group(layers=28, kv_heads=4, head_dim=128, context_tokens=131072)
-    >>> g.name, g.tensor_classes, g.nbytes == 4 * 28 * 4 * 128 * 131072, g.cpu_touched
-    ('kv_cache', ('kv_cache',), True, False)
-    >>> [name for name, _ in g.parts]
-    ['keys (2 bytes per element)', 'values (2 bytes per element)']
-    """
-    n_layers = _positive_int(layers, "layers")
-    heads = _positive_int(kv_heads, "kv_heads")
-    dim = _positive_int(head_dim, "head_dim")
-    tokens = _positive_int(context_tokens, "context_tokens")
-    b = _positive_int(batch, "batch")
-    elem = _positive_int(dtype_nbytes, "dtype_nbytes")
-    half = elem * n_layers * heads * dim * tokens * b
-    return TensorGroup(
-        name="kv_cache",
-        tensor_classes=("kv_cache",),
-        nbytes=2 * half,
-        cpu_touched=False,
-        parts=(
-            (f"keys ({elem} bytes per element)", half),
-            (f"values ({elem} bytes per element)", half),
-        ),
-    )

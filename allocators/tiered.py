@@ -13,8 +13,8 @@ from allocators.errors import BudgetExceededError
 from allocators.host_buffer import PAGE_NBYTES
 from allocators.host_pool import HostPool
 from allocators.placement import Placement, as_placement
-from allocators.policies import Budgets, BudgetSpec, TierName, parse_budgets, split_nbytes
-from allocators.striping import DEFAULT_CHUNK_NBYTES
+from allocators.policies import Budgets, BudgetSpec, TierName, parse_budgets
+from allocators.striping import DEFAULT_CHUNK_NBYTES, split_nbytes
 from allocators.tensor_classes import TENSOR_CLASSES, TensorClass, check_tensor_class
 from allocators.topology import Topology
 from allocators.units import format_bytes

@@ -38,9 +38,9 @@ from rich.console import Console
 
 import offload
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
-from offload.dashboard import render_dashboard
-from offload.dashboard_thread import DashboardThread
-from offload.tiny_finetune import tiny_llama, train_steps
+from offload.tools.dashboard import render_dashboard
+from offload.tools.dashboard_thread import DashboardThread
+from offload.tools.tiny_finetune import tiny_llama, train_steps
 
 DASHBOARD_THREAD = "offload-dashboard"
 NOTE = "shared 2-core VM: other engineers ran tests and benchmarks on the same cores meanwhile"

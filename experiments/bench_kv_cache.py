@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from experiments.child_run import cuda_missing, run_child
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
-from offload.model_shapes import MODELS
+from offload.planning.model_shapes import MODELS
 
 CACHES = ("tiered", "offloaded", "dynamic")
 SHAPE = "llama-1.1b"
@@ -143,7 +143,7 @@ def run_one(cache: str, context: int, new_tokens: int, block_tokens: int, hbm_la
 def _tiered_cache(config, max_context_tokens: int, block_tokens: int, hbm_layers: int):
     import psutil
 
-    from offload.kv_cache import TieredKVCache
+    from offload.kv_cache.cache import TieredKVCache
 
     # Leave a sixth of RAM to the process itself and the page cache; the planner places the
     # cache within it on this machine's tiers (all local DRAM on a one-node GPU machine).

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from experiments.child_run import cuda_missing, run_child
 from experiments.results_io import machine_slug
-from offload.model_shapes import MODELS
+from offload.planning.model_shapes import MODELS
 
 MODES = ("gpu_checkpointing", "offload_enable", "deepspeed_zero2_offload", "torch_save_on_cpu")
 

@@ -4,7 +4,7 @@ DRAM, CXL, DRAM:CXL 1:1), against the paper's table (reference/PAPER.md).
 Measured where the hardware is: torch's fused CPU AdamW on every placement whose NUMA nodes exist
 here, its state in HostBuffers bound to those nodes (on a one-node machine: local DRAM only).
 Simulated on the paper's 1-AIC machine: 28 bytes per element over the placement's nodes, the
-slowest node bounding a striped tensor (offload.simulator_traffic). The simulator streams every
+slowest node bounding a striped tensor (offload.planning.simulator.traffic). The simulator streams every
 tensor from memory, as a training step does; the paper's microbenchmark steps one tensor again and
 again, so its small tensors stay in cache, which the simulator does not model (see the README).
 
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, as_placement
 from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
-from offload.simulator_rates import ADAMW_NBYTES_PER_ELEMENT, sim_rates
-from offload.simulator_traffic import Traffic, memory_seconds
+from offload.planning.simulator.rates import ADAMW_NBYTES_PER_ELEMENT, sim_rates
+from offload.planning.simulator.traffic import Traffic, memory_seconds
 
 # reference/PAPER.md: elements -> (local ms, CXL ms).
 PAPER_MS = {

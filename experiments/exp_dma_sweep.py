@@ -4,7 +4,7 @@
 Measured where the hardware is: with CUDA, every placement whose NUMA nodes exist on this machine
 is timed for real (HostBuffer placed and pinned, cudaMemcpyAsync via ``copy_``, CUDA events);
 two-GPU rows need two GPUs. Everything is also simulated on the paper's 1-AIC machine
-(offload.simulator_traffic.copy_seconds). Rows: ``source`` measured/simulated, ``machine``.
+(offload.planning.simulator.traffic.copy_seconds). Rows: ``source`` measured/simulated, ``machine``.
 
     .venv/bin/python experiments/exp_dma_sweep.py            # simulated (+ measured with CUDA)
 """
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, as_placement
 from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
-from offload.simulator_rates import GIB, sim_rates
-from offload.simulator_traffic import copy_seconds
+from offload.planning.simulator.rates import GIB, sim_rates
+from offload.planning.simulator.traffic import copy_seconds
 
 SIZES = (*(1 << k for k in range(12, 31, 2)), 2 * GIB)  # 4 KiB, 16 KiB ... 1 GiB, 2 GiB
 # DRAM:CXL weights on the paper's machine (node 0 DRAM, node 1 the card).

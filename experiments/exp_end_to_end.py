@@ -3,7 +3,7 @@ planned) x (1 or 2 CXL cards) x the paper's (micro-batch, sequence) sweep, for b
 
 Simulated on the paper's declared machines (allocators/topologies/paper-{1,2}aic.yaml) with the
 paper's runtime (DeepSpeed ZeRO-3: bf16 params streamed from the host, fp32 master gradients, the
-optimizer after backward, DeepSpeed's per-step overhead) and with ours (offload.runtime_step: what
+optimizer after backward, DeepSpeed's per-step overhead) and with ours (offload.planning.runtime_step: what
 offload.enable runs in the paper's activation mode; params stay on the GPU, gradients are read
 where they land, the optimizer steps during backward), each over the host groups it allocates.
 Budgets: experiments.paper_setup, one machine for both runtimes (local DRAM capped as for the
@@ -34,11 +34,11 @@ from experiments.paper_setup import (
     paper_groups,
 )
 from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
-from offload.model_shapes import MODELS
-from offload.planner import plan
-from offload.runtime_step import OUR_RUNTIME, host_groups
-from offload.simulate import DEEPSPEED_ZERO3
-from offload.simulator_rates import sim_rates
+from offload.planning.model_shapes import MODELS
+from offload.planning.planner import plan
+from offload.planning.runtime_step import OUR_RUNTIME, host_groups
+from offload.planning.simulator.rates import sim_rates
+from offload.planning.simulator.step import DEEPSPEED_ZERO3
 
 RUNTIMES = {"deepspeed-zero3": DEEPSPEED_ZERO3, "ours": OUR_RUNTIME}
 CXL_CARD_NBYTES = 256 << 30  # the declared card capacity

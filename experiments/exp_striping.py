@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, interleave
 from experiments.results_io import SIMULATED_DIR, write_results
-from offload.simulator_rates import ADAMW_NBYTES_PER_ELEMENT, GIB, sim_rates
-from offload.simulator_traffic import Traffic, copy_seconds, memory_seconds
+from offload.planning.simulator.rates import ADAMW_NBYTES_PER_ELEMENT, GIB, sim_rates
+from offload.planning.simulator.traffic import Traffic, copy_seconds, memory_seconds
 
 STRIPES: dict[str, Placement] = {
     "1 card": interleave([1]),

@@ -187,7 +187,7 @@ def all_stages() -> tuple[Stage, ...]:
                   "--svg", f"{s}/dashboard_gpu.svg"),
               90, 40, "the live dashboard during a GPU run (SVG for docs/) and its cost there"),
         Stage("doctor", 10,
-              _py("-m", "offload.cli", "doctor", "--model", "qwen2.5-7b", "--seq", "32768",
+              _py("-m", "offload.tools.cli", "doctor", "--model", "qwen2.5-7b", "--seq", "32768",
                   "--activations", "checkpoint", "--loss-chunk-tokens", "4096"),
               60, 10, "offload doctor on a real GPU machine, and whether 7B at 32K fits its host "
               "memory as train-7b-32k runs it (exit 1 = a check failed)", needs_gpu=False),

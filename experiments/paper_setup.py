@@ -6,8 +6,9 @@ Settings only; it must not run or time anything.
 
 from __future__ import annotations
 
-from allocators.tensor_classes import TensorGroup, host_tensor_groups
-from offload.model_shapes import MODELS, ModelShape
+from allocators.tensor_classes import TensorGroup
+from offload.planning.host_groups import host_tensor_groups
+from offload.planning.model_shapes import MODELS, ModelShape
 
 PAPER_MODELS = ("qwen2.5-7b", "mistral-nemo-12b")
 PAPER_SWEEP = ((1, 4096), (8, 4096), (16, 4096), (1, 32768), (2, 32768), (3, 32768))

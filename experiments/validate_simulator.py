@@ -28,21 +28,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from allocators.activation_bytes import ACTIVATION_MODES
 from allocators.placement import Placement, as_placement
 from allocators.topology import NodeRates, NumaNode
 from experiments.results_io import RESULTS_DIR, this_machine, write_results
 from offload.config import OffloadConfig
-from offload.model_shapes import MODELS, ModelShape, load_model_shape
-from offload.runtime_step import runtime_step
-from offload.simulate import (
-    DEEPSPEED_OVERHEAD_S_PER_PARAM,
-    StepConfig,
-    phase_traffic,
-    simulate_step,
-)
-from offload.simulator_compute import GpuModel, compute_seconds, fitted_device
-from offload.simulator_rates import (
+from offload.planning.activation_bytes import ACTIVATION_MODES
+from offload.planning.model_shapes import MODELS, ModelShape, load_model_shape
+from offload.planning.runtime_step import runtime_step
+from offload.planning.simulator.compute import GpuModel, compute_seconds, fitted_device
+from offload.planning.simulator.rates import (
     ADAMW_NBYTES_PER_ELEMENT,
     GIB,
     SimRates,
@@ -50,6 +44,12 @@ from offload.simulator_rates import (
     memcpy_gib_per_s,
     profile_rates,
     sim_rates,
+)
+from offload.planning.simulator.step import (
+    DEEPSPEED_OVERHEAD_S_PER_PARAM,
+    StepConfig,
+    phase_traffic,
+    simulate_step,
 )
 
 CLASSES = ("params", "activations", "grads", "master_grads", "master_params", "optimizer_state")
@@ -360,11 +360,11 @@ def runtime_config(
     gpu: GpuModel | None = None,
 ) -> StepConfig:
     """The simulator's settings for a run of ``offload.enable`` with these settings (others at
-    enable()'s defaults), as offload.runtime_step defines them for every caller.
+    enable()'s defaults), as offload.planning.runtime_step defines them for every caller.
 
     >>> runtime_config("float32").param_nbytes, runtime_config().overlap_step
     (4, True)
-    >>> from offload.runtime_step import OUR_RUNTIME
+    >>> from offload.planning.runtime_step import OUR_RUNTIME
     >>> runtime_config() == OUR_RUNTIME
     True
     """
@@ -742,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="checkpoint",
         choices=ACTIVATION_MODES,
         help="with --report: the run's offload.enable(activations=...); 'saved_tensors' is "
-        "simulated from allocators.activation_bytes (every saved tensor of a Llama-like layer)",
+        "simulated from offload.planning.activation_bytes (every saved tensor of a Llama-like layer)",
     )
     parser.add_argument(
         "--overlap-step",

@@ -14,7 +14,7 @@ def __getattr__(name: str):
     # TieredKVCache subclasses a transformers class: importing transformers costs over a second,
     # which training-only users and the CLI should not pay at `import offload`.
     if name == "TieredKVCache":
-        from offload.kv_cache import TieredKVCache
+        from offload.kv_cache.cache import TieredKVCache
 
         return TieredKVCache
     raise AttributeError(f"module 'offload' has no attribute {name!r}")

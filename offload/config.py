@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from allocators.activation_bytes import ACTIVATION_MODES
 from allocators.declared_topology import yaml_problem
 from allocators.errors import ConfigError
 from allocators.units import parse_size
+from offload.planning.activation_bytes import ACTIVATION_MODES
 
 POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
 BUDGET_TIERS = ("dram", "cxl", "remote_dram")
@@ -43,7 +43,7 @@ class OffloadConfig:
       fails midway, buckets already stepped stay stepped (a ``PartialStepWarning`` says so when
       the step is dropped); turned off, every step is all-or-nothing.
     - ``loss_chunk_tokens``: a transformers causal LM called with ``labels`` computes its loss
-      this many tokens at a time (offload.chunked_loss), so the [tokens, vocab] logits never
+      this many tokens at a time (offload.runtime.chunked_loss), so the [tokens, vocab] logits never
       exist whole; the output's ``logits`` is then None. For long sequences with big vocabularies.
     - ``dashboard``: draw a live panel of memory per tier, transfer rates, the step's phases and
       throughput from a background thread (one log line per step when stderr is not a terminal).

@@ -15,12 +15,12 @@ from allocators.errors import OffloadError, PlacementError
 from allocators.sysfs_topology import discover
 from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
-from offload.activation_offload import find_layers
 from offload.config import OffloadConfig, resolve_config
-from offload.host_memory import HostMemory
-from offload.run_plan import run_placements
+from offload.planning.run_plan import run_placements
+from offload.runtime.activation_offload import find_layers
+from offload.runtime.host_memory import HostMemory
+from offload.runtime.streams import CopyStreams
 from offload.session import OffloadSession
-from offload.streams import CopyStreams
 
 
 def enable(

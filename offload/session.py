@@ -15,19 +15,19 @@ import psutil
 import torch
 from torch import nn
 
-from offload.activation_offload import ActivationOffloader
-from offload.checkpoint_offload import LayerCheckpointing
-from offload.chunked_loss import ChunkedLossPatch
-from offload.clip_patch import ClipPatch
 from offload.config import OffloadConfig
-from offload.dashboard_thread import DashboardThread
-from offload.host_memory import HostMemory
-from offload.optimizer_offload import OptimizerOffload
-from offload.optimizer_patch import OptimizerPatch
-from offload.phase_clock import PhaseClock
-from offload.run_plan import RunPlan
-from offload.run_record import record_run
-from offload.streams import CopyStreams
+from offload.planning.run_plan import RunPlan
+from offload.runtime.activation_offload import ActivationOffloader
+from offload.runtime.checkpoint_offload import LayerCheckpointing
+from offload.runtime.chunked_loss import ChunkedLossPatch
+from offload.runtime.clip_patch import ClipPatch
+from offload.runtime.host_memory import HostMemory
+from offload.runtime.optimizer_offload import OptimizerOffload
+from offload.runtime.optimizer_patch import OptimizerPatch
+from offload.runtime.phase_clock import PhaseClock
+from offload.runtime.streams import CopyStreams
+from offload.tools.dashboard_thread import DashboardThread
+from offload.tools.run_record import record_run
 
 
 @dataclass
@@ -235,7 +235,7 @@ class OffloadSession:
 
     def save(self, path: str | Path) -> Path:
         """Write the run record (``offload-run/1``: config, plan, topology, machine, step rows)
-        to ``path`` for ``offload report``; read it back with ``offload.run_record.load_run``.
+        to ``path`` for ``offload report``; read it back with ``offload.tools.run_record.load_run``.
 
         >>> sess.save("run.json")  # doctest: +SKIP
         PosixPath('run.json')

@@ -11,7 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from offload.run_record import RunRecord, ceiling_source_text
+from offload.tools.run_record import RunRecord, ceiling_source_text
 from plots.profile_common import plt, save_png
 
 DIRECTIONS = (("h2d", "H2D", "tab:blue"), ("d2h", "D2H", "tab:orange"))
@@ -20,7 +20,7 @@ DIRECTIONS = (("h2d", "H2D", "tab:blue"), ("d2h", "D2H", "tab:orange"))
 def plot_bandwidth(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path:
     """Write :func:`bandwidth_figure` of ``runs`` to ``png_path`` and return the path.
 
-    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> from offload.tools.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("vm", "2", None, None),
     ...                 [{"step": 0, "h2d_gb_per_s": 3.0, "d2h_gb_per_s": 2.0}])
     >>> plot_bandwidth({"a": rec}, "/tmp/run_bandwidth_doctest.png").stat().st_size > 0
@@ -35,7 +35,7 @@ def bandwidth_figure(runs: Mapping[str, RunRecord]) -> Figure:
     A run without DMA (CPU only: its copies were host memcpy, whose rate is no link's) gets a
     panel that says so and gives the memcpy medians, instead of an empty or misleading chart.
 
-    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> from offload.tools.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("vm", "2", None, None), [])
     >>> fig = bandwidth_figure({"a": rec}); fig.axes[0].get_title().splitlines()[0]
     'a: no DMA (CPU-only run)'

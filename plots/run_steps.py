@@ -10,14 +10,14 @@ from pathlib import Path
 from matplotlib.ticker import MaxNLocator
 
 from allocators.policies import BUDGET_KEYS
-from offload.run_record import PHASES, RunRecord
+from offload.tools.run_record import PHASES, RunRecord
 from plots.profile_common import plt, save_png
 
 
 def measured_where(runs: Mapping[str, RunRecord]) -> str:
     """One subtitle naming where each distinct run was measured (records are always measured).
 
-    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> from offload.tools.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("vm", "2", None, None), [])
     >>> measured_where({"a": rec, "b": rec})
     'measured on vm (CPU only, no GPU)'
@@ -29,7 +29,7 @@ def plot_step_breakdown(runs: Mapping[str, RunRecord], png_path: str | Path) -> 
     """One panel per run: forward / backward / optimizer ms of each step stacked, and the host's
     wait on copies as a hatched bar from zero: it was spent inside those phases, not after them.
 
-    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> from offload.tools.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
     ...                 [{"step": 0, "forward_ms": 2.0, "backward_ms": 3.0, "wait_ms": 1.0}])
     >>> plot_step_breakdown({"a": rec}, "/tmp/run_steps_doctest.png").stat().st_size > 0
@@ -71,7 +71,7 @@ def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path
     """Host bytes in use per tier (``host_<tier>_nbytes``) at each step's end, a line per run and
     tier; RSS and the unplaced/unpinned fallback totals are not tiers and are left out.
 
-    >>> from offload.run_record import SCHEMA, MachineFacts
+    >>> from offload.tools.run_record import SCHEMA, MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
     ...                 [{"step": 0, "host_dram_nbytes": 1 << 20}])
     >>> plot_tier_bytes({"a": rec}, "/tmp/run_tiers_doctest.png").stat().st_size > 0

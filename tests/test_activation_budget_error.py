@@ -9,7 +9,7 @@ import torch
 import offload
 from allocators.errors import BudgetExceededError
 from allocators.sysfs_topology import discover
-from offload.tiny_finetune import tiny_llama
+from offload.tools.tiny_finetune import tiny_llama
 
 pytest.importorskip("transformers")
 

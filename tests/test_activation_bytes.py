@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import offload
-from allocators.activation_bytes import DecoderDims, estimate_activations, saved_tensors
+from offload.planning.activation_bytes import DecoderDims, estimate_activations, saved_tensors
 
 transformers = pytest.importorskip("transformers")
 

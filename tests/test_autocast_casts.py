@@ -10,8 +10,8 @@ from torch import nn
 import offload
 from allocators.errors import OffloadError
 from allocators.sysfs_topology import discover
-from offload.activation_offload import ParamCast
-from offload.tiny_finetune import tiny_llama
+from offload.runtime.activation_offload import ParamCast
+from offload.tools.tiny_finetune import tiny_llama
 
 pytest.importorskip("transformers")
 

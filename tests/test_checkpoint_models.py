@@ -9,7 +9,7 @@ import torch
 
 import offload
 from allocators.sysfs_topology import discover
-from offload.tiny_finetune import train_steps
+from offload.tools.tiny_finetune import train_steps
 
 pytest.importorskip("transformers")
 from tiny_families import FAMILIES, tiny_causal_lm  # noqa: E402

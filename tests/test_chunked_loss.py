@@ -9,9 +9,9 @@ import torch
 import offload
 from allocators.errors import ConfigError
 from allocators.sysfs_topology import discover
-from offload.chunked_loss import ChunkedLossPatch, chunked_causal_lm_loss
 from offload.config import OffloadConfig
-from offload.tiny_finetune import tiny_llama, train_steps
+from offload.runtime.chunked_loss import ChunkedLossPatch, chunked_causal_lm_loss
+from offload.tools.tiny_finetune import tiny_llama, train_steps
 
 BUDGETS = {"dram": "1GiB"}
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from offload.cli_plan import RUNTIMES, run_plan_command
-from offload.runtime_step import OUR_RUNTIME, runtime_step
-from offload.simulate import DEEPSPEED_ZERO3
+from offload.planning.runtime_step import OUR_RUNTIME, runtime_step
+from offload.planning.simulator.step import DEEPSPEED_ZERO3
+from offload.tools.plan_cli import RUNTIMES, run_plan_command
 
 
 def plan_json(runtime: str, optimizer: str = "adam") -> dict:

@@ -18,11 +18,11 @@ import offload
 from allocators.declared_topology import load_declared
 from allocators.errors import ConfigError
 from allocators.sysfs_topology import discover
-from offload.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
-from offload.dashboard_thread import DashboardThread, SessionProbe
-from offload.tiny_finetune import tiny_llama as shared_tiny_llama
-from offload.tiny_finetune import train_steps
-from offload.transfer_ceilings import transfer_ceilings
+from offload.tools.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
+from offload.tools.dashboard_thread import DashboardThread, SessionProbe
+from offload.tools.tiny_finetune import tiny_llama as shared_tiny_llama
+from offload.tools.tiny_finetune import train_steps
+from offload.tools.transfer_ceilings import transfer_ceilings
 
 pytest.importorskip("transformers")
 

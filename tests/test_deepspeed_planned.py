@@ -10,13 +10,13 @@ from two_sockets import two_sockets_two_cxl
 from allocators.declared_topology import load_declared
 from allocators.errors import ConfigError
 from allocators.policies import get_policy
-from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import NumaNode, Topology
 from offload.deepspeed.rank_plan import plan_rank
 from offload.deepspeed.rank_planner import deepspeed_step
-from offload.model_shapes import MODELS
-from offload.simulate import simulate_step
-from offload.simulator_rates import sim_rates
+from offload.planning.host_groups import host_tensor_groups
+from offload.planning.model_shapes import MODELS
+from offload.planning.simulator.rates import sim_rates
+from offload.planning.simulator.step import simulate_step
 
 GIB = 1 << 30
 SHAPE = MODELS["llama-1.1b"]

@@ -328,7 +328,7 @@ def _worker(stage: int, out: Path) -> None:
     import offload.deepspeed as ods
     from allocators.sysfs_topology import discover
     from offload.deepspeed.release import forget_engine
-    from offload.tiny_finetune import tiny_llama
+    from offload.tools.tiny_finetune import tiny_llama
 
     config = {
         "train_micro_batch_size_per_gpu": 2,

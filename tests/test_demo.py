@@ -14,7 +14,7 @@ def test_offload_demo_profiles_places_and_fine_tunes(tmp_path):
         [
             sys.executable,
             "-m",
-            "offload.cli",
+            "offload.tools.cli",
             "demo",
             "--steps",
             "2",

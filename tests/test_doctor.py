@@ -10,8 +10,8 @@ import pytest
 from allocators import numa
 from allocators.cli_app import run_subcommands
 from allocators.sysfs_topology import discover
-from offload import doctor
-from offload.doctor import PinProbe
+from offload.tools import doctor
+from offload.tools.doctor import PinProbe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
 
@@ -21,7 +21,7 @@ def topo(name):
 
 
 def doctor_cli(*argv):
-    return run_subcommands("offload", "x", ["offload.cli_doctor"], ["doctor", *argv])
+    return run_subcommands("offload", "x", ["offload.tools.doctor_cli"], ["doctor", *argv])
 
 
 @pytest.fixture
@@ -241,8 +241,8 @@ def test_model_check_says_what_each_activation_mode_needs(quiet_machine, capsys)
 
 
 def test_model_check_against_budgets_and_bad_input(quiet_machine, capsys):
-    from offload.doctor_model_fit import ModelWorkload, check_model_fits
-    from offload.model_shapes import MODELS
+    from offload.planning.model_shapes import MODELS
+    from offload.tools.doctor_model_fit import ModelWorkload, check_model_fits
 
     work = ModelWorkload(MODELS["llama-1.1b"], seq=8192)
     result = check_model_fits(topo("two-socket"), work, budget_nbytes=1 << 30)

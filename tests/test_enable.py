@@ -12,8 +12,8 @@ from torch import nn
 import offload
 from allocators.errors import OffloadError
 from allocators.sysfs_topology import discover
-from offload.optimizer_offload import PartialStepWarning
-from offload.tiny_finetune import tiny_llama as shared_tiny_llama
+from offload.runtime.optimizer_offload import PartialStepWarning
+from offload.tools.tiny_finetune import tiny_llama as shared_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 

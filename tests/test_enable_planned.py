@@ -14,9 +14,9 @@ from allocators.declared_topology import load_declared
 from allocators.errors import BudgetExceededError, ConfigError
 from allocators.sysfs_topology import discover
 from allocators.topology import NumaNode, Topology
-from offload.run_plan import RunPlan, model_shape, plan_run, run_placements
-from offload.tiny_finetune import tiny_llama as shared_tiny_llama
-from offload.tiny_finetune import train_steps
+from offload.planning.run_plan import RunPlan, model_shape, plan_run, run_placements
+from offload.tools.tiny_finetune import tiny_llama as shared_tiny_llama
+from offload.tools.tiny_finetune import train_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,7 +141,7 @@ def write_profile(path, *, cxl_slowdown: float):
 
 
 def test_profile_rates_reach_the_planner(tmp_path):
-    from offload.model_shapes import MODELS
+    from offload.planning.model_shapes import MODELS
 
     shape = MODELS["llama-1.1b"]
     topo = load_declared("paper-1aic")
@@ -211,9 +211,9 @@ def test_other_policies_leave_no_plan(topology):
 def test_host_plans_size_what_this_runtime_allocates():
     """A 7B model with Adam at 32K tokens on a one-node 125 GiB machine: the paper's groups
     (20 B/param) do not fit a 110 GiB budget, the 14 B/param this runtime allocates do."""
-    from allocators.tensor_classes import host_tensor_groups, runtime_tensor_groups
-    from offload.host_memory import plan_placements
-    from offload.model_shapes import MODELS
+    from offload.planning.host_groups import host_tensor_groups, runtime_tensor_groups
+    from offload.planning.host_layout import plan_placements
+    from offload.planning.model_shapes import MODELS
 
     shape = MODELS["qwen2.5-7b"]
     node = NumaNode(0, "dram", tuple(range(16)), 125 << 30, 120 << 30)

@@ -11,7 +11,7 @@ import torch
 
 import offload
 from allocators.errors import BudgetExceededError
-from offload.tiny_finetune import tiny_llama
+from offload.tools.tiny_finetune import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,7 +19,7 @@ from allocators.declared_topology import load_declared
 from allocators.errors import BudgetExceededError, OffloadError, PlacementError
 from allocators.sysfs_topology import discover
 from allocators.topology import NumaNode, Topology
-from offload.host_memory import HostMemory
+from offload.runtime.host_memory import HostMemory
 
 BUDGETS = {"dram": "1GiB"}
 # offload.enable the function shadows offload.enable the module on the package.
@@ -489,7 +489,7 @@ def test_training_goes_on_in_the_same_session_after_a_keyboard_interrupt_in_forw
 def test_a_step_abandoned_after_early_buckets_stepped_is_reported_with_its_counts(topology):
     """Backward fails after the upper layers were stepped early: the user is told, not left to
     find a model that is half a step ahead."""
-    from offload.optimizer_offload import PartialStepWarning
+    from offload.runtime.optimizer_offload import PartialStepWarning
 
     data = batches(3)
     model = tiny_mlp()
@@ -578,7 +578,7 @@ def test_a_loop_that_clips_with_torch_clips_the_host_gradients(topology, setting
 def test_clipping_after_an_early_step_is_refused_with_the_setting_to_use(topology):
     model = tiny_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    from offload.optimizer_offload import PartialStepWarning
+    from offload.runtime.optimizer_offload import PartialStepWarning
 
     with (
         pytest.warns(PartialStepWarning, match="6 of 6 parameter tensors"),

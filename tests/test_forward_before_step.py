@@ -10,8 +10,8 @@ import torch
 
 import offload
 from allocators.sysfs_topology import discover
-from offload.optimizer_offload import ForwardBeforeStepWarning
-from offload.tiny_finetune import tiny_llama
+from offload.runtime.optimizer_offload import ForwardBeforeStepWarning
+from offload.tools.tiny_finetune import tiny_llama
 
 pytest.importorskip("transformers")
 

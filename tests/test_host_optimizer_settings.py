@@ -8,7 +8,7 @@ import torch
 
 import offload
 from allocators.sysfs_topology import discover
-from offload.tiny_finetune import tiny_llama, train_steps
+from offload.tools.tiny_finetune import tiny_llama, train_steps
 
 pytest.importorskip("transformers")
 

@@ -14,10 +14,10 @@ from allocators.errors import BudgetExceededError
 from allocators.placement import as_placement
 from allocators.tiered import TieredAllocator
 from allocators.topology import NumaNode, Topology
-from offload.host_memory import HostMemory
-from offload.kv_cache import TieredKVCache, check_transformers_version
-from offload.model_shapes import MODELS
-from offload.tiny_finetune import tiny_llama
+from offload.kv_cache.cache import TieredKVCache, check_transformers_version
+from offload.planning.model_shapes import MODELS
+from offload.runtime.host_memory import HostMemory
+from offload.tools.tiny_finetune import tiny_llama
 
 BLOCK_TOKENS = 16
 PROMPT_TOKENS = 37  # more than two blocks

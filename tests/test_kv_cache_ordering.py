@@ -12,10 +12,10 @@ import torch
 from transformers import DynamicCache
 
 from allocators.topology import NumaNode, Topology
-from offload.host_memory import HostMemory
-from offload.kv_cache import TieredKVCache
-from offload.streams import CopyStreams, TransferCounters
-from offload.tiny_finetune import tiny_llama
+from offload.kv_cache.cache import TieredKVCache
+from offload.runtime.host_memory import HostMemory
+from offload.runtime.streams import CopyStreams, TransferCounters
+from offload.tools.tiny_finetune import tiny_llama
 
 
 @dataclass(eq=False)

@@ -18,19 +18,19 @@ from hypothesis import strategies as st
 from allocators.declared_topology import load_declared
 from allocators.errors import BudgetExceededError
 from allocators.placement import as_placement
-from allocators.tensor_classes import kv_cache_group
 from allocators.topology import NodeRates
-from offload.cli import main as offload_main
-from offload.model_shapes import MODELS, ModelShape
-from offload.planner import plan_decode
-from offload.simulator_decode import (
+from offload.planning.host_groups import kv_cache_group
+from offload.planning.model_shapes import MODELS, ModelShape
+from offload.planning.planner import plan_decode
+from offload.planning.simulator.decode import (
     DecodeConfig,
     DecodeSimulationError,
     decode_traffic,
     kv_cache_group_for,
     simulate_decode,
 )
-from offload.simulator_rates import GIB, sim_rates
+from offload.planning.simulator.rates import GIB, sim_rates
+from offload.tools.cli import main as offload_main
 
 QWEN = MODELS["qwen2.5-7b"]
 CONTEXT = 131072

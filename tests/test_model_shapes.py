@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from offload.model_shapes import MODELS, ModelShapeError, load_model_shape, shape_from_config
+from offload.planning.model_shapes import (
+    MODELS,
+    ModelShapeError,
+    load_model_shape,
+    shape_from_config,
+)
 
 
 @pytest.mark.parametrize(

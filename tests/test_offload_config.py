@@ -120,6 +120,6 @@ def test_profile_from_the_environment(monkeypatch):
 
 def test_config_policies_are_the_planners():
     from offload.config import POLICIES
-    from offload.planner import PLAN_POLICIES
+    from offload.planning.planner import PLAN_POLICIES
 
     assert set(POLICIES) == set(PLAN_POLICIES)

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from allocators.sysfs_topology import discover
-from offload.activation_offload import ActivationOffloader, find_layers
-from offload.host_memory import HostMemory
-from offload.optimizer_offload import OptimizerOffload, PartialStepWarning
-from offload.optimizer_patch import OptimizerPatch
-from offload.streams import CopyEvent, CopyStreams
-from offload.tiny_finetune import tiny_llama
+from offload.runtime.activation_offload import ActivationOffloader, find_layers
+from offload.runtime.host_memory import HostMemory
+from offload.runtime.optimizer_offload import OptimizerOffload, PartialStepWarning
+from offload.runtime.optimizer_patch import OptimizerPatch
+from offload.runtime.streams import CopyEvent, CopyStreams
+from offload.tools.tiny_finetune import tiny_llama
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

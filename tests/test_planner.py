@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 from allocators.declared_topology import load_declared
 from allocators.errors import BudgetExceededError
-from allocators.tensor_classes import host_tensor_groups
 from experiments.paper_setup import (
     PAPER_MODELS,
     PAPER_SWEEP,
@@ -16,9 +15,10 @@ from experiments.paper_setup import (
     paper_budgets,
     paper_groups,
 )
-from offload.model_shapes import MODELS, ModelShape
-from offload.planner import plan, planned
-from offload.simulator_rates import sim_rates
+from offload.planning.host_groups import host_tensor_groups
+from offload.planning.model_shapes import MODELS, ModelShape
+from offload.planning.planner import plan, planned
+from offload.planning.simulator.rates import sim_rates
 
 TOPOLOGIES = {k: load_declared(name) for k, name in PAPER_TOPOLOGIES.items()}
 RATES = {k: sim_rates(topo) for k, topo in TOPOLOGIES.items()}

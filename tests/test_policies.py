@@ -22,10 +22,11 @@ from allocators.policies import (
     local_only,
     naive_interleave,
     parse_budgets,
-    split_nbytes,
 )
-from allocators.tensor_classes import TensorGroup, host_tensor_groups, kv_cache_group
+from allocators.striping import split_nbytes
+from allocators.tensor_classes import TensorGroup
 from allocators.topology import NumaNode, Topology
+from offload.planning.host_groups import host_tensor_groups, kv_cache_group
 
 P = 7_200_000_000
 ACT = 3_221_225_472

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from allocators.cli_app import run_subcommands
-from offload.cli_report import _cell, comparison_frame
-from offload.run_record import SCHEMA, MachineFacts, RunRecord, load_run
-from offload.transfer_ceilings import TransferCeilings
+from offload.tools.report_cli import _cell, comparison_frame
+from offload.tools.run_record import SCHEMA, MachineFacts, RunRecord, load_run
+from offload.tools.transfer_ceilings import TransferCeilings
 from plots.profile_common import plt
 from plots.run_bandwidth import bandwidth_figure
 from tests.test_run_record import run_tiny
@@ -26,7 +26,7 @@ def wide_console(monkeypatch):
 
 
 def report(*argv: str) -> int:
-    return run_subcommands("offload", "x", ["offload.cli_report"], ["report", *argv])
+    return run_subcommands("offload", "x", ["offload.tools.report_cli"], ["report", *argv])
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import offload
 from allocators.declared_topology import load_declared
 from allocators.sysfs_topology import discover
 from offload.config import OffloadConfig
-from offload.run_record import SCHEMA, RunRecordError, load_run, record_run, run_summary
-from offload.tiny_finetune import tiny_llama
-from offload.transfer_ceilings import TransferCeilings
+from offload.tools.run_record import SCHEMA, RunRecordError, load_run, record_run, run_summary
+from offload.tools.tiny_finetune import tiny_llama
+from offload.tools.transfer_ceilings import TransferCeilings
 
 pytest.importorskip("transformers")
 

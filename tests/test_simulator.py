@@ -5,18 +5,23 @@ from dataclasses import replace
 
 import pytest
 
-from allocators.activation_bytes import DecoderDims, estimate_activations
 from allocators.declared_topology import load_declared
 from allocators.placement import as_placement, interleave
-from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import NodeRates, NumaNode
 from offload.config import OffloadConfig
-from offload.host_memory import HostLayout
-from offload.model_shapes import MODELS
-from offload.runtime_step import OUR_RUNTIME, host_groups, runtime_step
-from offload.simulate import DEEPSPEED_ZERO3, SimulationError, StepConfig, simulate_step
-from offload.simulator_rates import GIB, RateModelError, paper_rates, sim_rates
-from offload.simulator_traffic import Traffic, copy_seconds, memory_seconds
+from offload.planning.activation_bytes import DecoderDims, estimate_activations
+from offload.planning.host_groups import host_tensor_groups
+from offload.planning.host_layout import HostLayout
+from offload.planning.model_shapes import MODELS
+from offload.planning.runtime_step import OUR_RUNTIME, host_groups, runtime_step
+from offload.planning.simulator.rates import GIB, RateModelError, paper_rates, sim_rates
+from offload.planning.simulator.step import (
+    DEEPSPEED_ZERO3,
+    SimulationError,
+    StepConfig,
+    simulate_step,
+)
+from offload.planning.simulator.traffic import Traffic, copy_seconds, memory_seconds
 
 CLASSES = ("params", "activations", "grads", "master_grads", "master_params", "optimizer_state")
 
@@ -216,7 +221,7 @@ def test_a_negative_rate_is_refused():
 
 
 def _step_bytes(config, kind="cpu", phase="step_cpu"):
-    from offload.simulate import phase_traffic
+    from offload.planning.simulator.step import phase_traffic
 
     shape = MODELS["llama-1.1b"]
     traffic = phase_traffic(shape, 1, 4096, everything_on(as_placement(0)), config)
@@ -258,7 +263,7 @@ def test_an_unmodelled_param_size_is_refused():
 
 
 def test_on_a_cpu_device_a_copy_runs_at_the_copy_rate_even_below_the_optimizer_rate():
-    from offload.simulator_rates import host_device_rates
+    from offload.planning.simulator.rates import host_device_rates
 
     rates = host_device_rates(copy_gib_per_s=8.0, cpu_gib_per_s=2.0)
     assert memory_seconds(Traffic(h2d={0: 8 * GIB}), rates).seconds == pytest.approx(1.0)
@@ -268,7 +273,7 @@ def test_on_a_cpu_device_a_copy_runs_at_the_copy_rate_even_below_the_optimizer_r
 
 
 def test_a_fitted_device_predicts_the_forward_it_was_fitted_on():
-    from offload.simulator_compute import compute_seconds, fitted_device
+    from offload.planning.simulator.compute import compute_seconds, fitted_device
 
     shape = MODELS["llama-1.1b"]
     device = fitted_device(shape, 1, 512, 0.25, "cpu")

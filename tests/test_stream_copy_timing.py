@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from offload.streams import CopyStreams
+from offload.runtime.streams import CopyStreams
 
 
 class FakeEvent:

@@ -1,6 +1,7 @@
 import pytest
 
-from allocators.tensor_classes import TENSOR_CLASSES, check_tensor_class, host_tensor_groups
+from allocators.tensor_classes import TENSOR_CLASSES, check_tensor_class
+from offload.planning.host_groups import host_tensor_groups
 
 # A 7B-ish shape: P = 7.2e9, micro-batch 3, sequence 4096, hidden 4096, 32 layers.
 P = 7_200_000_000

@@ -20,7 +20,7 @@ def wide_console(monkeypatch):
 
 def offload_main(argv):
     # Only this module's subcommand: the offload tool's other subcommands belong to other modules.
-    return run_subcommands("offload", "test", ["offload.cli_topology"], argv)
+    return run_subcommands("offload", "test", ["offload.tools.topology_cli"], argv)
 
 
 def test_offload_topology_prints_the_node_table(capsys):

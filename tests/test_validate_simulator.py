@@ -9,7 +9,7 @@ import pytest
 
 from experiments import validate_simulator as vs
 from experiments.results_io import RESULTS_DIR
-from offload.model_shapes import ModelShape
+from offload.planning.model_shapes import ModelShape
 
 PROFILE = str(RESULTS_DIR / "cpu-2core" / "profile.json")
 

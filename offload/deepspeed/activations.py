@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from allocators.tiered import TieredAllocator
-from offload.activation_offload import ActivationOffloader, find_layers
-from offload.checkpoint_offload import LayerCheckpointing
-from offload.host_memory import HostMemory
-from offload.streams import CopyStreams
+from offload.runtime.activation_offload import ActivationOffloader, find_layers
+from offload.runtime.checkpoint_offload import LayerCheckpointing
+from offload.runtime.host_memory import HostMemory
+from offload.runtime.streams import CopyStreams
 
 ActivationMode = Literal["off", "all", "checkpoint"]
 

@@ -29,7 +29,7 @@ from offload.deepspeed.placement import DeepSpeedPlacement
 from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank
 from offload.deepspeed.rank_planner import deepspeed_step
 from offload.deepspeed.release import forget_engine
-from offload.model_shapes import ModelShape
+from offload.planning.model_shapes import ModelShape
 
 # What "planned" falls back to when the model's shape is unknown (as offload.enable does).
 FALLBACK_POLICY = "cxl_aware"
@@ -103,7 +103,7 @@ def pinned_offload_config(config: Mapping[str, Any] | str) -> dict[str, Any]:
 
 
 def _model_sizes(model: nn.Module) -> tuple[int, ModelShape | None, str]:
-    from offload.run_plan import model_shape
+    from offload.planning.run_plan import model_shape
 
     n_params = max(sum(p.numel() for p in model.parameters()), 1)
     shape, reason = model_shape(model)
@@ -132,7 +132,7 @@ def enable(
         model, optimizer, config: as for ``deepspeed.initialize`` (config: dict or JSON path);
             offloads to ``cpu`` are made to pin, so their buffers pass through our allocator.
         policy: ``local_only``, ``naive_interleave``, ``cxl_aware`` (allocators.policies) or
-            ``planned``: offload.planner's shortest predicted step for this rank's partition
+            ``planned``: offload.planning.planner's shortest predicted step for this rank's partition
             (a transformers model is needed to simulate it; other models get ``cxl_aware``
             with a warning).
         budgets: host bytes per tier for the whole machine, e.g. ``{"dram": "512GiB",
@@ -190,7 +190,7 @@ def enable(
     ds_config = pinned_offload_config(config)
     rates = None
     if policy == "planned":
-        from offload.run_plan import load_rates
+        from offload.planning.run_plan import load_rates
 
         rates = load_rates(topology, profile)
     plan = plan_rank(

@@ -11,14 +11,14 @@ from dataclasses import dataclass, replace
 from allocators.errors import ConfigError
 from allocators.placement import Placement
 from allocators.policies import get_policy
-from allocators.tensor_classes import host_tensor_groups
 from allocators.topology import Topology
 from allocators.units import parse_size
 from offload.deepspeed.rank_planner import plan_rank_step
-from offload.model_shapes import ModelShape
-from offload.planner import Plan
-from offload.simulate import DEEPSPEED_ZERO3, StepConfig
-from offload.simulator_rates import SimRates, sim_rates
+from offload.planning.host_groups import host_tensor_groups
+from offload.planning.model_shapes import ModelShape
+from offload.planning.planner import Plan
+from offload.planning.simulator.rates import SimRates, sim_rates
+from offload.planning.simulator.step import DEEPSPEED_ZERO3, StepConfig
 
 # The paper's policies need sizes only; "planned" also simulates the rank's step (needs a shape).
 RANK_POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
@@ -124,9 +124,9 @@ def plan_rank(
     CXL is the devices nearest it (or the nodes a per-node ``cxl`` budget names). Every budget is
     split evenly between the ``local_world_size`` ranks of the machine.
 
-    ``policy="planned"`` asks offload.planner for this rank's shortest predicted step; it needs
+    ``policy="planned"`` asks offload.planning.planner for this rank's shortest predicted step; it needs
     the whole model's ``shape`` and takes ``rates`` (default: the topology's declared rates,
-    offload.simulator_rates.sim_rates) and the ``step`` being run (ZeRO-2 keeps parameters on
+    offload.planning.simulator.rates.sim_rates) and the ``step`` being run (ZeRO-2 keeps parameters on
     the GPU: ``StepConfig(offload_params=False, ...)``). It assumes the rank has its nodes'
     bandwidth to itself (ranks sharing a node slow every placement there alike).
 
@@ -146,7 +146,7 @@ def plan_rank(
     if policy == "planned" and shape is None:
         raise ConfigError(
             "policy='planned' simulates the rank's step and needs the model's shape: pass "
-            "shape= (offload.model_shapes.shape_from_config(model.config.to_dict())), or "
+            "shape= (offload.planning.model_shapes.shape_from_config(model.config.to_dict())), or "
             "write policy='cxl_aware'"
         )
     if dp_world_size < 1:

@@ -1,4 +1,4 @@
-"""``policy="planned"`` for one DeepSpeed rank: offload.planner's shortest predicted step for this
+"""``policy="planned"`` for one DeepSpeed rank: offload.planning.planner's shortest predicted step for this
 rank's ZeRO partition over the tiers seen from its GPU. It plans only; it must not allocate.
 
 The simulator predicts one GPU holding the whole model. A ZeRO-2/3 rank of ``W`` holds 1/W of the
@@ -18,10 +18,10 @@ from typing import Any
 from allocators.placement import Placement
 from allocators.tensor_classes import TensorGroup
 from allocators.topology import Tiers
-from offload.model_shapes import ModelShape
-from offload.planner import Plan, plan
-from offload.simulate import DEEPSPEED_ZERO3, StepConfig
-from offload.simulator_rates import SimRates
+from offload.planning.model_shapes import ModelShape
+from offload.planning.planner import Plan, plan
+from offload.planning.simulator.rates import SimRates
+from offload.planning.simulator.step import DEEPSPEED_ZERO3, StepConfig
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ def plan_rank_step(
     ``shape`` is the whole model (every rank computes all of it); ``tokens`` its micro-batch.
 
     >>> from allocators.declared_topology import load_declared
-    >>> from allocators.tensor_classes import host_tensor_groups
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import sim_rates
+    >>> from offload.planning.host_groups import host_tensor_groups
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import sim_rates
     >>> topo = load_declared("paper-1aic"); shape = MODELS["llama-1.1b"]
     >>> groups = host_tensor_groups(shape.n_params // 2, 1, 4096, shape.hidden, shape.layers)
     >>> rank = plan_rank_step(groups, topo.tiers, {"dram": "8GiB", "cxl": "32GiB"}, shape=shape,

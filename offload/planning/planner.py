@@ -27,20 +27,25 @@ from allocators.policies import (
     GroupPlacement,
     PolicyResult,
     parse_budgets,
-    split_nbytes,
 )
+from allocators.striping import split_nbytes
 from allocators.tensor_classes import TensorGroup
 from allocators.topology import Tiers
 from allocators.units import format_bytes
-from offload.model_shapes import ModelShape
-from offload.simulate import DEEPSPEED_ZERO3, StepConfig, StepPrediction, simulate_step
-from offload.simulator_decode import (
+from offload.planning.model_shapes import ModelShape
+from offload.planning.simulator.decode import (
     DecodeConfig,
     DecodePrediction,
     kv_cache_group_for,
     simulate_decode,
 )
-from offload.simulator_rates import SimRates
+from offload.planning.simulator.rates import SimRates
+from offload.planning.simulator.step import (
+    DEEPSPEED_ZERO3,
+    StepConfig,
+    StepPrediction,
+    simulate_step,
+)
 
 PLAN_POLICIES = (*POLICIES, "planned")
 
@@ -254,9 +259,9 @@ def planned(
     Raises BudgetExceededError when no placement fits (the groups need more than the budgets).
 
     >>> from allocators.declared_topology import load_declared
-    >>> from allocators.tensor_classes import host_tensor_groups
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import sim_rates
+    >>> from offload.planning.host_groups import host_tensor_groups
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import sim_rates
     >>> topo = load_declared("paper-1aic"); shape = MODELS["llama-1.1b"]
     >>> groups = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
     >>> result = planned(groups, topo.tiers, {"dram": "16GiB", "cxl": "64GiB"}, shape=shape,
@@ -326,9 +331,9 @@ def plan(
     """Place ``groups`` with ``policy`` (one of PLAN_POLICIES) and predict the step.
 
     >>> from allocators.declared_topology import load_declared
-    >>> from allocators.tensor_classes import host_tensor_groups
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import sim_rates
+    >>> from offload.planning.host_groups import host_tensor_groups
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import sim_rates
     >>> topo = load_declared("paper-2aic"); shape = MODELS["llama-1.1b"]
     >>> groups = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
     >>> p = plan(groups, topo.tiers, {"dram": "64GiB"}, "local_only", shape=shape, batch=1,
@@ -374,13 +379,13 @@ def planned_decode(
     config: DecodeConfig | None = None,
 ) -> PolicyResult:
     """Our policy for a decode: the kv_cache placement with the shortest predicted decode step
-    (offload.simulator_decode) within the budgets, searched as :func:`planned` searches.
+    (offload.planning.simulator.decode) within the budgets, searched as :func:`planned` searches.
 
     Raises BudgetExceededError, with the bytes needed and the budgets, when the cache cannot fit.
 
     >>> from allocators.declared_topology import load_declared
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import sim_rates
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import sim_rates
     >>> topo = load_declared("paper-1aic")
     >>> result = planned_decode(MODELS["qwen2.5-7b"], topo.tiers, {"dram": "1GiB", "cxl": "64GiB"},
     ...                         context_tokens=131072, batch=1, rates=sim_rates(topo))
@@ -411,12 +416,12 @@ def plan_decode(
     """Place the KV cache of a decode up to ``context_tokens`` with ``policy`` (one of
     PLAN_POLICIES) and predict the decode step's DMA time.
 
-    The cache is one group, ``kv_cache`` (offload.simulator_decode.kv_cache_group_for); the
+    The cache is one group, ``kv_cache`` (offload.planning.simulator.decode.kv_cache_group_for); the
     paper's policies treat it as they treat the compute weights, another GPU read stream.
 
     >>> from allocators.declared_topology import load_declared
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import sim_rates
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import sim_rates
     >>> topo = load_declared("paper-2aic")
     >>> p = plan_decode(MODELS["qwen2.5-7b"], topo.tiers, {"dram": "4GiB", "cxl": "64GiB"},
     ...                 "cxl_aware", context_tokens=131072, rates=sim_rates(topo))

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from allocators.cli_app import run_subcommands
 
 SUBCOMMANDS = (
-    "offload.cli_demo",
-    "offload.cli_topology",
-    "offload.cli_plan",
-    "offload.cli_doctor",
-    "offload.cli_report",
+    "offload.tools.demo",
+    "offload.tools.topology_cli",
+    "offload.tools.plan_cli",
+    "offload.tools.doctor_cli",
+    "offload.tools.report_cli",
 )
 
 

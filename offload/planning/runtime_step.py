@@ -12,20 +12,21 @@ buckets are stepped during backward unless ``overlap_step`` is off or ``max_grad
 every gradient first, the loss's fp32 log-probs leave with the activations unless
 ``loss_chunk_tokens`` chunks the loss, and saved tensors under ``activation_min_nbytes`` stay on
 the device. The activations simulated are those the hooks move in the run's mode
-(allocators.activation_bytes): ``"checkpoint"`` (the paper's mode: layer inputs, the layers
+(offload.planning.activation_bytes): ``"checkpoint"`` (the paper's mode: layer inputs, the layers
 recomputed in backward), ``"saved_tensors"`` (enable()'s default: every saved tensor, nothing
 recomputed) or ``"off"``.
 """
 
 from __future__ import annotations
 
-from allocators.activation_bytes import DecoderDims
-from allocators.tensor_classes import TensorGroup, host_tensor_groups
+from allocators.tensor_classes import TensorGroup
 from offload.config import OffloadConfig
-from offload.host_memory import HostLayout
-from offload.model_shapes import ModelShape
-from offload.simulate import SimulationError, StepConfig
-from offload.simulator_compute import GpuModel
+from offload.planning.activation_bytes import DecoderDims
+from offload.planning.host_groups import host_tensor_groups
+from offload.planning.host_layout import HostLayout
+from offload.planning.model_shapes import ModelShape
+from offload.planning.simulator.compute import GpuModel
+from offload.planning.simulator.step import SimulationError, StepConfig
 
 
 def runtime_step(
@@ -82,11 +83,11 @@ def host_groups(
 ) -> tuple[TensorGroup, ...]:
     """The host tensor groups of a runtime that runs ``step``, for ``shape`` at ``batch`` x
     ``seq``: with fp32 master gradients, DeepSpeed's (the paper's four, bf16 weights included);
-    without, ours (offload.host_memory.HostLayout: optimizer data, the activations of the
+    without, ours (offload.planning.host_layout.HostLayout: optimizer data, the activations of the
     step's mode, gradients as they land; no host copy of the weights).
 
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulate import DEEPSPEED_ZERO3
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.step import DEEPSPEED_ZERO3
     >>> shape = MODELS["llama-1.1b"]
     >>> [g.name for g in host_groups(OUR_RUNTIME, shape, 1, 4096)]
     ['latency_critical', 'activation_checkpoints', 'compute_grads']

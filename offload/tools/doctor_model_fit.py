@@ -1,5 +1,5 @@
 """`offload doctor --model`: will this model's offloaded host memory fit this machine? Sizes come
-from what offload.enable() allocates (allocators.tensor_classes.runtime_tensor_groups); nothing is
+from what offload.enable() allocates (offload.planning.host_groups.runtime_tensor_groups); nothing is
 allocated or timed here.
 """
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from allocators.activation_bytes import ACTIVATION_MODES, DecoderDims
 from allocators.topology import Topology
 from allocators.units import format_bytes
-from offload.doctor import CheckResult
-from offload.host_memory import DEFAULT_LAYOUT, HostLayout
-from offload.model_shapes import ModelShape
+from offload.planning.activation_bytes import ACTIVATION_MODES, DecoderDims
+from offload.planning.host_layout import DEFAULT_LAYOUT, HostLayout
+from offload.planning.model_shapes import ModelShape
+from offload.tools.doctor import CheckResult
 
 # Below this much free host memory left over, the process, pinned staging and the page cache
 # start to compete with the offloaded state: a warning, not a failure.
@@ -33,7 +33,7 @@ class ModelWorkload:
 def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
     """Host bytes per group offload.enable() allocates for ``work``.
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> need = host_need_nbytes(ModelWorkload(MODELS["qwen2.5-7b"], seq=32768))
     >>> round(sum(need.values()) / 2**30), round(need["activation_checkpoints"] / 2**30)
     (329, 230)
@@ -54,7 +54,7 @@ def activation_needs_nbytes(work: ModelWorkload) -> dict[str, int]:
     """Host bytes of ``work``'s activations in each mode offload.enable() offers, the rest of
     its layout unchanged: what switching ``activations`` would save.
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> needs = activation_needs_nbytes(ModelWorkload(MODELS["llama-1.1b"], seq=4096))
     >>> needs["off"], needs["saved_tensors"] > 8 * needs["checkpoint"]
     (0, True)
@@ -76,7 +76,7 @@ def check_model_fits(
     also gives the run's total in the other activation modes.
 
     >>> from allocators.topology import NumaNode
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> node = NumaNode(0, "dram", (0,), 125 << 30, 110 << 30)
     >>> topo = Topology(nodes=(node,), distances={0: {0: 10}}, gpus=(), source="example")
     >>> qwen = ModelWorkload(MODELS["qwen2.5-7b"], seq=32768)

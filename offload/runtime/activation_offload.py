@@ -13,8 +13,8 @@ from torch import nn
 
 from allocators.errors import BudgetExceededError, OffloadError
 from allocators.units import format_bytes
-from offload.host_memory import HostBlock, HostMemory
-from offload.streams import CopyEvent, CopyStreams
+from offload.runtime.host_memory import HostBlock, HostMemory
+from offload.runtime.streams import CopyEvent, CopyStreams
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList | None:

@@ -46,7 +46,7 @@ class DecoderDims:
 
     @classmethod
     def of(cls, shape: object) -> DecoderDims:
-        """The dims of any object with these attributes (e.g. offload.model_shapes.ModelShape).
+        """The dims of any object with these attributes (e.g. offload.planning.model_shapes.ModelShape).
 
         >>> from types import SimpleNamespace
         >>> DecoderDims.of(SimpleNamespace(layers=1, hidden=8, intermediate=16, heads=2,

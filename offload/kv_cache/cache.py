@@ -1,6 +1,6 @@
 """TieredKVCache: a transformers Cache whose KV blocks live in placed host tiers and stream back to
 the device layer by layer, the next layer prefetched on a side stream. It must not pick placements:
-they come from the allocator's plan, the caller, or (``for_model``) offload.planner.
+they come from the allocator's plan, the caller, or (``for_model``) offload.planning.planner.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from allocators.policies import BudgetSpec
 from allocators.tiered import DEFAULT_BUDGETS, TieredAllocator
 from allocators.topology import Topology
 from allocators.topology_command import load_topology
-from offload.host_memory import HostMemory
-from offload.kv_cache_layer import ON_FULL_CHOICES, BlockPlacer, OnFull, TieredKVLayer
-from offload.model_shapes import ModelShape, load_model_shape, shape_from_config
-from offload.planner import DecodePlan, plan_decode
-from offload.simulator_decode import DecodeConfig
-from offload.simulator_rates import SimRates, sim_rates
-from offload.streams import CopyEvent, CopyStreams
+from offload.kv_cache.layer import ON_FULL_CHOICES, BlockPlacer, OnFull, TieredKVLayer
+from offload.planning.model_shapes import ModelShape, load_model_shape, shape_from_config
+from offload.planning.planner import DecodePlan, plan_decode
+from offload.planning.simulator.decode import DecodeConfig
+from offload.planning.simulator.rates import SimRates, sim_rates
+from offload.runtime.host_memory import HostMemory
+from offload.runtime.streams import CopyEvent, CopyStreams
 
 # Built against the per-layer Cache of transformers 5.x (CacheLayerMixin, Cache(layers=...));
 # tested with 5.24 (CPU) and written for 5.17 (the GPU machine's version in MEASURED.md).
@@ -185,7 +185,7 @@ class TieredKVCache(Cache):
         """A cache for ``model_config`` up to ``max_context_tokens``, placed by ``policy``.
 
         The KV cache of that context (K and V of every layer, ``dtype``, in whole blocks) is
-        placed by offload.planner.plan_decode with ``policy`` (``planned``, ``cxl_aware``,
+        placed by offload.planning.planner.plan_decode with ``policy`` (``planned``, ``cxl_aware``,
         ``naive_interleave`` or ``local_only``) within ``budgets`` (default
         allocators.tiered.DEFAULT_BUDGETS) on ``topology`` (a Topology, a declared file or
         shipped name such as ``"paper-1aic"``, or None for this machine); ``rates`` default to
@@ -195,7 +195,7 @@ class TieredKVCache(Cache):
         budgets when the context does not fit.
 
         ``model_config``: a transformers config (``model.config``), its dict, a ModelShape, or
-        a name in offload.model_shapes.MODELS. Other arguments are as for the constructor.
+        a name in offload.planning.model_shapes.MODELS. Other arguments are as for the constructor.
 
         >>> cache = TieredKVCache.for_model("qwen2.5-7b", max_context_tokens=131072,
         ...     topology="paper-1aic", budgets={"dram": "2GiB", "cxl": "64GiB"}, device="cpu",
@@ -521,5 +521,5 @@ def _model_shape(model_config: object) -> ModelShape:
         return shape_from_config(to_dict(), name=type(model_config).__name__)
     raise TypeError(
         f"model_config = {type(model_config).__name__} is not a model config; pass model.config, "
-        "its to_dict(), an offload.model_shapes.ModelShape or a name such as 'qwen2.5-7b'"
+        "its to_dict(), an offload.planning.model_shapes.ModelShape or a name such as 'qwen2.5-7b'"
     )

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.utils.clip_grad as clip_grad_module
 
-from offload.optimizer_offload import OptimizerOffload
+from offload.runtime.optimizer_offload import OptimizerOffload
 
 _active: list[OptimizerOffload] = []
 _original = torch.nn.utils.clip_grad_norm_
@@ -44,8 +44,8 @@ class ClipPatch:
     """While installed, ``torch.nn.utils.clip_grad_norm_`` clips ``offload``'s host gradients.
 
     >>> from allocators.sysfs_topology import discover
-    >>> from offload.host_memory import HostMemory
-    >>> from offload.streams import CopyStreams
+    >>> from offload.runtime.host_memory import HostMemory
+    >>> from offload.runtime.streams import CopyStreams
     >>> model = torch.nn.Linear(4, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> mem = HostMemory(discover(), {"dram": "1GiB"})

@@ -155,7 +155,7 @@ def check_cxl_movable(topo: Topology) -> CheckResult:
     """Warn for each CXL node whose memory is online only as ZONE_MOVABLE.
 
     >>> from allocators.sysfs_topology import discover
-    >>> root = Path(__file__).parents[1] / "tests/fixtures/sysfs/cxl-movable"
+    >>> root = Path(__file__).parents[2] / "tests/fixtures/sysfs/cxl-movable"
     >>> check_cxl_movable(discover(root, use_nvml=False)).status
     'warn'
     """
@@ -372,7 +372,7 @@ def check_gpus(
 def check_budgets(topo: Topology, budgets: Budgets | Mapping[str, int | str] | None) -> CheckResult:
     """Fail when a node's budget is more than the node has free, naming node and numbers.
 
-    >>> root = Path(__file__).parents[1] / "tests/fixtures/sysfs/cxl-movable"
+    >>> root = Path(__file__).parents[2] / "tests/fixtures/sysfs/cxl-movable"
     >>> check_budgets(discover(root, use_nvml=False), {"dram": "1TiB"}).status
     'fail'
     """
@@ -408,7 +408,7 @@ def run_checks(
     Checks that need the live machine (mbind, pinning) run on this process; against a captured
     tree the pin test is skipped and mbind is tried on a node of this machine.
 
-    >>> root = Path(__file__).parents[1] / "tests/fixtures/sysfs/cxl-movable"
+    >>> root = Path(__file__).parents[2] / "tests/fixtures/sysfs/cxl-movable"
     >>> [r.check for r in run_checks(root)][:3]
     ['mbind', 'thp', 'cxl movable']
     """

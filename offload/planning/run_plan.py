@@ -13,17 +13,17 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
-from allocators.activation_bytes import DEFAULT_MIN_NBYTES, ActivationMode, DecoderDims
 from allocators.errors import ConfigError
 from allocators.placement import Placement
 from allocators.tensor_classes import OptimizerName
 from allocators.topology import Topology
 from offload.config import OffloadConfig
-from offload.host_memory import DEFAULT_LAYOUT, HostLayout, plan_placements
-from offload.model_shapes import ModelShape, ModelShapeError, shape_from_config
-from offload.planner import Plan, plan, predicted_phases
-from offload.runtime_step import runtime_step
-from offload.simulator_rates import SimRates, profile_rates, sim_rates
+from offload.planning.activation_bytes import DEFAULT_MIN_NBYTES, ActivationMode, DecoderDims
+from offload.planning.host_layout import DEFAULT_LAYOUT, HostLayout, plan_placements
+from offload.planning.model_shapes import ModelShape, ModelShapeError, shape_from_config
+from offload.planning.planner import Plan, plan, predicted_phases
+from offload.planning.runtime_step import runtime_step
+from offload.planning.simulator.rates import SimRates, profile_rates, sim_rates
 
 # What "planned" falls back to when the model's shape is unknown: the paper's policy.
 FALLBACK_POLICY = "cxl_aware"
@@ -129,12 +129,12 @@ def plan_run(
     """Plan host memory with the ``planned`` policy for ``n_params`` of ``shape`` at ``batch`` x ``seq``.
 
     The groups are those this runtime allocates for ``layout`` (activations sized for its mode
-    from ``shape``), and the step is the one it runs (offload.runtime_step, for ``layout``'s
+    from ``shape``), and the step is the one it runs (offload.planning.runtime_step, for ``layout``'s
     optimizer and gradient dtype).
     Raises BudgetExceededError when the groups do not fit the budgets.
 
     >>> from allocators.declared_topology import load_declared
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> shape = MODELS["llama-1.1b"]
     >>> run = plan_run(load_declared("paper-1aic"), {"dram": "16GiB", "cxl": "64GiB"},
     ...                shape=shape, n_params=shape.n_params, batch=1, seq=4096)

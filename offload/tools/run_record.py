@@ -23,8 +23,8 @@ from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
 from allocators.topology_json import topology_to_dict
 from offload.config import OffloadConfig
-from offload.run_plan import RunPlan
-from offload.transfer_ceilings import TransferCeilings, transfer_ceilings
+from offload.planning.run_plan import RunPlan
+from offload.tools.transfer_ceilings import TransferCeilings, transfer_ceilings
 
 SCHEMA = "offload-run/1"
 PHASES = ("forward", "backward", "optimizer", "wait")
@@ -217,7 +217,7 @@ def run_from_dict(data: Any) -> RunRecord:
     >>> run_from_dict({"schema": "offload-profile/1"})
     Traceback (most recent call last):
     ...
-    offload.run_record.RunRecordError: run record key 'schema' = 'offload-profile/1' is not offload-run/1; save the run with OffloadSession.save(path)
+    offload.tools.run_record.RunRecordError: run record key 'schema' = 'offload-profile/1' is not offload-run/1; save the run with OffloadSession.save(path)
     """
     schema = _get(data, "schema", str, "")
     if schema != SCHEMA:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from allocators.errors import OffloadError
 from allocators.units import format_bytes
-from offload.run_record import SCHEMA, RunRecord, load_run, read_json, run_summary
+from offload.tools.run_record import SCHEMA, RunRecord, load_run, read_json, run_summary
 
 PROFILE_SCHEMA = "offload-profile/1"
 
@@ -43,9 +43,9 @@ def register(subparsers) -> None:
 
 
 def comparison_frame(runs: Mapping[str, RunRecord]) -> pd.DataFrame:
-    """One row per run (``run`` then :func:`offload.run_record.run_summary`'s unit-named columns).
+    """One row per run (``run`` then :func:`offload.tools.run_record.run_summary`'s unit-named columns).
 
-    >>> from offload.run_record import MachineFacts
+    >>> from offload.tools.run_record import MachineFacts
     >>> rec = RunRecord(SCHEMA, "", {}, None, {}, MachineFacts("h", "2", None, None),
     ...                 [{"step": 0, "forward_ms": 1.0}])
     >>> comparison_frame({"a": rec})[["run", "steps", "forward_ms_median"]].values.tolist()

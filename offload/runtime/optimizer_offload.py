@@ -11,7 +11,7 @@ Exactness (the default gives the same result as the user's optimizer on the devi
 - micro-step gradients are summed on the host in the parameter's dtype, in arrival order, the
   same additions autograd would have made into ``param.grad``.
 This module must not touch the user's loop: the user's optimizer object is patched in place by
-offload.optimizer_patch.
+offload.runtime.optimizer_patch.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from allocators.errors import OffloadError
-from offload.host_memory import HostBlock, HostMemory
-from offload.host_optimizer import HostOptimizer
-from offload.streams import CopyEvent, CopyStreams
+from offload.runtime.host_memory import HostBlock, HostMemory
+from offload.runtime.host_step import HostOptimizer
+from offload.runtime.streams import CopyEvent, CopyStreams
 
 
 class PartialStepWarning(RuntimeWarning):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from offload.optimizer_offload import OptimizerOffload
+from offload.runtime.optimizer_offload import OptimizerOffload
 
 PATCHED_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
 _ABSENT = object()
@@ -21,8 +21,8 @@ class OptimizerPatch:
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> from allocators.sysfs_topology import discover
-    >>> from offload.host_memory import HostMemory
-    >>> from offload.streams import CopyStreams
+    >>> from offload.runtime.host_memory import HostMemory
+    >>> from offload.runtime.streams import CopyStreams
     >>> mem = HostMemory(discover(), {"dram": "1GiB"})
     >>> off = OptimizerOffload(opt, mem, CopyStreams(torch.device("cpu")))
     >>> patch = OptimizerPatch(opt, off)

@@ -32,13 +32,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from allocators.activation_bytes import DecoderDims, estimate_activations
 from allocators.errors import OffloadError
 from allocators.placement import Placement
-from offload.model_shapes import ModelShape
-from offload.simulator_compute import GpuModel, compute_seconds
-from offload.simulator_rates import SimRates
-from offload.simulator_traffic import Traffic, memory_seconds
+from offload.planning.activation_bytes import DecoderDims, estimate_activations
+from offload.planning.model_shapes import ModelShape
+from offload.planning.simulator.compute import GpuModel, compute_seconds
+from offload.planning.simulator.rates import SimRates
+from offload.planning.simulator.traffic import Traffic, memory_seconds
 
 Phase = Literal["forward", "backward", "step"]
 _STATE_NBYTES_PER_PARAM = {"adam": 8, "adamw": 8, "lion": 4}
@@ -70,7 +70,7 @@ class StepConfig:
       (DeepSpeed); False: the optimizer reads them as they landed (our runtime).
     - ``activation_mode``: None counts the paper's activations, one [b, s, h] layer input per
       layer; our runtime's mode (``"checkpoint"``, ``"saved_tensors"``) counts every tensor its
-      saved-tensor hooks move in that mode (allocators.activation_bytes: with the loss's fp32
+      saved-tensor hooks move in that mode (offload.planning.activation_bytes: with the loss's fp32
       log-probs, stored once, unless ``loss_chunk_tokens`` chunks the loss).
     - ``activation_min_nbytes``: saved tensors smaller than this stay on the device (our
       runtime's setting of that name); 0 offloads every one.
@@ -105,7 +105,7 @@ class StepConfig:
 
 
 # The paper's runtime. Ours (params on the device, no fp32 master gradients, the step overlapped)
-# is offload.runtime_step.OUR_RUNTIME, read from offload.enable()'s settings.
+# is offload.planning.runtime_step.OUR_RUNTIME, read from offload.enable()'s settings.
 DEEPSPEED_ZERO3 = StepConfig(overhead_s_per_param=DEEPSPEED_OVERHEAD_S_PER_PARAM)
 
 
@@ -158,7 +158,7 @@ def phase_traffic(
     """Bytes per node for each phase (``forward``, ``backward``, ``step_cpu``, ``step_dma``), from
     the table in the module docstring and a placement per tensor class.
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> from allocators.placement import as_placement
     >>> every = {c: as_placement(0) for c in ("params", "activations", "grads", "master_grads",
     ...          "master_params", "optimizer_state")}
@@ -222,8 +222,8 @@ def simulate_step(
     """Predict one training step's phases; ``placements`` maps tensor class -> Placement (as
     ``PolicyResult.by_class()`` gives it).
 
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import paper_rates
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import paper_rates
     >>> from allocators.placement import as_placement
     >>> every = {c: as_placement(0) for c in ("params", "activations", "grads", "master_grads",
     ...          "master_params", "optimizer_state")}

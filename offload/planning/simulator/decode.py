@@ -3,7 +3,7 @@ cache lives in host tiers (placed as a plan says) and streams back layer by laye
 
 It predicts the DMA side only (a bound on tokens/s); it must not allocate, place or time anything.
 
-What one decode step moves, following offload.kv_cache.TieredKVCache block by block:
+What one decode step moves, following offload.kv_cache.cache.TieredKVCache block by block:
 
 - H2D: with fewer device slots than layers (``hbm_layers < layers``) the first
   ``hbm_layers - 2`` layers stay resident and every other layer's stored blocks come back once
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from allocators.errors import OffloadError
 from allocators.placement import Placement
-from allocators.tensor_classes import TensorGroup, kv_cache_group
-from offload.model_shapes import ModelShape
-from offload.simulator_rates import SimRates
-from offload.simulator_traffic import Traffic, memory_seconds
+from allocators.tensor_classes import TensorGroup
+from offload.planning.host_groups import kv_cache_group
+from offload.planning.model_shapes import ModelShape
+from offload.planning.simulator.rates import SimRates
+from offload.planning.simulator.traffic import Traffic, memory_seconds
 
 
 class DecodeSimulationError(OffloadError, ValueError):
@@ -43,7 +44,7 @@ class DecodeConfig:
     >>> DecodeConfig(hbm_layers=0)
     Traceback (most recent call last):
     ...
-    offload.simulator_decode.DecodeSimulationError: hbm_layers = 0 must be a positive int, e.g. hbm_layers=2
+    offload.planning.simulator.decode.DecodeSimulationError: hbm_layers = 0 must be a positive int, e.g. hbm_layers=2
     """
 
     hbm_layers: int = 2
@@ -99,7 +100,7 @@ def block_nbytes(shape: ModelShape, batch: int, config: DecodeConfig) -> int:
     """Bytes of one host block of one layer: K and V of ``block_tokens`` tokens, as the cache
     allocates them ([2, batch, kv_heads, block_tokens, head_dim]).
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> block_nbytes(MODELS["llama-1.1b"], 1, DecodeConfig()) == 1 << 20
     True
     """
@@ -112,7 +113,7 @@ def kv_cache_group_for(
     """The kv_cache group of a decode up to ``context_tokens``, in whole blocks as the cache holds
     them (the context is rounded up to a multiple of ``block_tokens``).
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> g = kv_cache_group_for(MODELS["qwen2.5-7b"], 131072)
     >>> g.name, g.nbytes / 2**30
     ('kv_cache', 7.0)
@@ -141,7 +142,7 @@ def decode_traffic(
     streamed back. See the module docstring for what moves.
 
     >>> from allocators.placement import interleave
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> t, h2d_copies, d2h_copies, layers = decode_traffic(MODELS["llama-1.1b"], 4096, 1,
     ...                                                    interleave([0, 1]))
     >>> t.h2d[1] / 2**20, h2d_copies, d2h_copies, layers
@@ -171,8 +172,8 @@ def simulate_decode(
     """Predict one decode step's DMA time at ``context_tokens`` with the KV cache on ``placement``.
 
     >>> from allocators.placement import as_placement, interleave
-    >>> from offload.model_shapes import MODELS
-    >>> from offload.simulator_rates import paper_rates
+    >>> from offload.planning.model_shapes import MODELS
+    >>> from offload.planning.simulator.rates import paper_rates
     >>> shape, rates = MODELS["qwen2.5-7b"], paper_rates(1)
     >>> dram = simulate_decode(shape, 131072, 1, as_placement(0), rates)
     >>> cxl = simulate_decode(shape, 131072, 1, as_placement(1), rates)

@@ -1,6 +1,6 @@
 """`offload plan`: place a model's host tensor groups with a policy and print the predicted phases,
 or (``--decode``) place its KV cache and print the predicted decode step, as rich tables or JSON.
-Wiring and printing only: the work is offload.planner.
+Wiring and printing only: the work is offload.planning.planner.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from allocators.errors import OffloadError
 from allocators.topology import Topology
 from allocators.topology_command import load_topology
 from allocators.units import format_bytes
-from offload.model_shapes import MODELS, load_model_shape
-from offload.planner import (
+from offload.planning.model_shapes import MODELS, load_model_shape
+from offload.planning.planner import (
     PLAN_POLICIES,
     DecodePlan,
     Plan,
@@ -27,10 +27,10 @@ from offload.planner import (
     plan_decode,
     predicted_phases,
 )
-from offload.runtime_step import OUR_RUNTIME, host_groups
-from offload.simulate import DEEPSPEED_ZERO3, StepConfig
-from offload.simulator_decode import DecodeConfig
-from offload.simulator_rates import GIB, SimRates, profile_rates, sim_rates
+from offload.planning.runtime_step import OUR_RUNTIME, host_groups
+from offload.planning.simulator.decode import DecodeConfig
+from offload.planning.simulator.rates import GIB, SimRates, profile_rates, sim_rates
+from offload.planning.simulator.step import DEEPSPEED_ZERO3, StepConfig
 
 RUNTIMES: dict[str, StepConfig] = {"ours": OUR_RUNTIME, "deepspeed-zero3": DEEPSPEED_ZERO3}
 

@@ -1,6 +1,6 @@
 """`offload doctor`: check this machine (or a captured sysfs tree) for offload and say what to fix.
 
-Wiring and output only: the checks themselves are offload.doctor.
+Wiring and output only: the checks themselves are offload.tools.doctor.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from allocators.activation_bytes import ACTIVATION_MODES
 from allocators.errors import ConfigError
 from offload.config import OffloadConfig
-from offload.doctor import CheckResult, parse_budget_args, run_checks
+from offload.planning.activation_bytes import ACTIVATION_MODES
+from offload.tools.doctor import CheckResult, parse_budget_args, run_checks
 
 _STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
 
@@ -96,9 +96,9 @@ def _run(args: argparse.Namespace) -> int:
 def _model_check(args: argparse.Namespace, budgets: dict[str, int | str]) -> CheckResult:
     from allocators.sysfs_topology import discover
     from allocators.units import parse_size
-    from offload.doctor_model_fit import ModelWorkload, check_model_fits
-    from offload.host_memory import HostLayout
-    from offload.model_shapes import load_model_shape
+    from offload.planning.host_layout import HostLayout
+    from offload.planning.model_shapes import load_model_shape
+    from offload.tools.doctor_model_fit import ModelWorkload, check_model_fits
 
     for name in ("seq", "batch", "loss_chunk_tokens"):
         value = getattr(args, name)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from allocators.placement import Placement
-from offload.simulator_rates import GIB, SimRates
+from offload.planning.simulator.rates import GIB, SimRates
 
 
 @dataclass
@@ -67,7 +67,7 @@ def node_busy_seconds(traffic: Traffic, rates: SimRates, node: int) -> float:
     """Seconds ``node`` is busy serving every stream of a phase: its DMA in each direction (from all
     GPUs) and the CPU's bytes queue behind each other on the one device.
 
-    >>> from offload.simulator_rates import paper_rates
+    >>> from offload.planning.simulator.rates import paper_rates
     >>> round(node_busy_seconds(Traffic(d2h={1: 34.7 * GIB}), paper_rates(1), 1), 6)
     1.0
     """
@@ -83,7 +83,7 @@ def memory_seconds(traffic: Traffic, rates: SimRates) -> MemoryTime:
     and both at once) and of every node, since a striped buffer's nodes work in parallel and the
     stream waits for the node that carries the most for its speed.
 
-    >>> from offload.simulator_rates import paper_rates
+    >>> from offload.planning.simulator.rates import paper_rates
     >>> from allocators.placement import interleave
     >>> t = Traffic(); t.add("d2h", 2 * GIB, interleave([0, 1]))
     >>> m = memory_seconds(t, paper_rates(1))
@@ -111,7 +111,7 @@ def copy_seconds(
     """One copy of ``nbytes`` between a buffer placed as ``placement`` and each of ``gpus`` GPUs at
     once: a fixed per-copy latency plus the streaming time (the DMA microbenchmark's model).
 
-    >>> from offload.simulator_rates import paper_rates
+    >>> from offload.planning.simulator.rates import paper_rates
     >>> from allocators.placement import as_placement
     >>> round(2 * GIB / copy_seconds(2 * GIB, as_placement(1), "d2h", paper_rates(1)) / GIB, 1)
     34.7

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from offload.model_shapes import ModelShape
+from offload.planning.model_shapes import ModelShape
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def forward_flops(shape: ModelShape, batch: int, seq: int) -> float:
 
     The input embedding is a lookup (no FLOPs); a tied LM head still multiplies.
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> f"{forward_flops(MODELS['qwen2.5-7b'], 1, 4096):.3e}"
     '6.129e+13'
     """
@@ -53,7 +53,7 @@ def compute_seconds(
     """Forward and backward GPU seconds; backward is twice the forward, plus one more forward when
     layers are recomputed from their checkpoints (the paper's setting).
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> fwd, bwd = compute_seconds(MODELS["llama-1.1b"], 1, 8192, GpuModel())
     >>> round(bwd / fwd, 1)
     3.0
@@ -74,7 +74,7 @@ def fitted_device(
     (``batch``, ``seq``): a CPU (no peak given: the fitted rate is taken as its peak, MFU 1), or a
     GPU whose MFU is then the fitted rate over ``peak_flops_per_s``. Fit on one run, predict others.
 
-    >>> from offload.model_shapes import MODELS
+    >>> from offload.planning.model_shapes import MODELS
     >>> shape = MODELS["llama-1.1b"]
     >>> cpu = fitted_device(shape, 1, 256, forward_flops(shape, 1, 256) / 1e11, "cpu")
     >>> cpu.effective_flops_per_s, cpu.mfu

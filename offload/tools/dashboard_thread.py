@@ -16,11 +16,11 @@ import torch
 from rich.console import Console
 from rich.live import Live
 
-from offload.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
-from offload.transfer_ceilings import transfer_ceilings
+from offload.tools.dashboard import DashboardSnapshot, MemoryBar, log_line, render_dashboard
+from offload.tools.transfer_ceilings import transfer_ceilings
 
 if TYPE_CHECKING:
-    from offload.optimizer_offload import OptimizerOffload
+    from offload.runtime.optimizer_offload import OptimizerOffload
     from offload.session import OffloadSession
 
 TIER_LABELS = {"dram": "DRAM", "remote_dram": "remote DRAM", "cxl": "CXL"}

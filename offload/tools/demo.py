@@ -16,7 +16,7 @@ from allocators.sysfs_topology import discover
 from allocators.topology import Topology
 from allocators.topology_table import print_topology
 from allocators.units import format_bytes, parse_size
-from offload.tiny_finetune import TinyFinetuneResult, run_tiny_finetune
+from offload.tools.tiny_finetune import TinyFinetuneResult, run_tiny_finetune
 from profilers.cli import main as profile_main
 
 # Plain and offloaded runs do the same arithmetic on CPU; the tests hold them to 1e-6.

@@ -97,7 +97,7 @@ class ChunkedLossPatch:
     returns ``logits=None`` (the point is never to hold them); without labels the model's own
     forward runs. Instance-level: module hooks (ours, the user's) still run around it.
 
-    >>> from offload.tiny_finetune import tiny_llama
+    >>> from offload.tools.tiny_finetune import tiny_llama
     >>> model = tiny_llama()
     >>> ids = torch.randint(0, model.config.vocab_size, (1, 16))
     >>> reference = model(input_ids=ids, labels=ids).loss
