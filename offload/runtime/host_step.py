@@ -23,7 +23,7 @@ def host_setting(key: str, value):
     The user's optimizer was built for device params: ``capturable=True`` (CUDA-graph safe
     steps) is refused by torch for CPU params at the first step, and a tensor hyper-parameter
     on the GPU cannot drive a CPU step, so the host copy steps non-capturable with plain floats.
-    :meth:`HostOptimizer.state_dict` hands the user's own values back.
+    :meth:`HostStep.state_dict` hands the user's own values back.
 
     >>> host_setting("capturable", True), host_setting("lr", torch.tensor(0.5))
     (False, 0.5)
@@ -60,7 +60,7 @@ def native_class(optimizer: torch.optim.Optimizer) -> type | None:
     return CPUAdamW if kind is torch.optim.AdamW else CPUAdam
 
 
-class HostOptimizer:
+class HostStep:
     """Step any subset of master params with the user's optimizer's rule and hyper-parameters.
 
     A single coordinator thread (:meth:`submit`) runs bucket work in order; optim_cpu spreads
@@ -69,7 +69,7 @@ class HostOptimizer:
     >>> p = torch.nn.Parameter(torch.ones(2))
     >>> user = torch.optim.SGD([p], lr=0.5)
     >>> master = torch.ones(2)
-    >>> host = HostOptimizer(user, [[master]])
+    >>> host = HostStep(user, [[master]])
     >>> host.step_params([master], [torch.ones(2)]); master
     tensor([0.5000, 0.5000])
     >>> host.close()

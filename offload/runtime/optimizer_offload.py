@@ -26,7 +26,7 @@ from torch import nn
 
 from allocators.errors import OffloadError
 from offload.runtime.host_memory import HostBlock, HostMemory
-from offload.runtime.host_step import HostOptimizer
+from offload.runtime.host_step import HostStep
 from offload.runtime.streams import CopyEvent, CopyStreams
 
 
@@ -74,7 +74,7 @@ class ParamSlot:
 
 
 @dataclass(eq=False)
-class Bucket:
+class GradBucket:
     """Parameters whose gradients travel and get stepped together, and their host blocks."""
 
     index: int
@@ -153,7 +153,7 @@ class OptimizerOffload:
             [self._slot_of[id(p)].master for p in group["params"]]
             for group in optimizer.param_groups
         ]
-        self.host = HostOptimizer(
+        self.host = HostStep(
             optimizer, master_groups, state_allocator=self._allocate_state, threads=threads
         )
         if optimizer.state:
@@ -181,7 +181,7 @@ class OptimizerOffload:
                 if not p.is_floating_point():
                     raise OffloadError(f"parameter of dtype {p.dtype} cannot be offloaded")
 
-    def _make_buckets(self, bucket_nbytes: int) -> list[Bucket]:
+    def _make_buckets(self, bucket_nbytes: int) -> list[GradBucket]:
         # Reverse registration order approximates the order backward produces gradients in.
         entries = [
             (gi, p) for gi, group in enumerate(self.optimizer.param_groups) for p in group["params"]
@@ -197,7 +197,7 @@ class OptimizerOffload:
             size += nbytes
         return [self._make_bucket(i, members) for i, members in enumerate(groups) if members]
 
-    def _make_bucket(self, index: int, members: list[tuple[int, nn.Parameter]]) -> Bucket:
+    def _make_bucket(self, index: int, members: list[tuple[int, nn.Parameter]]) -> GradBucket:
         master_nbytes = sum(p.numel() * 4 for _, p in members)
         grad_offsets, grad_nbytes = [], 0
         for _, p in members:
@@ -238,7 +238,7 @@ class OptimizerOffload:
                 )
             )
             master_at += p.numel() * 4
-        return Bucket(index=index, slots=slots, blocks=blocks)
+        return GradBucket(index=index, slots=slots, blocks=blocks)
 
     @property
     def slots(self) -> list[ParamSlot]:
@@ -275,7 +275,7 @@ class OptimizerOffload:
         if bucket.micro_step == max(s.arrivals for s in bucket.slots):
             self._bucket_complete(bucket)
 
-    def _bucket_complete(self, bucket: Bucket) -> None:
+    def _bucket_complete(self, bucket: GradBucket) -> None:
         # Everything that reads these params on the device has been queued before their grads.
         bucket.read_done = self.streams.mark()
         step_now = (
@@ -287,7 +287,7 @@ class OptimizerOffload:
             bucket.stepped = True
         bucket.future = self.host.submit(lambda: self._land(bucket, step_now))
 
-    def _land(self, bucket: Bucket, step: bool) -> None:
+    def _land(self, bucket: GradBucket, step: bool) -> None:
         """Worker: wait for the bucket's D2H copies, sum micro-steps, maybe step and copy back."""
         copies, bucket.copies = bucket.copies, []
         for event in copies:
@@ -309,7 +309,7 @@ class OptimizerOffload:
             slot.grad.add_(slot.staging)
             slot.pending_add = None
 
-    def _step_bucket(self, bucket: Bucket) -> None:
+    def _step_bucket(self, bucket: GradBucket) -> None:
         stepped = [s for s in bucket.slots if s.arrivals > 0]
         if not stepped:
             return
@@ -330,7 +330,7 @@ class OptimizerOffload:
         event = self.streams.h2d(source, slot.param, after=after, wait_compute=False, tiers=tiers)
         self._copy_backs.append(event)
 
-    def _wait_for(self, bucket: Bucket) -> None:
+    def _wait_for(self, bucket: GradBucket) -> None:
         if bucket.future is not None:
             start = time.perf_counter()
             bucket.future.result()
@@ -491,7 +491,7 @@ class OptimizerOffload:
     def state_dict(self) -> dict:
         """The user optimizer's state dict format, plus ``offload_master_params`` (fp32)."""
         self.zero_grad_pending_check()
-        # HostOptimizer.state_dict already carries the user's own group settings.
+        # HostStep.state_dict already carries the user's own group settings.
         state = self.host.state_dict()
         state["offload_master_params"] = {i: s.master.clone() for i, s in enumerate(self.slots)}
         return state
