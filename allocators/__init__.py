@@ -8,6 +8,7 @@ from allocators.declared_topology import load_declared, shipped_topologies
 from allocators.errors import (
     BudgetExceededError,
     ConfigError,
+    KernelBuildError,
     NumaError,
     OffloadError,
     PlacementError,
@@ -38,6 +39,7 @@ __all__ = [
     "GpuInfo",
     "HostBuffer",
     "HostPool",
+    "KernelBuildError",
     "interleave",
     "load_declared",
     "NodeRates",

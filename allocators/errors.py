@@ -28,3 +28,8 @@ class NumaError(OffloadError, OSError):
 
 class ConfigError(OffloadError, ValueError):
     """A user-supplied setting (a size, a budget, a policy or class name) is not valid."""
+
+
+class KernelBuildError(OffloadError, RuntimeError):
+    """A C/C++ kernel (the profilers' measurement kernels, the CPU optimizer's fused step) could
+    not be compiled or loaded on this machine; each caller falls back to a slower path."""

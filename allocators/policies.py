@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from allocators.errors import BudgetExceededError, ConfigError, PlacementError
 from allocators.placement import Placement, as_placement, interleave
@@ -39,8 +39,13 @@ from allocators.units import format_bytes, parse_size
 if TYPE_CHECKING:
     import pandas as pd
 
+# The tiers a budget names, nearest first (the order usage rows, tables and messages list them in).
 TierName = Literal["dram", "remote_dram", "cxl"]
-BUDGET_KEYS: tuple[TierName, ...] = ("dram", "cxl", "remote_dram")
+TIER_NAMES: tuple[TierName, ...] = get_args(TierName)
+# Every placement policy a user can name: the three POLICIES below, and "planned", which
+# offload.planning implements because it needs the step simulator.
+PolicyName = Literal["local_only", "naive_interleave", "cxl_aware", "planned"]
+POLICY_NAMES: tuple[PolicyName, ...] = get_args(PolicyName)
 Rule = Literal["local", "interleave", "cxl_stripe"]
 
 BudgetValue = int | float | str
@@ -117,9 +122,9 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
     node_tier: dict[int, TierName] = {}
     declared: dict[TierName, int] = {}
     for key, value in budgets.items():
-        if key not in BUDGET_KEYS:
+        if key not in TIER_NAMES:
             raise ConfigError(
-                f"budget key {key!r} is not a tier; write one of {', '.join(map(repr, BUDGET_KEYS))}"
+                f"budget key {key!r} is not a tier; write one of {', '.join(map(repr, TIER_NAMES))}"
             )
         nodes = tier_nodes[key]
         if isinstance(value, Mapping):

@@ -13,7 +13,7 @@ from allocators.errors import BudgetExceededError
 from allocators.host_buffer import PAGE_NBYTES
 from allocators.host_pool import HostPool
 from allocators.placement import Placement, as_placement
-from allocators.policies import Budgets, BudgetSpec, TierName, parse_budgets
+from allocators.policies import TIER_NAMES, Budgets, BudgetSpec, TierName, parse_budgets
 from allocators.striping import DEFAULT_CHUNK_NBYTES, split_nbytes
 from allocators.tensor_classes import TENSOR_CLASSES, TensorClass, check_tensor_class
 from allocators.topology import Topology
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_BUDGETS: Mapping[str, str] = {"dram": "64GiB", "cxl": "256GiB"}
-_TIER_ORDER: tuple[TierName, ...] = ("dram", "remote_dram", "cxl")
 
 
 def _whole_pages(nbytes: int) -> int:
@@ -223,7 +222,7 @@ class TieredAllocator:
             nbytes=nbytes,
             placement=chosen,
             nbytes_per_node=charge,
-            tiers=tuple(t for t in _TIER_ORDER if any(self._tier(n) == t for n in charge)),
+            tiers=tuple(t for t in TIER_NAMES if any(self._tier(n) == t for n in charge)),
             buffer=buffer,
         )
         with self._lock:
@@ -347,7 +346,7 @@ class TieredAllocator:
         """
         with self._lock:
             rows = []
-            for tier in _TIER_ORDER:
+            for tier in TIER_NAMES:
                 nodes = [n for n in self._used if self._tier(n) == tier]
                 if not nodes:
                     continue

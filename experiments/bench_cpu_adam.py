@@ -35,13 +35,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-import pandas as pd
 import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from experiments.results_io import RESULTS_DIR, this_machine
+from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from optim_cpu.numa_cores import node_cpus
 from profilers.kernels import load_kernels
 from profilers.memory_bandwidth import stream_stats
@@ -349,10 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(AdamRow(**json.loads(ln)) for ln in lines)
     rows = add_ratios(rows)
     render(rows, Console())
-    folder = RESULTS_DIR / machine
-    folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([asdict(r) for r in rows]).to_csv(folder / args.out, index=False)
-    print(f"wrote {folder / args.out}")
+    path = RESULTS_DIR / machine / args.out
+    write_results([asdict(r) for r in rows], path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

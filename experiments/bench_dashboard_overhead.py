@@ -37,7 +37,7 @@ import torch
 from rich.console import Console
 
 import offload
-from experiments.results_io import RESULTS_DIR, this_machine, write_results
+from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from offload.tools.dashboard import render_dashboard
 from offload.tools.dashboard_thread import DashboardThread
 from offload.tools.tiny_finetune import tiny_llama, train_steps

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from experiments.bench_offload_training import build_model, host_budgets, time_steps
-from experiments.child_run import cuda_missing, run_child
-from experiments.results_io import RESULTS_DIR, machine_slug, write_results
+from experiments.common.child_run import cuda_missing, run_child
+from experiments.common.results_io import RESULTS_DIR, machine_slug, write_results
 
 MODES = ("deepspeed_zero3_stock", "deepspeed_zero3_placed", "offload_enable")
 SHAPE = "7b"  # experiments.bench_offload_training.SHAPES["7b"]: MODELS["qwen2.5-7b"]

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from allocators.host_buffer import HostBuffer
 from allocators.units import format_bytes, parse_size
-from experiments.results_io import RESULTS_DIR, this_machine
+from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from profilers.trial_stats import MIN_TRIALS, summarize
 
 GiB = 1 << 30
@@ -263,13 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure_copies(sizes, args.node, args.trials, machine)
     print_table(rows, console)
     out = args.out or RESULTS_DIR / machine / "host_buffer.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([asdict(r) for r in rows])
     if args.note:
         frame["note"] = frame["note"] + "; " + args.note
     frame.insert(2, "torch", torch.__version__)
     frame.insert(3, "cpus", len(os.sched_getaffinity(0)))
-    frame.to_csv(out, index=False)
+    write_results(frame, out)
     console.print(f"wrote {out}")
     return 0
 

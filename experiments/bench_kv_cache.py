@@ -20,8 +20,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from experiments.child_run import cuda_missing, run_child
-from experiments.results_io import RESULTS_DIR, this_machine, write_results
+from experiments.common.child_run import cuda_missing, run_child
+from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from offload.planning.model_shapes import MODELS
 
 CACHES = ("tiered", "offloaded", "dynamic")

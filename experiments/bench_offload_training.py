@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from experiments.child_run import cuda_missing, run_child
-from experiments.results_io import machine_slug
+from experiments.common.child_run import cuda_missing, run_child
+from experiments.common.results_io import RESULTS_DIR, machine_slug, write_results
 from offload.planning.model_shapes import MODELS
 
 MODES = ("gpu_checkpointing", "offload_enable", "deepspeed_zero2_offload", "torch_save_on_cpu")
@@ -51,6 +51,7 @@ class Result:
     host_rss_gib: float | None = None
     loss_chunk_tokens: int | None = None
     error: str = ""
+    source: str = "measured"
 
 
 def build_model(shape: str, seq: int):
@@ -337,10 +338,8 @@ def _write(results: list[Result], machine: str) -> int:
             else None
             for row in frame.itertuples()
         ]
-    out_dir = Path(__file__).parent / "results" / machine
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "bench_offload_training.csv"
-    frame.to_csv(path, index=False)
+    path = RESULTS_DIR / machine / "bench_offload_training.csv"
+    write_results(frame, path)
     print(frame.to_string(index=False))
     print(f"wrote {path}")
     return 0

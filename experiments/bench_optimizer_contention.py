@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from experiments.results_io import RESULTS_DIR, this_machine
+from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from optim_cpu import ContentionPolicy, CPUAdamW, DmaSignal, StepScheduler
 
 COPY_NBYTES = 512 << 20
@@ -139,10 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(r.policy, f"{r.optimizer_s:.2f}", f"{r.copy_s:.2f}", f"{r.makespan_s:.2f}",
                       f"{r.optimizer_elems_per_s / 1e9:.3f}", f"{r.copy_gib_per_s:.1f}")  # fmt: skip
     Console().print(table)
-    folder = RESULTS_DIR / machine
-    folder.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(folder / "optimizer_contention.csv", index=False)
-    print(f"wrote {folder / 'optimizer_contention.csv'} (DMA emulated by a memcpy thread)")
+    path = RESULTS_DIR / machine / "optimizer_contention.csv"
+    write_results(frame, path)
+    print(f"wrote {path} (DMA emulated by a memcpy thread)")
 
 
 if __name__ == "__main__":

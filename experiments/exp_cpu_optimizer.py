@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, as_placement
-from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
+from experiments.common.paper_setup import PAPER_TOPOLOGIES
+from experiments.common.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
 from offload.planning.simulator.rates import ADAMW_NBYTES_PER_ELEMENT, sim_rates
 from offload.planning.simulator.traffic import Traffic, memory_seconds
 
@@ -41,7 +42,7 @@ PLACEMENTS: dict[str, Placement] = {
 MEASURED_MAX_ELEMENTS = 70_000_000
 
 
-def simulated_rows(topology: str = "paper-1aic") -> list[dict]:
+def simulated_rows(topology: str = PAPER_TOPOLOGIES[1]) -> list[dict]:
     """Simulated step time per (size, placement), with the paper's figure where it has one.
 
     >>> rows = simulated_rows()

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, as_placement
-from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
+from experiments.common.paper_setup import PAPER_TOPOLOGIES
+from experiments.common.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
 from offload.planning.simulator.rates import GIB, sim_rates
 from offload.planning.simulator.traffic import copy_seconds
 
@@ -32,7 +33,7 @@ MIXES: dict[str, Placement] = {
 }
 
 
-def simulated_rows(topology: str = "paper-1aic") -> list[dict]:
+def simulated_rows(topology: str = PAPER_TOPOLOGIES[1]) -> list[dict]:
     """Every (size, mix, direction, gpus) simulated on a declared machine.
 
     >>> rows = simulated_rows()

@@ -6,7 +6,7 @@ paper's runtime (DeepSpeed ZeRO-3: bf16 params streamed from the host, fp32 mast
 optimizer after backward, DeepSpeed's per-step overhead) and with ours (offload.planning.runtime_step: what
 offload.enable runs in the paper's activation mode; params stay on the GPU, gradients are read
 where they land, the optimizer steps during backward), each over the host groups it allocates.
-Budgets: experiments.paper_setup, one machine for both runtimes (local DRAM capped as for the
+Budgets: experiments.common.paper_setup, one machine for both runtimes (local DRAM capped as for the
 paper's groups; local_only gets what each runtime needs).
 Measured rows come from real runs: ``--report CSV`` takes the per-step report of a run of
 offload.enable (columns forward_ms, backward_ms, optimizer_ms; steps after the first two are
@@ -24,16 +24,16 @@ from collections.abc import Sequence
 import pandas as pd
 
 from allocators.declared_topology import load_declared
-from experiments.paper_setup import (
+from allocators.policies import POLICY_NAMES
+from experiments.common.paper_setup import (
     PAPER_MODELS,
     PAPER_SWEEP,
     PAPER_TOPOLOGIES,
-    STRATEGIES,
     local_only_budgets,
     paper_budgets,
     paper_groups,
 )
-from experiments.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
+from experiments.common.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
 from offload.planning.model_shapes import MODELS
 from offload.planning.planner import plan
 from offload.planning.runtime_step import OUR_RUNTIME, host_groups
@@ -63,7 +63,7 @@ def simulated_rows(models: Sequence[str] = PAPER_MODELS) -> list[dict]:
                     # One machine for both runtimes: local DRAM capped as for the paper's run.
                     capped = paper_budgets(paper_groups(model, batch, seq), cards * CXL_CARD_NBYTES)
                     reference = None
-                    for strategy in STRATEGIES:
+                    for strategy in POLICY_NAMES:
                         budgets = local_only_budgets(groups) if strategy == "local_only" else capped
                         result = plan(
                             groups,
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="qwen2.5-7b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--strategy", default="local_only", choices=STRATEGIES)
+    parser.add_argument("--strategy", default="local_only", choices=POLICY_NAMES)
     parser.add_argument("--cards", type=int, default=0)
     args = parser.parse_args(argv)
     frame = write_results(simulated_rows(), SIMULATED_DIR / "end_to_end.csv")

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from allocators.declared_topology import load_declared
 from allocators.placement import as_placement, interleave
-from experiments.paper_setup import PAPER_MODELS, PAPER_SWEEP, PAPER_TOPOLOGIES, paper_groups
-from experiments.results_io import SIMULATED_DIR, write_results
+from experiments.common.paper_setup import PAPER_MODELS, PAPER_SWEEP, PAPER_TOPOLOGIES, paper_groups
+from experiments.common.results_io import SIMULATED_DIR, write_results
 from offload.planning.model_shapes import MODELS
 from offload.planning.simulator.rates import sim_rates
 from offload.planning.simulator.step import DEEPSPEED_ZERO3, simulate_step

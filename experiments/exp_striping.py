@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, interleave
-from experiments.results_io import SIMULATED_DIR, write_results
+from experiments.common.paper_setup import PAPER_TOPOLOGIES
+from experiments.common.results_io import SIMULATED_DIR, write_results
 from offload.planning.simulator.rates import ADAMW_NBYTES_PER_ELEMENT, GIB, sim_rates
 from offload.planning.simulator.traffic import Traffic, copy_seconds, memory_seconds
 
@@ -27,7 +28,7 @@ STRIPES: dict[str, Placement] = {
 NBYTES = 2 * GIB
 
 
-def simulated_rows(topology: str = "paper-2aic") -> list[dict]:
+def simulated_rows(topology: str = PAPER_TOPOLOGIES[2]) -> list[dict]:
     """One row per stripe: H2D and D2H GiB/s and CPU AdamW G elements/s.
 
     >>> rows = {r["stripe"]: r for r in simulated_rows()}

@@ -60,7 +60,7 @@ class Stage:
     """One step of the session: a command run from the repo root under its own time cap.
 
     ``argv`` may hold ``{python}``, ``{machine}`` (the results folder name, as
-    experiments.results_io.this_machine gives it) and ``{session}`` (this session's folder under
+    experiments.common.results_io.this_machine gives it) and ``{session}`` (this session's folder under
     experiments/results/<machine>/). ``requires`` lists files (same placeholders) an earlier stage
     must have written; without them the stage is skipped, not failed.
     """
@@ -308,7 +308,7 @@ def probe_machine(python: str = sys.executable, root: Path = ROOT) -> Probe:
     'nvidia-h100-80gb-hbm3'
     """
     code = (
-        "import json, torch; from experiments.results_io import this_machine; "
+        "import json, torch; from experiments.common.results_io import this_machine; "
         "print(json.dumps({'machine': this_machine(), 'cuda': torch.cuda.is_available()}))"
     )
     done = subprocess.run(

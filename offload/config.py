@@ -14,11 +14,9 @@ from typing import Any
 
 from allocators.declared_topology import yaml_problem
 from allocators.errors import ConfigError
+from allocators.policies import POLICY_NAMES, TIER_NAMES
 from allocators.units import parse_size
 from offload.planning.activation_bytes import ACTIVATION_MODES
-
-POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
-BUDGET_TIERS = ("dram", "cxl", "remote_dram")
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         _check_choice("activations", self.activations, ACTIVATION_MODES)
-        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("policy", self.policy, POLICY_NAMES)
         _check_bool("optimizer_offload", self.optimizer_offload)
         _check_bool("overlap_step", self.overlap_step)
         _check_bool("dashboard", self.dashboard)
@@ -81,9 +79,9 @@ class OffloadConfig:
             )
         for key, value in self.budgets.items():
             _size(value, f"budget {key!r}")
-            if key not in BUDGET_TIERS:
+            if key not in TIER_NAMES:
                 raise ConfigError(
-                    f"budgets has a tier {key!r}; tiers are {list(BUDGET_TIERS)}, "
+                    f"budgets has a tier {key!r}; tiers are {list(TIER_NAMES)}, "
                     "e.g. budgets={'dram': '64GiB', 'cxl': '256GiB'}"
                 )
         _check_int("prefetch_layers", self.prefetch_layers, minimum=0)

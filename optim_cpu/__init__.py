@@ -2,12 +2,13 @@
 memory traffic out of the way of the GPU's DMA.
 """
 
+from allocators.errors import KernelBuildError
 from optim_cpu.adam import CPUAdam, CPUAdamW
 from optim_cpu.bucket import Bucket
 from optim_cpu.contention import DEFAULT_POLICY, ContentionPolicy, DmaSignal
 from optim_cpu.host_optimizer import HostOptimizer
 from optim_cpu.lion import CPULion
-from optim_cpu.native import KernelBuildError, load_kernel
+from optim_cpu.native import load_kernel
 from optim_cpu.scheduler import StepScheduler
 from optim_cpu.state_alloc import StateAllocator
 

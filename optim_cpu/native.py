@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from allocators.errors import KernelBuildError
+
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("fused_step.cpp",)
 # -ffp-contract=off: the portable loop must not fuse a*b+c on its own, so it gives the same bits
@@ -21,10 +23,6 @@ _CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno")
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
-
-
-class KernelBuildError(RuntimeError):
-    """The C++ step kernel could not be compiled or loaded on this machine."""
 
 
 def build_dir() -> Path:

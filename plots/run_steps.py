@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
-from allocators.policies import BUDGET_KEYS
+from allocators.policies import TIER_NAMES
 from offload.tools.run_record import PHASES, RunRecord
 from plots.profile_common import plt, save_png
 
@@ -83,7 +83,7 @@ def plot_tier_bytes(runs: Mapping[str, RunRecord], png_path: str | Path) -> Path
     for (name, record), (marker, dashes) in zip(runs.items(), styles, strict=False):
         frame = record.steps_frame()
         steps = frame["step"] if "step" in frame else range(len(frame))
-        for tier in BUDGET_KEYS:
+        for tier in TIER_NAMES:
             column = f"host_{tier}_nbytes"
             if column in frame:
                 ax.plot(

@@ -1,6 +1,6 @@
 """`offload-profile contention`: DMA bandwidth while the CPU optimizer runs, and the reverse.
 
-Wiring only: the measurement is profilers.contention, the files and tables profilers.cli_common.
+Wiring only: the measurement is profilers.contention_sweep, the files and tables profilers.cli_common.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from profilers.cli_common import (
     gpu_skip_reason,
     run_single,
 )
-from profilers.contention import ContentionConfig, expected_rows, measure_contention
+from profilers.contention_sweep import ContentionConfig, expected_rows, measure_contention
 from profilers.optimizer_step import PAPER_ELEMENTS, QUICK_ELEMENTS
 
 MIB = 1 << 20

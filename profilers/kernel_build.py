@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from allocators.errors import OffloadError
+from allocators.errors import KernelBuildError
 from profilers.machine_info import cpu_model
 
 CSRC = Path(__file__).with_name("csrc")
@@ -22,10 +22,6 @@ KERNEL_SOURCES = ("chase.c", "stream.c")
 # check, so the write, copy, triad and update passes ran one double per instruction and capped
 # what they measure in cache (the pointer chase has nothing to vectorise either way).
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
-
-
-class KernelBuildError(OffloadError, RuntimeError):
-    """No C compiler, or the kernels did not compile; the numpy fallback is used instead."""
 
 
 def cache_dir() -> Path:
@@ -44,7 +40,7 @@ def find_compiler(cc: str | None = None) -> str:
     >>> find_compiler("/no/such/cc")
     Traceback (most recent call last):
     ...
-    profilers.kernel_build.KernelBuildError: C compiler '/no/such/cc' not found; install gcc or set CC=/path/to/cc
+    allocators.errors.KernelBuildError: C compiler '/no/such/cc' not found; install gcc or set CC=/path/to/cc
     """
     candidates = [cc] if cc else [os.environ.get("CC"), "cc", "gcc", "clang"]
     for name in candidates:

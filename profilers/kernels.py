@@ -12,8 +12,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from allocators.errors import OffloadError
-from profilers.kernel_build import KernelBuildError, build_kernels
+from allocators.errors import KernelBuildError, OffloadError
+from profilers.kernel_build import build_kernels
 
 LINE_BYTES = 64
 StreamKind = Literal["read", "write", "copy", "triad", "update"]

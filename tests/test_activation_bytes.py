@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import offload
-from offload.planning.activation_bytes import DecoderDims, estimate_activations, saved_tensors
+from offload.planning.activation_bytes import estimate_activations, saved_tensors
+from offload.planning.model_shapes import MODELS, ModelShape
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +61,8 @@ def _measure(shape: str, dtype: torch.dtype, batch: int, seq: int, **settings) -
 
 def _estimate(shape: str, dtype: torch.dtype, batch: int, seq: int, **settings):
     config = transformers.LlamaConfig(**SHAPES[shape])
-    dims = DecoderDims(
+    model_shape = ModelShape(
+        name=shape,
         layers=config.num_hidden_layers,
         hidden=config.hidden_size,
         intermediate=config.intermediate_size,
@@ -70,7 +72,7 @@ def _estimate(shape: str, dtype: torch.dtype, batch: int, seq: int, **settings):
         vocab=config.vocab_size,
     )
     return estimate_activations(
-        dims,
+        model_shape,
         batch=batch,
         seq=seq,
         mode=settings.get("activations", "saved_tensors"),
@@ -116,26 +118,26 @@ def test_estimate_matches_a_chunked_loss():
 
 
 def test_saved_tensors_mode_is_many_times_the_layer_inputs():
-    dims = DecoderDims(28, 3584, 18944, 28, 4, 128, 152064)
+    shape = MODELS["qwen2.5-7b"]
     sizes = {"batch": 1, "seq": 4096, "loss_chunk_tokens": 4096}
-    full = estimate_activations(dims, **sizes).moved_nbytes
-    layer_inputs = estimate_activations(dims, mode="checkpoint", **sizes).moved_nbytes
+    full = estimate_activations(shape, **sizes).moved_nbytes
+    layer_inputs = estimate_activations(shape, mode="checkpoint", **sizes).moved_nbytes
     assert full > 20 * layer_inputs
 
 
 def test_unchunked_loss_keeps_fp32_log_probs_once():
-    dims = DecoderDims(1, 8, 16, 2, 1, 4, 1000)
-    names = {t.name: t for t in saved_tensors(dims, batch=1, seq=16, mode="checkpoint")}
+    shape = ModelShape("tiny", 1, 8, 16, 2, 1, 4, 1000)
+    names = {t.name: t for t in saved_tensors(shape, batch=1, seq=16, mode="checkpoint")}
     assert names["loss log-probs (fp32)"].nbytes == 4 * 16 * 1000
     assert names["loss log-probs (fp32)"].count == 1
 
 
 def test_off_mode_offloads_nothing():
-    dims = DecoderDims(1, 8, 16, 2, 1, 4, 10)
-    assert estimate_activations(dims, batch=1, seq=8, mode="off").host_nbytes == 0
+    shape = ModelShape("tiny", 1, 8, 16, 2, 1, 4, 10)
+    assert estimate_activations(shape, batch=1, seq=8, mode="off").host_nbytes == 0
 
 
 def test_unknown_mode_is_refused_with_the_modes():
-    dims = DecoderDims(1, 8, 16, 2, 1, 4, 10)
+    shape = ModelShape("tiny", 1, 8, 16, 2, 1, 4, 10)
     with pytest.raises(ValueError, match="saved_tensors, checkpoint, off"):
-        estimate_activations(dims, batch=1, seq=8, mode="everything")
+        estimate_activations(shape, batch=1, seq=8, mode="everything")

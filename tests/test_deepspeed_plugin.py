@@ -148,7 +148,7 @@ def test_the_hook_is_active_only_inside_the_context_and_unknown_pins_go_the_stoc
     from deepspeed.utils import pin_memory as ds_pin_memory
 
     from allocators.tiered import TieredAllocator
-    from offload.deepspeed.placement import DeepSpeedPlacement
+    from offload.deepspeed.buffer_placement import DeepSpeedPlacement
 
     stock_lookup = ds_pin_memory.get_active_native_pinned_memory
     stock_create = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
@@ -168,7 +168,7 @@ def test_an_attached_engine_routes_only_its_own_calls_until_close():
     from deepspeed.utils import pin_memory as ds_pin_memory
 
     from allocators.tiered import TieredAllocator
-    from offload.deepspeed.placement import DeepSpeedPlacement
+    from offload.deepspeed.buffer_placement import DeepSpeedPlacement
 
     class FakeEngine:
         def forward(self):
@@ -426,7 +426,7 @@ def _close(run) -> dict:
     """run.close(), and what it left: warnings, bytes still charged, buffers still mapped."""
     import warnings
 
-    from offload.deepspeed.placement import BuffersInUseWarning
+    from offload.deepspeed.buffer_placement import BuffersInUseWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

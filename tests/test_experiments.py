@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from experiments import exp_end_to_end, exp_phase_ablation, validate_simulator
-from experiments.results_io import SIMULATED_DIR, write_results
+from experiments.common.results_io import SIMULATED_DIR, write_results
+from offload.planning.simulator import calibration
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_planned_is_never_below_cxl_aware(end_to_end):
 
 
 def test_our_runtime_is_simulated_as_offload_enable_runs_it():
-    assert exp_end_to_end.RUNTIMES["ours"] == validate_simulator.runtime_config()
+    assert exp_end_to_end.RUNTIMES["ours"] == calibration.runtime_config()
     assert exp_end_to_end.RUNTIMES["ours"].offload_params is False
 
 
@@ -88,7 +89,7 @@ def test_moving_the_optimizer_group_to_cxl_hurts_most():
 
 
 def test_the_held_out_measured_run_is_predicted_within_ten_percent():
-    rows = validate_simulator.reference_rows()
+    rows = calibration.reference_rows()
     held_out = [r for r in rows if r["role"] == "validates" and r["source"] == "simulated"]
     assert held_out and all(abs(r["error"]) < 0.10 for r in held_out)
 
@@ -102,8 +103,8 @@ def test_a_report_is_compared_phase_by_phase():
         "llama-1.1b",
         1,
         8192,
-        validate_simulator.h100_rates(),
-        validate_simulator.runtime_config(),
+        calibration.h100_rates(),
+        calibration.runtime_config(),
     )
     assert table.set_index("phase").loc["total", "measured_s"] == pytest.approx(1.45)
 

@@ -118,8 +118,9 @@ def test_profile_from_the_environment(monkeypatch):
     assert (config.policy, config.profile) == ("planned", "/data/profile.json")
 
 
-def test_config_policies_are_the_planners():
-    from offload.config import POLICIES
-    from offload.planning.planner import PLAN_POLICIES
+def test_config_accepts_every_policy_the_planner_plans():
+    from allocators.policies import POLICIES, POLICY_NAMES
 
-    assert set(POLICIES) == set(PLAN_POLICIES)
+    for policy in POLICY_NAMES:
+        assert OffloadConfig(policy=policy).policy == policy
+    assert set(POLICY_NAMES) == {*POLICIES, "planned"}

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from allocators.declared_topology import load_declared
 from allocators.errors import BudgetExceededError
-from experiments.paper_setup import (
+from experiments.common.paper_setup import (
     PAPER_MODELS,
     PAPER_SWEEP,
     PAPER_TOPOLOGIES,

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from allocators.placement import as_placement
-from profilers.contention import ContentionConfig, measure_contention
+from profilers.contention_sweep import ContentionConfig, measure_contention
 from profilers.optimizer_step import OptimizerConfig, measure_optimizer
 from profilers.pinning_cost import PinningConfig, measure_pinning
 from profilers.placement_sweep import sweep_placements

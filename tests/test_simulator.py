@@ -9,7 +9,7 @@ from allocators.declared_topology import load_declared
 from allocators.placement import as_placement, interleave
 from allocators.topology import NodeRates, NumaNode
 from offload.config import OffloadConfig
-from offload.planning.activation_bytes import DecoderDims, estimate_activations
+from offload.planning.activation_bytes import estimate_activations
 from offload.planning.host_groups import host_tensor_groups
 from offload.planning.host_layout import HostLayout
 from offload.planning.model_shapes import MODELS
@@ -148,7 +148,7 @@ def test_enables_default_activation_mode_moves_every_saved_tensor_and_recomputes
     step = runtime_step(OffloadConfig())
     assert step.activation_mode == "saved_tensors" and not step.recompute
     shape = MODELS["llama-1.1b"]
-    saved = estimate_activations(DecoderDims.of(shape), batch=1, seq=4096).moved_nbytes
+    saved = estimate_activations(shape, batch=1, seq=4096).moved_nbytes
     assert _step_bytes(step, "d2h", "forward") == pytest.approx(saved / shape.n_params)
     # Every saved tensor, not one layer input per layer (1.1B at 4K: about 9x the bytes).
     assert _step_bytes(step, "d2h", "forward") > 8 * _step_bytes(OUR_RUNTIME, "d2h", "forward")
@@ -175,7 +175,7 @@ def test_our_runtime_is_planned_over_the_host_groups_enable_allocates():
     groups = host_groups(OUR_RUNTIME, shape, 1, 4096)
     layout = HostLayout(activations="checkpoint")
     sizes = (shape.n_params, 1, 4096, shape.hidden, shape.layers)
-    assert groups == layout.groups(*sizes, dims=DecoderDims.of(shape))
+    assert groups == layout.groups(*sizes, shape=shape)
     assert "compute_params" not in {g.name for g in groups}
 
 

@@ -5,11 +5,13 @@ workload only, whose rows are never reported as held out."""
 import math
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 
 from experiments import validate_simulator as vs
-from experiments.results_io import RESULTS_DIR
+from experiments.common.results_io import RESULTS_DIR
 from offload.planning.model_shapes import ModelShape
+from offload.planning.simulator import calibration as cal
 
 PROFILE = str(RESULTS_DIR / "cpu-2core" / "profile.json")
 
@@ -18,7 +20,7 @@ def _shape(layers: int, hidden: int) -> ModelShape:
     return ModelShape(f"t{layers}x{hidden}", layers, hidden, 2 * hidden, 2, 1, hidden // 2, 256)
 
 
-WORKLOADS = (vs.Workload(_shape(1, 64), 1, 32), vs.Workload(_shape(2, 96), 1, 32))
+WORKLOADS = (cal.Workload(_shape(1, 64), 1, 32), cal.Workload(_shape(2, 96), 1, 32))
 PRESET = replace(
     vs.PRESETS["cpu-sizes"],
     workloads=WORKLOADS,
@@ -35,13 +37,13 @@ def measured():
 
 @pytest.fixture(scope="module")
 def rows(measured):
-    return vs.comparison_rows(measured, PRESET, "test", vs.prior_rates(PRESET, PROFILE))
+    return cal.comparison_rows(measured, PRESET, "test", cal.prior_rates(PRESET, PROFILE))
 
 
 def test_every_phase_has_finite_measured_and_simulated_values(rows):
     for workload in WORKLOADS:
         mine = [r for r in rows if r["workload"] == workload.label]
-        for phase in vs.PHASES:
+        for phase in cal.PHASES:
             measured = [r for r in mine if r["phase"] == phase and r["source"] == "measured"]
             fitted = [r for r in mine if r["phase"] == phase and r["rates"] == "fitted"]
             assert len(measured) == 1 and len(fitted) == 1
@@ -70,7 +72,7 @@ def test_the_calibration_workload_is_never_reported_as_held_out(rows):
             assert (row["role"] == "calibration") == (row["workload"] == calibration), row
         if row["rates"] == "prior":
             assert row["role"] == "held-out"  # nothing was fitted to any run
-    summary = vs.error_summary(vs.pd.DataFrame(rows))
+    summary = vs.error_summary(pd.DataFrame(rows))
     held_out_fitted = summary[(summary["rates"] == "fitted") & (summary["role"] == "held-out")]
     assert set(held_out_fitted["rows"]) == {1}  # one held-out workload per phase
 
@@ -85,31 +87,31 @@ def test_the_fit_reproduces_the_calibration_run_and_nothing_else(measured, rows)
     # What a held-out run measured must not change what is predicted for it.
     held_out = measured[0]
     doubled = replace(held_out, phases={k: 2 * v for k, v in held_out.phases.items()})
-    again = vs.comparison_rows([doubled, measured[1]], PRESET, "test")
+    again = cal.comparison_rows([doubled, measured[1]], PRESET, "test")
     assert fitted(again) == pytest.approx(fitted(rows))
 
 
 def test_an_unknown_calibration_workload_is_named():
-    run = vs.MeasuredRun(WORKLOADS[0], dict.fromkeys(vs.PHASES, 1.0), 1.0, 1.0, 1)
+    run = cal.MeasuredRun(WORKLOADS[0], dict.fromkeys(cal.PHASES, 1.0), 1.0, 1.0, 1)
     with pytest.raises(ValueError, match="calibrate_on"):
-        vs.comparison_rows([run], replace(PRESET, calibrate_on="nope"), "test")
+        cal.comparison_rows([run], replace(PRESET, calibrate_on="nope"), "test")
 
 
 def test_a_cpu_run_without_a_profile_has_no_prior_and_says_what_to_pass():
     with pytest.raises(ValueError, match="--profile"):
-        vs.prior_rates(PRESET, None)
+        cal.prior_rates(PRESET, None)
 
 
 def test_the_gpu_preset_compares_with_h100_priors_for_every_phase():
     # No GPU here: the GPU preset's comparison on made-up measurements (its runs need CUDA).
     preset = vs.PRESETS["gpu-1.1b"]
     runs = [
-        vs.MeasuredRun(w, {**dict.fromkeys(vs.PHASES, 1.0), "d2h": 1e9, "h2d": 1e9}, 20, 20, 6)
+        cal.MeasuredRun(w, {**dict.fromkeys(cal.PHASES, 1.0), "d2h": 1e9, "h2d": 1e9}, 20, 20, 6)
         for w in preset.workloads
     ]
-    rows = vs.comparison_rows(runs, preset, "gpu-test", vs.prior_rates(preset, None))
+    rows = cal.comparison_rows(runs, preset, "gpu-test", cal.prior_rates(preset, None))
     prior = {(r["workload"], r["phase"]) for r in rows if r["rates"] == "prior"}
-    assert prior == {(w.label, p) for w in preset.workloads for p in vs.PHASES}
+    assert prior == {(w.label, p) for w in preset.workloads for p in cal.PHASES}
     assert {
         r["role"] for r in rows if r["workload"] == preset.calibrate_on and r["rates"] == "fitted"
     } == {"calibration"}

@@ -7,14 +7,14 @@ TieredAllocator, per rank. Importing it must not import DeepSpeed (that happens 
 """
 
 from offload.deepspeed.activations import DeepSpeedActivations, offload_activations
-from offload.deepspeed.call_sites import SUPPORTED_SERIES, check_version
-from offload.deepspeed.engine import DeepSpeedRun, enable, pinned_offload_config
-from offload.deepspeed.placement import (
+from offload.deepspeed.buffer_placement import (
     BuffersInUseWarning,
     DeepSpeedPlacement,
     PlacedBuffer,
     UnplacedBuffer,
 )
+from offload.deepspeed.call_sites import SUPPORTED_SERIES, check_version
+from offload.deepspeed.engine import DeepSpeedRun, enable, pinned_offload_config
 from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank, split_budgets
 from offload.deepspeed.rank_planner import RankPrediction, deepspeed_step, plan_rank_step
 from offload.deepspeed.release import ForgottenReferences, forget_engine

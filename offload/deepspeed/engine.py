@@ -24,8 +24,8 @@ from offload.deepspeed.activations import (
     DeepSpeedActivations,
     offload_activations,
 )
+from offload.deepspeed.buffer_placement import DeepSpeedPlacement
 from offload.deepspeed.call_sites import check_version
-from offload.deepspeed.placement import DeepSpeedPlacement
 from offload.deepspeed.rank_plan import RankPlan, local_rank_and_size, plan_rank
 from offload.deepspeed.rank_planner import deepspeed_step
 from offload.deepspeed.release import forget_engine
@@ -190,7 +190,7 @@ def enable(
     ds_config = pinned_offload_config(config)
     rates = None
     if policy == "planned":
-        from offload.planning.run_plan import load_rates
+        from offload.planning.simulator.rates import load_rates
 
         rates = load_rates(topology, profile)
     plan = plan_rank(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from allocators.errors import ConfigError
 from allocators.placement import Placement
-from allocators.policies import get_policy
+from allocators.policies import POLICY_NAMES, get_policy
 from allocators.topology import Topology
 from allocators.units import parse_size
 from offload.deepspeed.rank_planner import plan_rank_step
@@ -19,9 +19,6 @@ from offload.planning.model_shapes import ModelShape
 from offload.planning.planner import Plan
 from offload.planning.simulator.rates import SimRates, sim_rates
 from offload.planning.simulator.step import DEEPSPEED_ZERO3, StepConfig
-
-# The paper's policies need sizes only; "planned" also simulates the rank's step (needs a shape).
-RANK_POLICIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
 
 
 @dataclass(frozen=True)
@@ -138,11 +135,12 @@ def plan_rank(
     >>> plan.budgets_nbytes, plan.placements["master_params"].nodes
     ({'dram': 1073741824}, (0,))
     """
-    if policy not in RANK_POLICIES:
+    if policy not in POLICY_NAMES:
         raise ConfigError(
             f"policy {policy!r} is not available per DeepSpeed rank; write one of "
-            f"{', '.join(RANK_POLICIES)}"
+            f"{', '.join(POLICY_NAMES)}"
         )
+    # The paper's policies need sizes only; "planned" also simulates the rank's step.
     if policy == "planned" and shape is None:
         raise ConfigError(
             "policy='planned' simulates the rank's step and needs the model's shape: pass "

@@ -20,40 +20,12 @@ from typing import Literal, get_args
 
 from allocators.errors import ConfigError
 from allocators.host_pool import size_class
+from offload.planning.model_shapes import ModelShape
 
 ActivationMode = Literal["saved_tensors", "checkpoint", "off"]
 ACTIVATION_MODES: tuple[ActivationMode, ...] = get_args(ActivationMode)
 # offload.enable()'s own default for activation_min_nbytes: smaller saved tensors stay put.
 DEFAULT_MIN_NBYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class DecoderDims:
-    """The sizes of a Llama-like decoder that its saved activations depend on.
-
-    >>> DecoderDims(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
-    ...             vocab=100).kv_heads
-    2
-    """
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @classmethod
-    def of(cls, shape: object) -> DecoderDims:
-        """The dims of any object with these attributes (e.g. offload.planning.model_shapes.ModelShape).
-
-        >>> from types import SimpleNamespace
-        >>> DecoderDims.of(SimpleNamespace(layers=1, hidden=8, intermediate=16, heads=2,
-        ...                                kv_heads=1, head_dim=4, vocab=10, name="x")).vocab
-        10
-        """
-        return cls(**{name: int(getattr(shape, name)) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -72,8 +44,8 @@ class ActivationEstimate:
     (name, host bytes), which add up to ``host_nbytes``. Only saves of at least ``min_nbytes``
     count.
 
-    >>> dims = DecoderDims(2, 64, 128, 4, 2, 16, 100)
-    >>> est = estimate_activations(dims, batch=1, seq=256, mode="checkpoint", min_nbytes=0)
+    >>> shape = ModelShape("tiny", 2, 64, 128, 4, 2, 16, 100)
+    >>> est = estimate_activations(shape, batch=1, seq=256, mode="checkpoint", min_nbytes=0)
     >>> est.parts[1], est.host_nbytes >= est.moved_nbytes
     (('layer inputs', 65536), True)
     """
@@ -85,7 +57,7 @@ class ActivationEstimate:
 
 
 def saved_tensors(
-    dims: DecoderDims,
+    shape: ModelShape,
     *,
     batch: int,
     seq: int,
@@ -98,8 +70,8 @@ def saved_tensors(
     ``mode`` "checkpoint" keeps each layer's input only (the layers recompute the rest); with
     ``loss_chunk_tokens`` the loss keeps each chunk's hidden slice and targets, not log-probs.
 
-    >>> dims = DecoderDims(2, 64, 128, 4, 2, 16, 100)
-    >>> [t.name for t in saved_tensors(dims, batch=1, seq=8, mode="checkpoint")][:2]
+    >>> shape = ModelShape("tiny", 2, 64, 128, 4, 2, 16, 100)
+    >>> [t.name for t in saved_tensors(shape, batch=1, seq=8, mode="checkpoint")][:2]
     ['token ids (int64)', 'layer inputs']
     """
     _check_mode(mode)
@@ -107,8 +79,8 @@ def saved_tensors(
         return ()
     b, s, e = batch, seq, dtype_nbytes
     t = b * s
-    h, d, q_heads, kv_heads = dims.hidden, dims.head_dim, dims.heads, dims.kv_heads
-    layers, inter = dims.layers, dims.intermediate
+    h, d, q_heads, kv_heads = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads
+    layers, inter = shape.layers, shape.intermediate
     out = [SavedTensor("token ids (int64)", 8 * t, 1)]
     if mode == "checkpoint":
         out.append(SavedTensor("layer inputs", e * t * h, layers))
@@ -130,7 +102,7 @@ def saved_tensors(
             SavedTensor("mlp gate, silu(gate), up, down input", e * t * inter, 4 * layers),
         ]
     out += _norm(t, h, e, 1)
-    out += _loss(t, h, e, dims.vocab, loss_chunk_tokens)
+    out += _loss(t, h, e, shape.vocab, loss_chunk_tokens)
     return tuple(out)
 
 
@@ -167,7 +139,7 @@ def _loss(tokens: int, h: int, e: int, vocab: int, chunk: int | None) -> list[Sa
 
 
 def estimate_activations(
-    dims: DecoderDims,
+    shape: ModelShape,
     *,
     batch: int,
     seq: int,
@@ -181,9 +153,10 @@ def estimate_activations(
     On Qwen2.5-7B's shape at 4096 tokens, chunked loss, saved-tensors mode moves about 30x
     what checkpoint mode moves:
 
-    >>> dims = DecoderDims(28, 3584, 18944, 28, 4, 128, 152064)
-    >>> full = estimate_activations(dims, batch=1, seq=4096, loss_chunk_tokens=4096)
-    >>> ckpt = estimate_activations(dims, batch=1, seq=4096, mode="checkpoint",
+    >>> from offload.planning.model_shapes import MODELS
+    >>> shape = MODELS["qwen2.5-7b"]
+    >>> full = estimate_activations(shape, batch=1, seq=4096, loss_chunk_tokens=4096)
+    >>> ckpt = estimate_activations(shape, batch=1, seq=4096, mode="checkpoint",
     ...                             loss_chunk_tokens=4096)
     >>> round(full.moved_nbytes / 2**30, 1), round(ckpt.moved_nbytes / 2**30, 2)
     (24.9, 0.88)
@@ -191,7 +164,7 @@ def estimate_activations(
     kept = [
         item
         for item in saved_tensors(
-            dims,
+            shape,
             batch=batch,
             seq=seq,
             mode=mode,

@@ -148,8 +148,10 @@ def runtime_tensor_groups(
     [('latency_critical', 12000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
     >>> [g.name for g in runtime_tensor_groups(1000, 1, 8, 4, 2, optimizer_offload=False)]
     ['activation_checkpoints']
-    >>> from offload.planning.activation_bytes import DecoderDims, estimate_activations
-    >>> est = estimate_activations(DecoderDims(2, 4, 8, 2, 1, 2, 16), batch=1, seq=8, min_nbytes=0)
+    >>> from offload.planning.activation_bytes import estimate_activations
+    >>> from offload.planning.model_shapes import ModelShape
+    >>> tiny = ModelShape("tiny", 2, 4, 8, 2, 1, 2, 16)
+    >>> est = estimate_activations(tiny, batch=1, seq=8, min_nbytes=0)
     >>> runtime_tensor_groups(1000, 1, 8, 4, 2, activations=est)[1].nbytes == est.host_nbytes
     True
     """

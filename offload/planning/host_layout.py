@@ -14,10 +14,10 @@ from offload.planning.activation_bytes import (
     DEFAULT_MIN_NBYTES,
     ActivationEstimate,
     ActivationMode,
-    DecoderDims,
     estimate_activations,
 )
 from offload.planning.host_groups import runtime_tensor_groups
+from offload.planning.model_shapes import ModelShape
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,18 @@ class HostLayout:
         hidden: int,
         layers: int,
         *,
-        dims: DecoderDims | None = None,
+        shape: ModelShape | None = None,
     ) -> tuple[TensorGroup, ...]:
         """The host tensor groups of this layout for a model and micro-batch.
 
-        With the decoder's ``dims`` the activations group holds what this layout's mode saves
+        With the decoder's ``shape`` the activations group holds what this layout's mode saves
         (offload.planning.activation_bytes); without them, the paper's one bf16 layer input per layer,
         all a model of unknown shape can be sized by.
 
-        >>> from offload.planning.activation_bytes import DecoderDims
-        >>> dims = DecoderDims(2, 64, 128, 4, 2, 16, 100)
-        >>> full = HostLayout(activation_min_nbytes=0).groups(1000, 1, 8, 64, 2, dims=dims)
+        >>> shape = ModelShape("tiny", 2, 64, 128, 4, 2, 16, 100)
+        >>> full = HostLayout(activation_min_nbytes=0).groups(1000, 1, 8, 64, 2, shape=shape)
         >>> ckpt = HostLayout(activations="checkpoint", activation_min_nbytes=0).groups(
-        ...     1000, 1, 8, 64, 2, dims=dims)
+        ...     1000, 1, 8, 64, 2, shape=shape)
         >>> full[1].nbytes > ckpt[1].nbytes
         True
         """
@@ -74,19 +73,18 @@ class HostLayout:
             grad_nbytes_per_param=self.grad_nbytes_per_param,
             grad_staging=self.grad_staging,
             optimizer_offload=self.optimizer_offload,
-            activations=None if dims is None else self.activation_estimate(dims, batch, seq),
+            activations=None if shape is None else self.activation_estimate(shape, batch, seq),
         )
 
-    def activation_estimate(self, dims: DecoderDims, batch: int, seq: int) -> ActivationEstimate:
-        """The activations this layout offloads per step for ``dims`` at ``batch`` x ``seq``.
+    def activation_estimate(self, shape: ModelShape, batch: int, seq: int) -> ActivationEstimate:
+        """The activations this layout offloads per step for ``shape`` at ``batch`` x ``seq``.
 
-        >>> from offload.planning.activation_bytes import DecoderDims
         >>> HostLayout(activations="off").activation_estimate(
-        ...     DecoderDims(2, 64, 128, 4, 2, 16, 100), 1, 8).host_nbytes
+        ...     ModelShape("tiny", 2, 64, 128, 4, 2, 16, 100), 1, 8).host_nbytes
         0
         """
         return estimate_activations(
-            dims,
+            shape,
             batch=batch,
             seq=seq,
             mode=self.activations,
@@ -111,11 +109,11 @@ def plan_placements(
     layers: int,
     tokens: int,
     layout: HostLayout = DEFAULT_LAYOUT,
-    dims: DecoderDims | None = None,
+    shape: ModelShape | None = None,
 ) -> dict:
     """Placement per tensor class from ``policy`` for a model and micro-batch of ``tokens``,
     over the host groups of ``layout`` (what this runtime allocates; activations sized from
-    ``dims`` when the decoder's shape is known).
+    the decoder's ``shape`` when it is known).
 
     >>> from allocators.topology import NumaNode
     >>> node = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 34, free_bytes=1 << 33)
@@ -125,5 +123,5 @@ def plan_placements(
     >>> plan["activations"].nodes
     (0,)
     """
-    groups = layout.groups(n_params, 1, tokens, hidden, layers, dims=dims)
+    groups = layout.groups(n_params, 1, tokens, hidden, layers, shape=shape)
     return get_policy(policy)(groups, topology.tiers, budgets).by_class()

@@ -22,6 +22,7 @@ from allocators.errors import BudgetExceededError, OffloadError
 from allocators.placement import Placement, as_placement
 from allocators.policies import (
     POLICIES,
+    POLICY_NAMES,
     Budgets,
     BudgetSpec,
     GroupPlacement,
@@ -46,8 +47,6 @@ from offload.planning.simulator.step import (
     StepPrediction,
     simulate_step,
 )
-
-PLAN_POLICIES = (*POLICIES, "planned")
 
 
 class PlanError(OffloadError, ValueError):
@@ -328,7 +327,7 @@ def plan(
     rates: SimRates,
     config: StepConfig = DEEPSPEED_ZERO3,
 ) -> Plan:
-    """Place ``groups`` with ``policy`` (one of PLAN_POLICIES) and predict the step.
+    """Place ``groups`` with ``policy`` (one of allocators.policies.POLICY_NAMES) and predict the step.
 
     >>> from allocators.declared_topology import load_declared
     >>> from offload.planning.host_groups import host_tensor_groups
@@ -341,8 +340,8 @@ def plan(
     >>> p.prediction.bottlenecks["step"]
     'node 0'
     """
-    if policy not in PLAN_POLICIES:
-        raise PlanError(f"policy {policy!r} is not known; write one of {', '.join(PLAN_POLICIES)}")
+    if policy not in POLICY_NAMES:
+        raise PlanError(f"policy {policy!r} is not known; write one of {', '.join(POLICY_NAMES)}")
     if policy == "planned":
         result = planned(
             groups, tiers, budgets, shape=shape, batch=batch, seq=seq, rates=rates, config=config
@@ -414,7 +413,7 @@ def plan_decode(
     config: DecodeConfig | None = None,
 ) -> DecodePlan:
     """Place the KV cache of a decode up to ``context_tokens`` with ``policy`` (one of
-    PLAN_POLICIES) and predict the decode step's DMA time.
+    allocators.policies.POLICY_NAMES) and predict the decode step's DMA time.
 
     The cache is one group, ``kv_cache`` (offload.planning.simulator.decode.kv_cache_group_for); the
     paper's policies treat it as they treat the compute weights, another GPU read stream.
@@ -430,8 +429,8 @@ def plan_decode(
     >>> p.prediction.bottleneck
     'link h2d'
     """
-    if policy not in PLAN_POLICIES:
-        raise PlanError(f"policy {policy!r} is not known; write one of {', '.join(PLAN_POLICIES)}")
+    if policy not in POLICY_NAMES:
+        raise PlanError(f"policy {policy!r} is not known; write one of {', '.join(POLICY_NAMES)}")
     config = config or DecodeConfig()
     if policy == "planned":
         result = planned_decode(

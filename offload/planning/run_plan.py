@@ -13,17 +13,16 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
-from allocators.errors import ConfigError
 from allocators.placement import Placement
 from allocators.tensor_classes import OptimizerName
 from allocators.topology import Topology
 from offload.config import OffloadConfig
-from offload.planning.activation_bytes import DEFAULT_MIN_NBYTES, ActivationMode, DecoderDims
+from offload.planning.activation_bytes import DEFAULT_MIN_NBYTES, ActivationMode
 from offload.planning.host_layout import DEFAULT_LAYOUT, HostLayout, plan_placements
 from offload.planning.model_shapes import ModelShape, ModelShapeError, shape_from_config
 from offload.planning.planner import Plan, plan, predicted_phases
 from offload.planning.runtime_step import runtime_step
-from offload.planning.simulator.rates import SimRates, profile_rates, sim_rates
+from offload.planning.simulator.rates import load_rates
 
 # What "planned" falls back to when the model's shape is unknown: the paper's policy.
 FALLBACK_POLICY = "cxl_aware"
@@ -89,32 +88,6 @@ def model_shape(model: nn.Module) -> tuple[ModelShape | None, str]:
         return None, str(exc)
 
 
-def load_rates(topology: Topology, profile: str | None) -> SimRates:
-    """The planner's rates: ``profile``'s measured ones over the topology's, else the topology's.
-
-    >>> from allocators.declared_topology import load_declared
-    >>> load_rates(load_declared("paper-1aic"), None).nodes[1].d2h_gib_per_s > 0
-    True
-    >>> load_rates(load_declared("paper-1aic"), "/no/such.json")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    allocators.errors.ConfigError: profile = '/no/such.json': profile /no/such.json not found; ...
-    """
-    if profile is None:
-        return sim_rates(topology)
-    # Imported here: profilers sits beside offload, and only this setting needs it.
-    from profilers.machine_profile import load_profile
-
-    try:
-        loaded = load_profile(profile)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"profile = {profile!r}: {exc}. Give the JSON `offload-profile all --out DIR` "
-            "wrote, or drop the profile setting to plan with declared rates"
-        ) from exc
-    return profile_rates(topology, loaded)
-
-
 def plan_run(
     topology: Topology,
     budgets: Mapping[str, int | str],
@@ -142,9 +115,7 @@ def plan_run(
     ('planned', 'activation_checkpoints', True)
     """
     rates = load_rates(topology, profile)
-    groups = layout.groups(
-        n_params, batch, seq, shape.hidden, shape.layers, dims=DecoderDims.of(shape)
-    )
+    groups = layout.groups(n_params, batch, seq, shape.hidden, shape.layers, shape=shape)
     settings = OffloadConfig(
         activations=layout.activations,
         activation_min_nbytes=layout.activation_min_nbytes,
@@ -220,10 +191,9 @@ def run_placements(
         loss_chunk_tokens=loss_chunk_tokens,
     )
     shape, reason = model_shape(model)
-    dims = None if shape is None else DecoderDims.of(shape)
     sizes = {"n_params": n_params, "hidden": hidden, "layers": layers, "tokens": tokens}
     if policy != "planned":
-        return plan_placements(topology, policy, budgets, **sizes, layout=layout, dims=dims), None
+        return plan_placements(topology, policy, budgets, **sizes, layout=layout, shape=shape), None
     if shape is None:
         warnings.warn(
             f"policy='planned' needs the model's shape to predict the step, but {reason}; "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from allocators.tensor_classes import TensorGroup
 from offload.config import OffloadConfig
-from offload.planning.activation_bytes import DecoderDims
 from offload.planning.host_groups import host_tensor_groups
 from offload.planning.host_layout import HostLayout
 from offload.planning.model_shapes import ModelShape
@@ -107,5 +106,4 @@ def host_groups(
         loss_chunk_tokens=step.loss_chunk_tokens,
     )
     # A step without our mode counts the paper's layer inputs: size the group the same way.
-    dims = None if step.activation_mode is None else DecoderDims.of(shape)
-    return layout.groups(*sizes, dims=dims)
+    return layout.groups(*sizes, shape=None if step.activation_mode is None else shape)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from allocators.topology import Topology
 from allocators.units import format_bytes
-from offload.planning.activation_bytes import ACTIVATION_MODES, DecoderDims
+from offload.planning.activation_bytes import ACTIVATION_MODES
 from offload.planning.host_layout import DEFAULT_LAYOUT, HostLayout
 from offload.planning.model_shapes import ModelShape
 from offload.tools.doctor import CheckResult
@@ -45,7 +45,7 @@ def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
         work.seq,
         shape.hidden,
         shape.layers,
-        dims=DecoderDims.of(shape),
+        shape=shape,
     )
     return {g.name: g.nbytes for g in groups}
 
@@ -59,10 +59,9 @@ def activation_needs_nbytes(work: ModelWorkload) -> dict[str, int]:
     >>> needs["off"], needs["saved_tensors"] > 8 * needs["checkpoint"]
     (0, True)
     """
-    dims = DecoderDims.of(work.shape)
     return {
         mode: replace(work.layout, activations=mode)
-        .activation_estimate(dims, work.batch, work.seq)
+        .activation_estimate(work.shape, work.batch, work.seq)
         .host_nbytes
         for mode in ACTIVATION_MODES
     }

@@ -14,12 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from allocators.errors import OffloadError
+from allocators.policies import POLICY_NAMES
 from allocators.topology import Topology
 from allocators.topology_command import load_topology
 from allocators.units import format_bytes
 from offload.planning.model_shapes import MODELS, load_model_shape
 from offload.planning.planner import (
-    PLAN_POLICIES,
     DecodePlan,
     Plan,
     PlanError,
@@ -29,7 +29,7 @@ from offload.planning.planner import (
 )
 from offload.planning.runtime_step import OUR_RUNTIME, host_groups
 from offload.planning.simulator.decode import DecodeConfig
-from offload.planning.simulator.rates import GIB, SimRates, profile_rates, sim_rates
+from offload.planning.simulator.rates import GIB, SimRates, load_rates
 from offload.planning.simulator.step import DEEPSPEED_ZERO3, StepConfig
 
 RUNTIMES: dict[str, StepConfig] = {"ours": OUR_RUNTIME, "deepspeed-zero3": DEEPSPEED_ZERO3}
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--profile", help="a profile JSON from offload-profile: its measured rates win"
     )
-    parser.add_argument("--policy", default="planned", choices=PLAN_POLICIES)
+    parser.add_argument("--policy", default="planned", choices=POLICY_NAMES)
     parser.add_argument(
         "--budget",
         action="append",
@@ -141,15 +141,6 @@ def parse_budget_args(items: list[str], topology: Topology) -> dict[str, str | i
             raise PlanError(f"--budget {item!r} is not TIER=SIZE; write --budget dram=64GiB")
         budgets[tier.strip()] = size.strip()
     return budgets
-
-
-def _rates(topology: Topology, profile_path: str | None) -> SimRates:
-    if profile_path is None:
-        return sim_rates(topology)
-    # Imported here: profilers sits beside offload, and only this option needs it.
-    from profilers.machine_profile import load_profile
-
-    return profile_rates(topology, load_profile(profile_path))
 
 
 def _group_dict(item) -> dict:
@@ -231,7 +222,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
         )
     shape = load_model_shape(args.model)
     topology = load_topology(file=args.topology)
-    rates = _rates(topology, args.profile)
+    rates = load_rates(topology, args.profile)
     config = replace(RUNTIMES[args.runtime], optimizer=args.optimizer)
     groups = host_groups(config, shape, args.batch, args.seq)
     return _answer(
@@ -333,7 +324,7 @@ def run_decode_plan(args: argparse.Namespace) -> int:
         raise PlanError("--decode needs --context TOKENS, e.g. --decode --context 131072")
     shape = load_model_shape(args.model)
     topology = load_topology(file=args.topology)
-    rates = _rates(topology, args.profile)
+    rates = load_rates(topology, args.profile)
 
     def make() -> DecodePlan:
         config = DecodeConfig(

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from allocators.errors import OffloadError
+from allocators.errors import ConfigError, OffloadError
 from allocators.topology import NodeRates, NumaNode, Tiers, Topology
 
 GIB = 1 << 30
@@ -193,6 +194,34 @@ def profile_rates(nodes: Tiers | Topology | tuple[NumaNode, ...], profile) -> Si
         if p.adamw_elements_per_s is not None
     }
     return sim_rates(nodes, profile.to_node_rates(), adamw)
+
+
+def load_rates(topology: Topology, profile: str | Path | None) -> SimRates:
+    """The simulator's rates for ``topology``: those of ``profile`` (the path of an
+    ``offload-profile`` JSON) over the topology's declared ones, else the declared ones alone.
+    Every caller that turns a profile file into simulator rates goes through here.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> load_rates(load_declared("paper-1aic"), None).nodes[1].d2h_gib_per_s > 0
+    True
+    >>> load_rates(load_declared("paper-1aic"), "/no/such.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    allocators.errors.ConfigError: profile = '/no/such.json': profile /no/such.json not found; ...
+    """
+    if profile is None:
+        return sim_rates(topology)
+    # Imported here: profilers sits beside offload, and only a profile needs it.
+    from profilers.machine_profile import load_profile
+
+    try:
+        loaded = load_profile(profile)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"profile = {profile!r}: {exc}. Give the JSON `offload-profile all --out DIR` "
+            "wrote, or drop the profile setting to plan with declared rates"
+        ) from exc
+    return profile_rates(topology, loaded)
 
 
 def paper_rates(cxl_nodes: int = 1) -> SimRates:

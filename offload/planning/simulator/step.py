@@ -34,19 +34,19 @@ from typing import Literal
 
 from allocators.errors import OffloadError
 from allocators.placement import Placement
-from offload.planning.activation_bytes import DecoderDims, estimate_activations
+from allocators.tensor_classes import STATE_NBYTES_PER_PARAM
+from offload.planning.activation_bytes import estimate_activations
 from offload.planning.model_shapes import ModelShape
 from offload.planning.simulator.compute import GpuModel, compute_seconds
 from offload.planning.simulator.rates import SimRates
 from offload.planning.simulator.traffic import Traffic, memory_seconds
 
 Phase = Literal["forward", "backward", "step"]
-_STATE_NBYTES_PER_PARAM = {"adam": 8, "adamw": 8, "lion": 4}
 
 # DeepSpeed's per-step cost beyond its compute, DMA and CPU Adam, per parameter: fitted once on the
 # 1.1B ZeRO-2 run at 8K of reference/MEASURED.md (0.871 s measured against 0.542 s simulated on
-# that machine's rates; see experiments/validate_simulator.py, which recomputes it). It is charged
-# the same under every placement; our runtime (overlap_step) has none.
+# that machine's rates; simulator.calibration.reference_rows recomputes it). It is charged the
+# same under every placement; our runtime (overlap_step) has none.
 DEEPSPEED_OVERHEAD_S_PER_PARAM = 3.0e-10
 
 
@@ -93,7 +93,7 @@ class StepConfig:
     loss_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.optimizer not in _STATE_NBYTES_PER_PARAM:
+        if self.optimizer not in STATE_NBYTES_PER_PARAM:
             raise SimulationError(
                 f"optimizer {self.optimizer!r} is not modelled; write 'adam', 'adamw' or 'lion'"
             )
@@ -136,7 +136,7 @@ class StepPrediction:
 def _activation_nbytes(shape: ModelShape, batch: int, seq: int, config: StepConfig) -> int:
     if config.activation_mode is not None:
         return estimate_activations(
-            DecoderDims.of(shape),
+            shape,
             batch=batch,
             seq=seq,
             mode=config.activation_mode,  # type: ignore[arg-type]
@@ -169,7 +169,7 @@ def phase_traffic(
     p = shape.n_params
     pb = config.param_nbytes
     activations = _activation_nbytes(shape, batch, seq, config)
-    state = _STATE_NBYTES_PER_PARAM[config.optimizer] * p
+    state = STATE_NBYTES_PER_PARAM[config.optimizer] * p
     # Where the device's copy of the params comes from after the step: the half copy the
     # optimizer writes, or (an fp32 model in our runtime) the master itself.
     source = "master_params" if pb == 4 and not config.fp32_master_grads else "params"

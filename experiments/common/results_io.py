@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(__file__).parents[1] / "results"
 SIMULATED_DIR = RESULTS_DIR / "paper-simulated"
 SOURCES = ("measured", "simulated")
 
@@ -42,16 +42,16 @@ def this_machine() -> str:
     return f"cpu-{len(os.sched_getaffinity(0))}core"
 
 
-def write_results(rows: Iterable[Mapping], path: Path) -> pd.DataFrame:
-    """Write rows as CSV at ``path`` (folders made), after checking each has ``source`` and
-    ``machine``; returns the frame written.
+def write_results(rows: Iterable[Mapping] | pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Write rows (or a frame) as CSV at ``path`` (folders made), after checking each has
+    ``source`` and ``machine``; returns the frame written. Every experiment writes through here.
 
     >>> import tempfile
     >>> out = Path(tempfile.mkdtemp()) / "x" / "r.csv"
     >>> len(write_results([{"source": "simulated", "machine": "paper-1aic", "v": 1}], out))
     1
     """
-    frame = pd.DataFrame(list(rows))
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     for column in ("source", "machine"):
         if column not in frame.columns or frame[column].isna().any():
             raise ValueError(f"every result row needs a {column!r} column; add it before writing")

@@ -14,7 +14,6 @@ PAPER_MODELS = ("qwen2.5-7b", "mistral-nemo-12b")
 PAPER_SWEEP = ((1, 4096), (8, 4096), (16, 4096), (1, 32768), (2, 32768), (3, 32768))
 # Number of CXL add-in cards -> declared topology shipped in allocators/topologies.
 PAPER_TOPOLOGIES = {1: "paper-1aic", 2: "paper-2aic"}
-STRATEGIES = ("local_only", "naive_interleave", "cxl_aware", "planned")
 
 
 def paper_groups(model: str | ModelShape, batch: int, seq: int) -> tuple[TensorGroup, ...]:
