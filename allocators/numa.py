@@ -1,4 +1,4 @@
-"""Linux NUMA memory policy through the raw syscalls (mbind, set/get_mempolicy, move/migrate_pages).
+"""Linux NUMA memory policy through the raw syscalls the allocators use (mbind, move_pages).
 
 Only thin, checked wrappers live here: no libnuma, no buffers, no striping, no CUDA.
 """
@@ -12,7 +12,7 @@ import functools
 import os
 import platform
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from pathlib import Path
@@ -25,20 +25,8 @@ from allocators.errors import NumaError, PlacementError
 # Syscall numbers per architecture (arch/x86/entry/syscalls/syscall_64.tbl and the generic
 # table include/uapi/asm-generic/unistd.h that aarch64 uses).
 _SYSCALL_NUMBERS = {
-    "x86_64": {
-        "mbind": 237,
-        "set_mempolicy": 238,
-        "get_mempolicy": 239,
-        "migrate_pages": 256,
-        "move_pages": 279,
-    },
-    "aarch64": {
-        "mbind": 235,
-        "get_mempolicy": 236,
-        "set_mempolicy": 237,
-        "migrate_pages": 238,
-        "move_pages": 239,
-    },
+    "x86_64": {"mbind": 237, "move_pages": 279},
+    "aarch64": {"mbind": 235, "move_pages": 239},
 }
 _MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 
@@ -59,27 +47,11 @@ class Mode(IntEnum):
 
 
 class ModeFlag(IntFlag):
-    """Flags OR-ed into a mode by set_mempolicy/mbind (how the node mask is interpreted)."""
+    """Flags OR-ed into a mode by mbind (how the node mask is interpreted)."""
 
     MPOL_F_NUMA_BALANCING = 1 << 13
     MPOL_F_RELATIVE_NODES = 1 << 14
     MPOL_F_STATIC_NODES = 1 << 15
-
-
-class MbindFlag(IntFlag):
-    """``flags`` of mbind and move_pages: what to do with pages already in the range."""
-
-    MPOL_MF_STRICT = 1 << 0
-    MPOL_MF_MOVE = 1 << 1
-    MPOL_MF_MOVE_ALL = 1 << 2
-
-
-class GetFlag(IntFlag):
-    """``flags`` of get_mempolicy: what to report."""
-
-    MPOL_F_NODE = 1 << 0
-    MPOL_F_ADDR = 1 << 1
-    MPOL_F_MEMS_ALLOWED = 1 << 2
 
 
 _MODE_FLAGS_MASK = int(
@@ -109,15 +81,6 @@ class PolicyOutcome:
 
     enforced: bool
     reason: str | None = None
-
-
-@dataclass(frozen=True)
-class MemPolicy:
-    """A policy as get_mempolicy reports it: mode, mode flags, and the nodes in its mask."""
-
-    mode: Mode
-    flags: ModeFlag
-    nodes: tuple[int, ...]
 
 
 _warned: set[tuple[str, int]] = set()
@@ -211,8 +174,8 @@ def check_nodes(nodes: Iterable[int], sysfs_root: str | os.PathLike[str] = "/sys
 def kernel_maxnode_bits() -> int:
     """How many bits a node mask has for this kernel (a multiple of 64).
 
-    The kernel prints ``Mems_allowed`` with one bit per possible node id (MAX_NUMNODES);
-    get_mempolicy refuses masks shorter than the number of possible nodes.
+    The kernel prints ``Mems_allowed`` with one bit per possible node id (MAX_NUMNODES); a mask
+    this long names every node the kernel may have.
 
     >>> kernel_maxnode_bits() % 64
     0
@@ -244,12 +207,6 @@ def _nodemask(nodes: Iterable[int]) -> tuple[ctypes.Array, int]:
             )
         words[node // 64] |= 1 << (node % 64)
     return words, bits + 1
-
-
-def _mask_nodes(words: ctypes.Array) -> tuple[int, ...]:
-    return tuple(
-        64 * i + bit for i, word in enumerate(words) for bit in range(64) if word >> bit & 1
-    )
 
 
 def _fallback(call: str, err: int, what: str) -> PolicyOutcome:
@@ -331,93 +288,6 @@ def mbind(addr: int, nbytes: int, mode: int, nodes: Sequence[int], flags: int = 
     )
 
 
-def set_mempolicy(mode: int, nodes: Sequence[int] = (), flags: int = 0) -> PolicyOutcome:
-    """Set the calling thread's policy for pages it faults from now on (other threads keep theirs).
-
-    ``flags`` (MPOL_F_STATIC_NODES, MPOL_F_RELATIVE_NODES) are OR-ed into the mode.
-
-    >>> set_mempolicy(Mode.MPOL_DEFAULT).enforced
-    True
-    """
-    checked = _validate_mode(mode, nodes)
-    if not int(flags) & ModeFlag.MPOL_F_RELATIVE_NODES:
-        # Relative node ids index the allowed set (node 1 of 1 wraps), so they need not exist.
-        check_nodes(nodes)
-    words, maxnode = _nodemask(nodes)
-    result, err = _syscall(
-        "set_mempolicy",
-        ctypes.c_long(int(mode) | int(flags)),
-        words,
-        ctypes.c_ulong(maxnode),
-    )
-    if result == 0:
-        return PolicyOutcome(enforced=True)
-    if err in _FALLBACK_ERRNOS:
-        return _fallback("set_mempolicy", err, "this thread")
-    raise _error("set_mempolicy", err, f"{checked.name} on nodes {list(nodes)}")
-
-
-def get_mempolicy(addr: int | None = None, flags: int = 0) -> MemPolicy:
-    """The calling thread's policy, or with ``addr`` the policy of the page range holding it.
-
-    ``addr`` implies MPOL_F_ADDR; MPOL_F_MEMS_ALLOWED reports the allowed nodes. For the node
-    a page sits on, use :func:`node_of`.
-
-    >>> get_mempolicy().mode in tuple(Mode)
-    True
-    """
-    if flags & GetFlag.MPOL_F_NODE:
-        raise NumaError("get_mempolicy with MPOL_F_NODE reports a node, not a policy; use node_of")
-    if addr is not None:
-        flags |= GetFlag.MPOL_F_ADDR
-    raw_mode = ctypes.c_int(0)
-    words, maxnode = _nodemask(())
-    result, err = _syscall(
-        "get_mempolicy",
-        ctypes.byref(raw_mode),
-        words,
-        ctypes.c_ulong(maxnode),
-        ctypes.c_void_p(addr or 0),
-        ctypes.c_ulong(int(flags)),
-    )
-    if result != 0:
-        if err in _FALLBACK_ERRNOS:
-            raise NumaUnavailableError(
-                err, f"get_mempolicy refused with {errno.errorcode[err]}: cannot read the policy"
-            )
-        raise _error("get_mempolicy", err, f"addr {addr!r}, flags {flags:#x}")
-    return MemPolicy(
-        mode=Mode(raw_mode.value & ~_MODE_FLAGS_MASK),
-        flags=ModeFlag(raw_mode.value & _MODE_FLAGS_MASK),
-        nodes=_mask_nodes(words),
-    )
-
-
-def node_of(addr: int) -> int:
-    """The node the page holding ``addr`` sits on (faulting it in if it was not yet touched).
-
-    >>> buf = ctypes.create_string_buffer(4096)
-    >>> node_of(ctypes.addressof(buf)) in online_nodes()
-    True
-    """
-    node = ctypes.c_int(-1)
-    result, err = _syscall(
-        "get_mempolicy",
-        ctypes.byref(node),
-        None,
-        ctypes.c_ulong(0),
-        ctypes.c_void_p(addr),
-        ctypes.c_ulong(int(GetFlag.MPOL_F_NODE | GetFlag.MPOL_F_ADDR)),
-    )
-    if result != 0:
-        if err in _FALLBACK_ERRNOS:
-            raise NumaUnavailableError(
-                err, f"get_mempolicy refused with {errno.errorcode[err]}: cannot find the node"
-            )
-        raise _error("get_mempolicy", err, f"node of address {addr:#x}")
-    return node.value
-
-
 def _move_pages_array(
     pid: int, addrs: np.ndarray, nodes: np.ndarray | None, flags: int
 ) -> np.ndarray:
@@ -484,80 +354,3 @@ def page_nodes(addr: int, nbytes: int, page_nbytes: int | None = None) -> np.nda
     page = page_nbytes or os.sysconf("SC_PAGE_SIZE")
     addrs = np.arange(addr, addr + nbytes, page, dtype=np.uint64)
     return _move_pages_array(0, addrs, None, 0)
-
-
-def migrate_pages(pid: int, old_nodes: Sequence[int], new_nodes: Sequence[int]) -> int:
-    """Move all pages of process ``pid`` (0 = this one) on ``old_nodes`` to ``new_nodes``.
-
-    Returns how many pages could not be moved.
-
-    >>> migrate_pages(0, [0], [0])
-    0
-    """
-    check_nodes(set(old_nodes) | set(new_nodes))
-    old_words, maxnode = _nodemask(old_nodes)
-    new_words, _ = _nodemask(new_nodes)
-    result, err = _syscall(
-        "migrate_pages",
-        ctypes.c_int(pid),
-        ctypes.c_ulong(maxnode),
-        old_words,
-        new_words,
-    )
-    if result < 0:
-        if err in _FALLBACK_ERRNOS:
-            raise NumaUnavailableError(
-                err, f"migrate_pages refused with {errno.errorcode[err]}: pages stay where they are"
-            )
-        raise _error("migrate_pages", err, f"pid {pid} from {list(old_nodes)} to {list(new_nodes)}")
-    return result
-
-
-def _weights_dir(sysfs_root: str | os.PathLike[str]) -> Path:
-    path = Path(sysfs_root) / "kernel/mm/mempolicy/weighted_interleave"
-    if not path.is_dir():
-        raise NumaError(
-            f"{path} is missing: this kernel has no MPOL_WEIGHTED_INTERLEAVE (Linux 6.9+); "
-            "stripe with per-chunk mbind instead (HostBuffer placement=[(node, fraction), ...])"
-        )
-    return path
-
-
-def interleave_weights(sysfs_root: str | os.PathLike[str] = "/sys") -> dict[int, int]:
-    """The kernel's weighted-interleave weight per node (``weighted_interleave/nodeN``).
-
-    >>> 0 in interleave_weights()  # doctest: +SKIP
-    True
-    """
-    path = _weights_dir(sysfs_root)
-    weights = {}
-    for entry in path.glob("node*"):
-        suffix = entry.name[len("node") :]
-        if suffix.isdigit():
-            weights[int(suffix)] = int(entry.read_text().strip())
-    return dict(sorted(weights.items()))
-
-
-def set_interleave_weights(
-    weights: Mapping[int, int], sysfs_root: str | os.PathLike[str] = "/sys"
-) -> None:
-    """Write weighted-interleave weights (1..255 per node); needs root.
-
-    >>> set_interleave_weights({0: 1})  # doctest: +SKIP
-    """
-    path = _weights_dir(sysfs_root)
-    for node, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 255:
-            raise NumaError(f"interleave weight {weight!r} for node {node} must be an int 1..255")
-        if not (path / f"node{node}").exists():
-            raise PlacementError(
-                f"NUMA node {node} has no interleave weight file; nodes with one: "
-                f"{list(interleave_weights(sysfs_root))}"
-            )
-    for node, weight in weights.items():
-        try:
-            (path / f"node{node}").write_text(f"{weight}\n")
-        except PermissionError as exc:
-            raise NumaError(
-                exc.errno, f"writing {path / f'node{node}'} needs root: {exc.strerror}"
-            ) from exc

@@ -5,16 +5,15 @@ against budgets. It refuses before touching memory; it must not decide placement
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from allocators.errors import BudgetExceededError
-from allocators.host_buffer import PAGE_NBYTES
 from allocators.host_pool import HostPool
 from allocators.placement import Placement, as_placement
 from allocators.policies import TIER_NAMES, Budgets, BudgetSpec, TierName, parse_budgets
-from allocators.striping import DEFAULT_CHUNK_NBYTES, split_nbytes
+from allocators.striping import split_nbytes
 from allocators.tensor_classes import TENSOR_CLASSES, TensorClass, check_tensor_class
 from allocators.topology import Topology
 from allocators.units import format_bytes
@@ -24,10 +23,6 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_BUDGETS: Mapping[str, str] = {"dram": "64GiB", "cxl": "256GiB"}
-
-
-def _whole_pages(nbytes: int) -> int:
-    return -(-nbytes // PAGE_NBYTES) * PAGE_NBYTES
 
 
 class HostBufferLike(Protocol):
@@ -41,13 +36,25 @@ class HostBufferLike(Protocol):
 
 
 class Backing(Protocol):
-    """Where memory comes from: allocators.host_pool.HostPool, or a fake in tests.
+    """Where memory comes from: what allocators.host_pool.HostPool offers the allocator.
 
-    A backing may also have ``size_for(nbytes) -> int`` (the bytes it maps for a request) and
-    ``chunk_nbytes`` (its stripe chunk); without them whole pages and 2 MiB chunks are assumed.
+    ``size_for(nbytes)`` is the bytes it maps for a request and ``chunk_nbytes`` its stripe
+    chunk, so budgets are charged exactly before any memory is touched; ``room_nbytes`` (node ->
+    bytes the budget leaves) bounds what it may keep cached there.
     """
 
-    def acquire(self, nbytes: int, placement: Placement, pin: bool = True) -> HostBufferLike: ...
+    chunk_nbytes: int
+
+    def size_for(self, nbytes: int) -> int: ...
+
+    def acquire(
+        self,
+        nbytes: int,
+        placement: Placement,
+        pin: bool = True,
+        *,
+        room_nbytes: Mapping[int, int] | None = None,
+    ) -> HostBufferLike: ...
 
     def release(self, buffer: HostBufferLike) -> None: ...
 
@@ -81,10 +88,7 @@ class Allocation:
             raise ValueError(
                 f"this {self.tensor_class} allocation was released; allocate a new one"
             )
-        if offset_bytes:
-            return self.buffer.tensor(dtype, shape, offset_bytes)
-        # Without an offset, buffers whose tensor() predates offset_bytes keep working.
-        return self.buffer.tensor(dtype, shape)
+        return self.buffer.tensor(dtype, shape, offset_bytes)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class TieredAllocator:
             allocators.policies.parse_budgets; ``"cxl"`` may be a per-node dict).
         placements: a placement per tensor class, e.g. ``cxl_aware(...).by_class()``; a class
             without one goes to the local DRAM node.
-        backing: gives and takes buffers (``acquire``/``release``); defaults to a HostPool of
+        backing: gives and takes buffers (a :class:`Backing`); defaults to a HostPool of
             our own, which :meth:`close` also empties.
         pin: ask the backing for buffers page-locked for GPU DMA.
 
@@ -156,10 +160,6 @@ class TieredAllocator:
             else None
         )
         self.backing: Backing = self._own_pool if backing is None else backing
-        # What the backing will really map and how it stripes, so the check before touching
-        # memory is exact; a backing that does not say is expected to round to whole pages.
-        self._size_for: Callable[[int], int] = getattr(self.backing, "size_for", _whole_pages)
-        self._chunk_nbytes: int = getattr(self.backing, "chunk_nbytes", DEFAULT_CHUNK_NBYTES)
         self._lock = threading.Lock()
         self._closed = False
         self._live: set[Allocation] = set()
@@ -184,7 +184,7 @@ class TieredAllocator:
         """A buffer of at least ``nbytes`` for ``tensor_class``, on the class's planned nodes.
 
         ``placement`` overrides the plan for this one buffer. The request is rounded up as the
-        backing will map it (whole pages, or the pool's size class) and charged per node as its
+        backing will map it (its ``size_for``: the pool's size class) and charged per node as its
         chunks will be placed; it is refused (nothing touched) when any node would pass its
         budget or its free memory.
         """
@@ -195,17 +195,14 @@ class TieredAllocator:
             chosen = self._checked_placement(placement)
         else:
             chosen = self.placements.get(cls, as_placement(self.local_node))
-        reserved = self._charge(cls, nbytes, chosen, self._size_for(nbytes))
+        reserved = self._charge(cls, nbytes, chosen, self.backing.size_for(nbytes))
         try:
-            if self._own_pool is not None:
-                with self._lock:
-                    room = {
-                        node: budget - self._used[node]
-                        for node, budget in self.budgets.node_nbytes.items()
-                    }
-                buffer = self._own_pool.acquire(nbytes, chosen, pin=self.pin, room_nbytes=room)
-            else:
-                buffer = self.backing.acquire(nbytes, chosen, pin=self.pin)
+            with self._lock:
+                room = {
+                    node: budget - self._used[node]
+                    for node, budget in self.budgets.node_nbytes.items()
+                }
+            buffer = self.backing.acquire(nbytes, chosen, pin=self.pin, room_nbytes=room)
         except BaseException:
             self._uncharge(cls, reserved)
             raise
@@ -251,7 +248,7 @@ class TieredAllocator:
         ``replacing`` is an earlier charge for the same request, given back in the same locked
         step, so no other thread can take the budget in between.
         """
-        split = split_nbytes(charged_nbytes, placement, self._chunk_nbytes)
+        split = split_nbytes(charged_nbytes, placement, self.backing.chunk_nbytes)
         per_node = {node: n for node, n in split.items() if n > 0}
         with self._lock:
             if replacing is not None:

@@ -34,11 +34,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from optim_cpu.numa_cores import node_cpus

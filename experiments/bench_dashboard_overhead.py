@@ -27,6 +27,7 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import offload
 from experiments.common.results_io import RESULTS_DIR, this_machine, write_results

@@ -18,6 +18,9 @@ import os
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from experiments.bench_offload_training import build_model, host_budgets, time_steps
 from experiments.common.child_run import cuda_missing, run_child
 from experiments.common.results_io import RESULTS_DIR, machine_slug, write_results

@@ -23,6 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from allocators.host_buffer import HostBuffer
 from allocators.units import format_bytes, parse_size
 from experiments.common.results_io import RESULTS_DIR, this_machine, write_results

@@ -19,6 +19,10 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common.child_run import cuda_missing, run_child
 from experiments.common.results_io import RESULTS_DIR, this_machine, write_results

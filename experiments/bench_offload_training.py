@@ -20,6 +20,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from experiments.common.child_run import cuda_missing, run_child
 from experiments.common.results_io import RESULTS_DIR, machine_slug, write_results
 from offload.planning.model_shapes import MODELS

@@ -13,15 +13,20 @@ of capping threads. Each policy runs the same fixed work: ``--copies`` buffer co
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.common.results_io import RESULTS_DIR, this_machine, write_results
 from optim_cpu import ContentionPolicy, CPUAdamW, DmaSignal, StepScheduler

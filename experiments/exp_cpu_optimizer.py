@@ -14,8 +14,13 @@ again, so its small tensors stay in cache, which the simulator does not model (s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, as_placement

@@ -19,9 +19,14 @@ no GPU or CXL, so none are committed from here.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocators.declared_topology import load_declared
 from allocators.policies import POLICY_NAMES

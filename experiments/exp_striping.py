@@ -9,7 +9,12 @@ nodes exist here (needs CUDA). Simulated rows always.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocators.declared_topology import load_declared
 from allocators.placement import Placement, interleave

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import torch
+
+if not __package__:  # run as a script (python experiments/x.py): the repo root holds experiments/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocators.placement import as_placement
 from experiments.common.results_io import RESULTS_DIR, this_machine, write_results

@@ -49,10 +49,15 @@ class MemoryBuffer:
 
 
 class MemoryBacking:
+    chunk_nbytes = 2 << 20
+
     def __init__(self):
         self.live = 0
 
-    def acquire(self, nbytes, placement, pin=True):
+    def size_for(self, nbytes):
+        return -(-nbytes // 4096) * 4096
+
+    def acquire(self, nbytes, placement, pin=True, room_nbytes=None):
         self.live += 1
         return MemoryBuffer(nbytes)
 

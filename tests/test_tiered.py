@@ -27,47 +27,26 @@ class FakeBuffer:
         self.freed = False
         self._memory = torch.zeros(min(self.nbytes, 1 << 16), dtype=torch.uint8)
 
-    def tensor(self, dtype, shape):
-        return self._memory.view(dtype)[: torch.Size(shape).numel()].view(shape)
-
-
-class OffsetBuffer(FakeBuffer):
-    """A buffer whose tensor() takes offset_bytes, as HostBuffer's does."""
-
     def tensor(self, dtype, shape, offset_bytes=0):
         start = offset_bytes // torch.empty((), dtype=dtype).element_size()
         return self._memory.view(dtype)[start : start + torch.Size(shape).numel()].view(shape)
 
 
-class SizingBacking:
-    """A backing that says how it sizes and stripes buffers (as HostPool does)."""
-
-    def __init__(self, size_nbytes: int, chunk_nbytes: int):
-        self.chunk_nbytes = chunk_nbytes
-        self._size_nbytes = size_nbytes
-        self.acquired: list[FakeBuffer] = []
-
-    def size_for(self, nbytes):
-        return -(-nbytes // self._size_nbytes) * self._size_nbytes
-
-    def acquire(self, nbytes, placement, pin=True):
-        self.acquired.append(OffsetBuffer(nbytes, placement, self._size_nbytes))
-        return self.acquired[-1]
-
-    def release(self, buffer):
-        buffer.freed = True
-
-
 class FakeBacking:
-    """Counts what was acquired and released; hands out small CPU tensors as memory."""
+    """Counts what was acquired and released; hands out small CPU tensors as memory, sized in
+    whole ``round_to`` units and striped in ``chunk_nbytes``."""
 
-    def __init__(self, round_to: int = PAGE):
+    def __init__(self, round_to: int = PAGE, chunk_nbytes: int = 2 * MIB):
         self.round_to = round_to
+        self.chunk_nbytes = chunk_nbytes
         self.acquired: list[FakeBuffer] = []
         self.released: list[FakeBuffer] = []
         self.lock = threading.Lock()
 
-    def acquire(self, nbytes, placement, pin=True):
+    def size_for(self, nbytes):
+        return -(-nbytes // self.round_to) * self.round_to
+
+    def acquire(self, nbytes, placement, pin=True, room_nbytes=None):
         buffer = FakeBuffer(nbytes, placement, self.round_to)
         with self.lock:
             self.acquired.append(buffer)
@@ -217,8 +196,12 @@ def test_close_frees_everything_and_refuses_later_allocations():
 
 
 def test_a_larger_buffer_than_asked_is_charged_at_its_real_size():
-    # The backing rounds to 2 MiB (huge pages, size classes): 3 MiB costs 4 MiB of budget.
-    backing = FakeBacking(round_to=2 * MIB)
+    # The backing says whole pages but maps 2 MiB units: 3 MiB costs 4 MiB of budget.
+    class UnderSizingBacking(FakeBacking):
+        def size_for(self, nbytes):
+            return -(-nbytes // PAGE) * PAGE
+
+    backing = UnderSizingBacking(round_to=2 * MIB)
     alloc = TieredAllocator(topology(), {"dram": "5MiB"}, backing=backing)
     assert alloc.allocate("grads", 3 * MIB).nbytes_per_node == {0: 4 * MIB}
     # Page-rounded 1 MiB passes the first check; its real 2 MiB does not: handed back.
@@ -310,7 +293,12 @@ def test_concurrent_allocations_never_pass_the_budget():
 class HostBufferBacking:
     """No pooling: each acquire maps a fresh HostBuffer, each release frees it."""
 
-    def acquire(self, nbytes, placement, pin=True):
+    chunk_nbytes = 2 * MIB
+
+    def size_for(self, nbytes):
+        return -(-nbytes // PAGE) * PAGE
+
+    def acquire(self, nbytes, placement, pin=True, room_nbytes=None):
         return HostBuffer(nbytes, placement, pin=pin)
 
     def release(self, buffer):
@@ -383,7 +371,7 @@ def test_release_with_live_views_is_refused_and_keeps_the_charge():
 
 def test_a_backing_that_says_its_size_and_chunk_is_charged_by_them():
     # 9 MiB rounds to 12 MiB; 4 MiB chunks over {1, 2}: 3 chunks, two on node 1.
-    backing = SizingBacking(size_nbytes=4 * MIB, chunk_nbytes=4 * MIB)
+    backing = FakeBacking(round_to=4 * MIB, chunk_nbytes=4 * MIB)
     alloc = TieredAllocator(
         topology(), {"dram": "1GiB", "cxl": "2GiB"}, {"activations": interleave([1, 2])}, backing
     )
@@ -400,7 +388,7 @@ def test_a_host_pool_is_charged_by_its_size_class_and_chunk_size():
     class FakeMemoryPool(HostPool):
         """HostPool's sizing and chunking, with fake memory (nodes 1 and 2 are not real here)."""
 
-        def acquire(self, nbytes, placement, pin=None):
+        def acquire(self, nbytes, placement, pin=None, room_nbytes=None):
             return FakeBuffer(self.size_for(nbytes), placement, PAGE)
 
     pool = FakeMemoryPool(pin=False, chunk_nbytes=4 * MIB)
@@ -413,7 +401,7 @@ def test_a_host_pool_is_charged_by_its_size_class_and_chunk_size():
 
 
 def test_allocation_views_start_at_the_offset_given():
-    backing = SizingBacking(size_nbytes=PAGE, chunk_nbytes=2 * MIB)
+    backing = FakeBacking()
     alloc = TieredAllocator(topology(), {"dram": "1GiB", "cxl": "2GiB"}, backing=backing)
     grads = alloc.allocate("grads", 64)
     grads.tensor(torch.int32, (4,)).copy_(torch.arange(4, dtype=torch.int32))

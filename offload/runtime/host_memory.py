@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from allocators.host_buffer import HostBuffer
 from allocators.tiered import DEFAULT_BUDGETS, Allocation, TieredAllocator
 from allocators.topology import Topology
 
@@ -115,28 +116,25 @@ class HostMemory:
         view = allocation.tensor(torch.uint8, (allocation.nbytes,))
         return HostBlock(allocation, view, shares)
 
-    def _count_fallbacks(self, buffer: object) -> None:
-        try:
-            if buffer in self._seen_buffers:
-                return
-            self._seen_buffers.add(buffer)
-        except TypeError:  # a backing whose buffers take no weak references: count each time
-            pass
-        unplaced = getattr(buffer, "placement_enforced", True) is False
+    def _count_fallbacks(self, buffer: HostBuffer) -> None:
+        if buffer in self._seen_buffers:
+            return
+        self._seen_buffers.add(buffer)
+        unplaced = not buffer.placement_enforced
         # pin_reason is None when pinned, "pin=False" or "CUDA is not available" when pinning
         # was not attempted; only a driver refusal is a fallback.
-        reason = getattr(buffer, "pin_reason", None)
-        unpinned = self.allocator.pin and not getattr(buffer, "pinned", True) and bool(reason)
+        reason = buffer.pin_reason
+        unpinned = self.allocator.pin and not buffer.pinned and bool(reason)
         unpinned = unpinned and not str(reason).startswith("CUDA is not available")
         if not (unplaced or unpinned):
             return
         old = self._fallbacks
         new_reasons = [
             r
-            for r, bad in ((getattr(buffer, "fallback_reason", None), unplaced), (reason, unpinned))
+            for r, bad in ((buffer.fallback_reason, unplaced), (reason, unpinned))
             if bad and r and r not in old.reasons
         ]
-        nbytes = int(getattr(buffer, "nbytes", 0))
+        nbytes = buffer.nbytes
         self._fallbacks = HostFallbacks(
             unplaced_buffers=old.unplaced_buffers + unplaced,
             unpinned_buffers=old.unpinned_buffers + unpinned,

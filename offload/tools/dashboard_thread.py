@@ -9,8 +9,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from rich.console import Console
@@ -20,11 +21,27 @@ from offload.tools.dashboard import DashboardSnapshot, MemoryBar, log_line, rend
 from offload.tools.transfer_ceilings import transfer_ceilings
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from offload.config import OffloadConfig
+    from offload.runtime.host_memory import HostMemory
     from offload.runtime.optimizer_offload import OptimizerOffload
-    from offload.session import OffloadSession
+    from offload.runtime.streams import CopyStreams
 
 TIER_LABELS = {"dram": "DRAM", "remote_dram": "remote DRAM", "cxl": "CXL"}
 _log = logging.getLogger(__name__)
+
+
+class ObservedSession(Protocol):
+    """What the dashboard reads of an offload.session.OffloadSession: the session starts the
+    dashboard, so the dashboard knows it by this shape rather than by importing it."""
+
+    model: nn.Module
+    config: OffloadConfig
+    memory: HostMemory
+    streams: CopyStreams
+    records: Sequence[Any]  # the session's StepRecords, one per finished step
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,7 @@ class _Mark:
 
 
 class SessionProbe:
-    """Reads an OffloadSession's counters into DashboardSnapshots; owns the forward pre-hook that
+    """Reads an offload session's counters into DashboardSnapshots; owns the forward pre-hook that
     counts tokens (``input_ids.numel()`` per forward; None when no integer ids were seen).
 
     Rates are averaged over the last ``window`` polls that saw a new step (each such poll marks
@@ -53,7 +70,7 @@ class SessionProbe:
 
     def __init__(
         self,
-        session: OffloadSession,
+        session: ObservedSession,
         optimizer: OptimizerOffload | None,
         *,
         window: int = 16,
@@ -186,7 +203,7 @@ class DashboardThread:
 
     def __init__(
         self,
-        session: OffloadSession,
+        session: ObservedSession,
         optimizer: OptimizerOffload | None,
         *,
         console: Console | None = None,

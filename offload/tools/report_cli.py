@@ -16,8 +16,6 @@ from allocators.errors import OffloadError
 from allocators.units import format_bytes
 from offload.tools.run_record import SCHEMA, RunRecord, load_run, read_json, run_summary
 
-PROFILE_SCHEMA = "offload-profile/1"
-
 
 def register(subparsers) -> None:
     """Add the ``report`` subcommand.
@@ -90,6 +88,7 @@ def _run_name(path: Path, taken: Mapping[str, RunRecord]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here: profilers sits beside offload, and only profile files need it.
+    from profilers.machine_profile import SCHEMA as PROFILE_SCHEMA
     from profilers.machine_profile import profile_from_dict
     from profilers.report_tables import profile_table
 

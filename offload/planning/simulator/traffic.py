@@ -60,7 +60,6 @@ class MemoryTime:
 
     seconds: float
     bottleneck: str
-    node_seconds: dict[int, float]
 
 
 def node_busy_seconds(traffic: Traffic, rates: SimRates, node: int) -> float:
@@ -99,10 +98,9 @@ def memory_seconds(traffic: Traffic, rates: SimRates) -> MemoryTime:
         "link duplex": (h2d_total + d2h_total) / (rates.duplex_gib_per_s * GIB),
     }
     nodes = sorted({*traffic.h2d, *traffic.d2h, *traffic.cpu})
-    node_seconds = {n: node_busy_seconds(traffic, rates, n) for n in nodes}
-    bounds.update({f"node {n}": s for n, s in node_seconds.items()})
+    bounds.update({f"node {n}": node_busy_seconds(traffic, rates, n) for n in nodes})
     bottleneck = max(bounds, key=bounds.__getitem__)
-    return MemoryTime(bounds[bottleneck], bottleneck, node_seconds)
+    return MemoryTime(bounds[bottleneck], bottleneck)
 
 
 def copy_seconds(
