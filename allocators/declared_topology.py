@@ -18,12 +18,11 @@ import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from allocators.cpu_lists import parse_cpu_list
 from allocators.errors import TopologyError
 from allocators.topology import GpuInfo, NodeRates, NumaNode, Topology
 from allocators.units import parse_size
+from allocators.yaml_text import load_yaml, yaml_problem
 
 SCHEMA = "offload-topology/1"
 SHIPPED_DIR = Path(__file__).parent / "topologies"
@@ -84,27 +83,12 @@ def load_declared(path_or_name: str | Path) -> Topology:
     path = _resolve(path_or_name)
     where = _Where(path.name)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
         raise where.fail(f"cannot be read as a text file ({exc}); give a UTF-8 YAML file") from None
     except Exception as exc:  # PyYAML raises more than YAMLError on odd tags ('!!int' alone)
         raise where.fail(f"not valid YAML{yaml_problem(exc)}") from None
     return parse_declared(data, source=path.name)
-
-
-def yaml_problem(exc: Exception) -> str:
-    """Where and why PyYAML could not read a text, for a message: ``" at line 2, ...: ..."``.
-
-    >>> try:
-    ...     yaml.safe_load("a: [1")
-    ... except yaml.YAMLError as exc:
-    ...     yaml_problem(exc)
-    " at line 1, column 6: expected ',' or ']', but got '<stream end>'"
-    """
-    mark = getattr(exc, "problem_mark", None)
-    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
-    return f"{at}: {problem}"
 
 
 def parse_declared(data: object, *, source: str) -> Topology:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from allocators import cuda_host, numa
-from allocators.errors import NumaError
+from allocators.errors import BudgetExceededError, NumaError
 from allocators.placement import Placement, as_placement
 from allocators.striping import DEFAULT_CHUNK_NBYTES, Extent, stripe
 from allocators.units import format_bytes, parse_size
@@ -140,6 +140,24 @@ class _Region:
         }
 
 
+def machine_memory_nbytes() -> int:
+    """Physical memory of this machine over all nodes (what every tier together can hold).
+
+    >>> machine_memory_nbytes() > 0
+    True
+    """
+    return PAGE_NBYTES * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fits_machine(nbytes: int) -> None:
+    total = machine_memory_nbytes()
+    if nbytes > total:
+        raise BudgetExceededError(
+            f"HostBuffer of {format_bytes(nbytes)} ({nbytes} bytes) is more than this machine's "
+            f"memory ({format_bytes(total)} over all NUMA nodes); ask for a smaller buffer"
+        )
+
+
 class HostBuffer:
     """Host memory of ``nbytes`` striped over NUMA nodes by ``placement``, pinned when it can be.
 
@@ -161,6 +179,8 @@ class HostBuffer:
 
     Raises:
         PlacementError: a node does not exist (the message lists the online nodes).
+        BudgetExceededError: ``nbytes`` is more than this machine's memory (refused at once,
+            before any mapping: such a size is a mistake, and striping it would take hours).
         MemoryError: the memory could not be mapped or faulted in.
 
     State: ``placement_enforced`` is False when the OS refused mbind (EPERM in containers
@@ -192,6 +212,7 @@ class HostBuffer:
         self.requested_nbytes = parse_size(nbytes, what="HostBuffer nbytes")
         if self.requested_nbytes <= 0:
             raise ValueError(f"HostBuffer nbytes = {nbytes!r} must be > 0 bytes")
+        _check_fits_machine(self.requested_nbytes)
         if chunk_nbytes <= 0 or chunk_nbytes % PAGE_NBYTES:
             raise ValueError(
                 f"chunk_nbytes = {chunk_nbytes} must be a positive multiple of the page size "

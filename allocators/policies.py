@@ -146,6 +146,36 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
     return Budgets(node_nbytes=node_nbytes, node_tier=node_tier, declared=declared)
 
 
+def parse_budget_args(items: Sequence[str], *, what: str = "--budget") -> dict[TierName, int]:
+    """Read budgets written as text, ``TIER=SIZE`` each, into bytes per tier.
+
+    Every command line's ``--budget`` (repeatable) and ``OFFLOAD_BUDGETS`` (comma-separated) use
+    this one reader. It checks syntax only (the form, the tier name, the size, a tier given twice);
+    what a tier's budget means on a machine is :func:`parse_budgets`'s business.
+
+    >>> parse_budget_args(["dram=64GiB", "cxl=256GiB"]) == {"dram": 64 << 30, "cxl": 256 << 30}
+    True
+    >>> parse_budget_args(["dram=1GiB,cxl=2GiB"], what="OFFLOAD_BUDGETS")["cxl"] == 2 << 30
+    True
+    """
+    budgets: dict[TierName, int] = {}
+    for item in (part for text in items for part in text.split(",")):
+        tier, sep, size = (s.strip() for s in item.partition("="))
+        if not sep or not tier or not size:
+            raise ConfigError(
+                f"{what} {item.strip()!r} is not TIER=SIZE; write e.g. {what} dram=64GiB"
+            )
+        if tier not in TIER_NAMES:
+            raise ConfigError(
+                f"{what} {item.strip()!r}: {tier!r} is not a tier; write one of "
+                f"{', '.join(TIER_NAMES)}, e.g. {what} dram=64GiB"
+            )
+        if tier in budgets:
+            raise ConfigError(f"{what} gives tier {tier!r} twice; give each tier once")
+        budgets[tier] = parse_size(size, what=f"{what} {tier}")
+    return budgets
+
+
 @dataclass(frozen=True)
 class GroupPlacement:
     """Where one group goes: its placement, the exact bytes per node, and which rule chose it."""

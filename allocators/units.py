@@ -6,6 +6,7 @@ Only sizes live here; this module must not know about tiers, nodes or policies.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from allocators.errors import ConfigError
 
@@ -30,13 +31,19 @@ _UNITS = {
     "tib": 1024**4,
 }
 
+# 1 EiB: more memory than any machine this runs on holds, so a larger size is a typo (1e99, a
+# count in the wrong unit), and refusing it here keeps it from reaching a loop over chunks.
+MAX_SIZE_NBYTES = 1 << 60
+
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: int | float | str, *, what: str = "size") -> int:
     """Return a byte count from an int or a string such as ``"64GiB"`` or ``"1.5 GB"``.
 
-    ``what`` names the value in the error message, so a user knows which setting was wrong.
+    ``what`` names the value in the error message, so a user knows which setting was wrong. A
+    size must be a whole number of bytes (a float such as ``1.5`` is refused, not truncated) and
+    at most ``MAX_SIZE_NBYTES`` (1 EiB).
 
     >>> parse_size("64GiB")
     68719476736
@@ -50,11 +57,11 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{what} = {value} is negative; sizes are bytes >= 0")
-        return value
+        return _bounded(value, value, what)
     if isinstance(value, float):
-        if value < 0 or value != value or value == float("inf"):
+        if not value >= 0 or value == float("inf"):
             raise ConfigError(f"{what} = {value} is not a size; write bytes >= 0 or '64GiB'")
-        return int(value)
+        return _bounded(value, value, what)
     if not isinstance(value, str):
         raise ConfigError(
             f"{what} = {value!r} ({type(value).__name__}) is not a size; write bytes or '64GiB'"
@@ -65,10 +72,21 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
         raise ConfigError(
             f"{what} = {value!r} is not a size; write '64GiB', '512MiB', '2GB' or a byte count"
         )
-    nbytes = float(match.group(1)) * _UNITS[unit]
-    if nbytes == float("inf"):
+    # Exact arithmetic: "1.5 kB" is 1500 bytes, "0.3 B" is not a whole number of bytes.
+    return _bounded(value, Fraction(match.group(1)) * _UNITS[unit], what)
+
+
+def _bounded(value: int | float | str, nbytes: int | float | Fraction, what: str) -> int:
+    """``nbytes`` as an int, refusing a fraction of a byte and more than MAX_SIZE_NBYTES."""
+    if nbytes > MAX_SIZE_NBYTES:
         raise ConfigError(
-            f"{what} = {value!r} is too large to be a size; write '64GiB', '512MiB' or bytes"
+            f"{what} = {value!r} is too large: more than {format_bytes(MAX_SIZE_NBYTES)}, more "
+            "than any machine holds; write a size such as '64GiB'"
+        )
+    if nbytes != int(nbytes):
+        raise ConfigError(
+            f"{what} = {value!r} is not a whole number of bytes; write an integer such as "
+            f"{int(nbytes)} or a size such as '64GiB'"
         )
     return int(nbytes)
 
@@ -84,8 +102,8 @@ def format_bytes(nbytes: int | float) -> str:
     value = float(nbytes)
     if abs(value) < 1024:
         return f"{int(value)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         value /= 1024
-        if abs(value) < 1024 or unit == "TiB":
+        if abs(value) < 1024 or unit == "EiB":
             break
     return f"{value:.2f} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"

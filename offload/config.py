@@ -1,6 +1,6 @@
 """OffloadConfig: the typed, validated settings of offload.enable(), read from keyword arguments,
-a YAML file or OFFLOAD_* environment variables. It checks values; it must not allocate or touch
-the model.
+a YAML file or OFFLOAD_* environment variables, and the one order in which those win
+(resolve_config). It checks values; it must not allocate or touch the model.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from allocators.declared_topology import yaml_problem
 from allocators.errors import ConfigError
-from allocators.policies import POLICY_NAMES, TIER_NAMES
+from allocators.policies import POLICY_NAMES, TIER_NAMES, parse_budget_args
 from allocators.units import parse_size
+from allocators.yaml_text import load_yaml, yaml_problem
 from offload.planning.activation_bytes import ACTIVATION_MODES
+
+# Host-step threads beyond this only contend for cores (no machine here has more to give them);
+# 10,000 threads would be started and each would slow the step.
+MAX_OPTIMIZER_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ class OffloadConfig:
                 )
         if self.optimizer_threads is not None:
             _check_int("optimizer_threads", self.optimizer_threads, minimum=1)
+            if self.optimizer_threads > MAX_OPTIMIZER_THREADS:
+                raise ConfigError(
+                    f"optimizer_threads = {self.optimizer_threads} is more than "
+                    f"{MAX_OPTIMIZER_THREADS}; threads beyond the cores only slow the host step "
+                    f"(this machine has {os.cpu_count()} CPUs): write at most that, or None"
+                )
         if self.loss_chunk_tokens is not None:
             _check_int("loss_chunk_tokens", self.loss_chunk_tokens, minimum=1)
         norm = self.max_grad_norm
@@ -144,32 +154,7 @@ class OffloadConfig:
 
         >>> OffloadConfig.from_yaml("offload.yaml")  # doctest: +SKIP
         """
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"offload config {path}: cannot be read ({exc}); give the path of a UTF-8 YAML "
-                "file such as offload.yaml"
-            ) from None
-        except Exception as exc:  # PyYAML raises more than YAMLError on odd tags ('!!int' alone)
-            raise ConfigError(
-                f"offload config {path} is not valid YAML{yaml_problem(exc)}; write one "
-                "'setting: value' per line"
-            ) from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"{path} holds a {type(data).__name__}; write a mapping such as "
-                "'activations: checkpoint' one setting per line"
-            )
-        odd = [key for key in data if not isinstance(key, str)]
-        if odd:
-            raise ConfigError(
-                f"{path} has setting name(s) {odd!r} that are not text; write names such as "
-                "'activations: checkpoint'"
-            )
-        return cls.from_kwargs(**data)
+        return cls.from_kwargs(**read_yaml_settings(path))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -183,13 +168,16 @@ class OffloadConfig:
         environ = os.environ if environ is None else environ
         by_name = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
-        budgets: dict[str, str] = {}
+        budgets: dict[str, Any] = {}
         for key in sorted(environ):
             if not key.startswith("OFFLOAD_"):
                 continue
             name = key[len("OFFLOAD_") :].lower()
             raw = environ[key]
-            if name.startswith("budget_"):
+            if name == "budgets":
+                # Syntax only: OFFLOAD_BUDGETS=dram=64GiB,cxl=256GiB, as --budget reads it.
+                values["budgets"] = parse_budget_args([raw], what=key)
+            elif name.startswith("budget_"):
                 budgets[name[len("budget_") :]] = raw
             elif name in by_name:
                 values[name] = _from_env_text(name, raw)
@@ -197,8 +185,14 @@ class OffloadConfig:
                 raise ConfigError(
                     f"environment variable {key} is not an offload setting; known: "
                     + ", ".join(f"OFFLOAD_{n.upper()}" for n in sorted(by_name))
-                    + ", OFFLOAD_BUDGET_DRAM, OFFLOAD_BUDGET_CXL, OFFLOAD_CONFIG"
+                    + ", OFFLOAD_BUDGET_DRAM, OFFLOAD_BUDGET_CXL, OFFLOAD_BUDGET_REMOTE_DRAM, "
+                    "OFFLOAD_CONFIG"
                 )
+        if budgets and "budgets" in values:
+            raise ConfigError(
+                "OFFLOAD_BUDGETS and OFFLOAD_BUDGET_<TIER> are both set; give the budgets one "
+                "way, e.g. OFFLOAD_BUDGETS=dram=64GiB,cxl=256GiB"
+            )
         if budgets:
             values = {"budgets": budgets, **values}
         return values
@@ -216,38 +210,78 @@ class OffloadConfig:
 _ENV_IGNORED = ("config",)
 
 
-def resolve_config(config: OffloadConfig | str | Path | None, **kwargs: Any) -> OffloadConfig:
-    """Merge, lowest first: defaults, OFFLOAD_CONFIG file, OFFLOAD_* variables, ``config``, kwargs.
+def resolve_config(
+    config: OffloadConfig | str | Path | None = None,
+    given: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> OffloadConfig:
+    """The settings enable() runs with. For each setting the first of these that gives it wins:
 
-    >>> resolve_config(None, activations=False).activations
+    1. ``given``: the keyword arguments passed to enable(), each one that was passed (a value
+       equal to the default, passed explicitly, still wins);
+    2. ``config``: an OffloadConfig (taken whole: every setting in it counts as given) or a
+       YAML file; when ``config`` is None, the YAML file that ``OFFLOAD_CONFIG`` names;
+    3. ``OFFLOAD_*`` variables (``OFFLOAD_POLICY=planned``, ``OFFLOAD_BUDGETS=dram=64GiB,cxl=256GiB``);
+    4. the defaults of OffloadConfig.
+
+    ``budgets`` is one setting: a layer that gives it replaces the lower layers' budgets whole.
+
+    ``environ`` stands for ``os.environ`` (tests).
+
+    >>> resolve_config(None, {"activations": False}).activations
     'off'
+    >>> resolve_config(None, {"policy": "cxl_aware"}, environ={"OFFLOAD_POLICY": "planned"}).policy
+    'cxl_aware'
     """
-    merged: dict[str, Any] = {}
-    env_file = os.environ.get("OFFLOAD_CONFIG")
-    if env_file:
-        merged.update(_explicit(OffloadConfig.from_yaml(env_file)))
-    merged.update(OffloadConfig.from_env())
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = OffloadConfig.from_env(environ)
     if isinstance(config, OffloadConfig):
-        merged.update(_explicit(config))
-    elif isinstance(config, (str, Path)):
-        merged.update(_explicit(OffloadConfig.from_yaml(config)))
-    elif config is not None:
-        raise ConfigError(
-            f"config = {config!r} is neither an OffloadConfig nor a YAML path; pass "
-            "OffloadConfig(...) or 'offload.yaml'"
-        )
-    merged.update(kwargs)
+        merged.update(dataclasses.asdict(config))
+    else:
+        path = config if config is not None else environ.get("OFFLOAD_CONFIG") or None
+        if isinstance(path, (str, Path)):
+            merged.update(read_yaml_settings(path))
+        elif path is not None:
+            raise ConfigError(
+                f"config = {config!r} is neither an OffloadConfig nor a YAML path; pass "
+                "OffloadConfig(...) or 'offload.yaml'"
+            )
+    merged.update(given or {})
     return OffloadConfig.from_kwargs(**merged)
 
 
-def _explicit(config: OffloadConfig) -> dict[str, Any]:
-    """The settings of ``config`` that differ from the defaults (so lower layers still show)."""
-    default = OffloadConfig()
-    return {
-        f.name: getattr(config, f.name)
-        for f in fields(config)
-        if getattr(config, f.name) != getattr(default, f.name)
-    }
+def read_yaml_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a YAML file gives, as written (only those it names), refusing a file that
+    cannot be read, is not YAML, is not a mapping of names, or names one setting twice.
+
+    >>> read_yaml_settings("offload.yaml")  # doctest: +SKIP
+    {'activations': 'checkpoint'}
+    """
+    try:
+        data = load_yaml(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"offload config {path}: cannot be read ({exc}); give the path of a UTF-8 YAML "
+            "file such as offload.yaml"
+        ) from None
+    except Exception as exc:  # PyYAML raises more than YAMLError on odd tags ('!!int' alone)
+        raise ConfigError(
+            f"offload config {path} is not valid YAML{yaml_problem(exc)}; write one "
+            "'setting: value' per line"
+        ) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{path} holds a {type(data).__name__}; write a mapping such as "
+            "'activations: checkpoint' one setting per line"
+        )
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(
+            f"{path} has setting name(s) {odd!r} that are not text; write names such as "
+            "'activations: checkpoint'"
+        )
+    return dict(data)
 
 
 def _activation_mode(value: Any) -> str:

@@ -23,13 +23,25 @@ from offload.runtime.streams import CopyStreams
 from offload.session import OffloadSession
 
 
+class _NotGiven:
+    """The default of enable()'s named settings: a setting left out is taken from the config
+    file, OFFLOAD_* or OffloadConfig's defaults, while one passed, even equal to the default, wins.
+    """
+
+    def __repr__(self) -> str:
+        return "<config, OFFLOAD_* or default>"
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+
 def enable(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    activations: bool | str = True,
-    optimizer_offload: bool = True,
-    policy: str = "cxl_aware",
-    budgets: dict[str, int | str] | None = None,
+    activations: bool | str = NOT_GIVEN,
+    optimizer_offload: bool = NOT_GIVEN,
+    policy: str = NOT_GIVEN,
+    budgets: dict[str, int | str] | None = NOT_GIVEN,
     config: OffloadConfig | str | Path | None = None,
     *,
     topology: Topology | None = None,
@@ -44,17 +56,21 @@ def enable(
         model: an ``nn.Module`` (Hugging Face models included, with or without their own
             gradient checkpointing); its parameters' device is the device offloaded from.
         optimizer: the user's optimizer over ``model``'s parameters (None: activations only).
-        activations: True (``"saved_tensors"``), ``"checkpoint"`` (the paper's mode: keep only
+        activations: True (``"saved_tensors"``, the default), ``"checkpoint"`` (the paper's mode: keep only
             each decoder layer's input, on the host) or False.
-        optimizer_offload: keep fp32 masters and optimizer state on the host, step there.
+        optimizer_offload: keep fp32 masters and optimizer state on the host, step there
+            (default True).
         policy, budgets: where host buffers go (``local_only``, ``naive_interleave``,
-            ``cxl_aware``, or ``planned``: the planner's shortest predicted step for micro-batches
+            ``cxl_aware`` (the default), or ``planned``: the planner's shortest predicted step for micro-batches
             of ``plan_tokens`` tokens, with the rates of ``profile`` if given; the session's
             ``plan`` then holds its placements and predicted phase times) and how much each
             tier may hold, e.g. ``{"dram": "64GiB"}``.
-        config: an OffloadConfig or a YAML file; keyword arguments override it, and it overrides
-            OFFLOAD_* environment variables. Other settings (``max_grad_norm``,
-            ``grad_accumulation_steps``, ``bucket_nbytes``, ...) are keyword arguments too.
+        config: an OffloadConfig (taken whole) or a YAML file (default: the file OFFLOAD_CONFIG
+            names). Each setting comes from the first of: the arguments passed here (one equal
+            to its default still counts), ``config``, OFFLOAD_* environment variables
+            (``OFFLOAD_POLICY=planned``, ``OFFLOAD_BUDGETS=dram=64GiB,cxl=256GiB``), the
+            defaults. Other settings (``max_grad_norm``, ``grad_accumulation_steps``,
+            ``bucket_nbytes``, ...) are keyword arguments too.
         topology: the machine (default: discovered from /sys).
 
     Raises:
@@ -72,17 +88,14 @@ def enable(
     ...     len(sess.report())
     1
     """
-    explicit = {
-        name: value
-        for name, value, default in (
-            ("activations", activations, True),
-            ("optimizer_offload", optimizer_offload, True),
-            ("policy", policy, "cxl_aware"),
-            ("budgets", budgets, None),
-        )
-        if value != default
+    named = {
+        "activations": activations,
+        "optimizer_offload": optimizer_offload,
+        "policy": policy,
+        "budgets": budgets,
     }
-    settings = resolve_config(config, **explicit, **kwargs)
+    given = {name: value for name, value in named.items() if value is not NOT_GIVEN}
+    settings = resolve_config(config, {**given, **kwargs})
     device = _device_of(model)
     topology = topology or discover()
     layers = find_layers(model)
@@ -153,9 +166,14 @@ def _check_nodes_exist(placements: dict, topology: Topology) -> None:
 
 def _device_of(model: nn.Module) -> torch.device:
     devices = {p.device for p in model.parameters()}
+    if not devices:
+        raise OffloadError(
+            f"the model ({type(model).__name__}) has no parameters, so there is nothing to "
+            "train or offload; pass the model whose parameters the optimizer updates"
+        )
     if len(devices) != 1:
         raise OffloadError(
-            f"the model's parameters are on {sorted(map(str, devices)) or 'no device'}; "
+            f"the model's parameters are on {sorted(map(str, devices))}; "
             "offload.enable() needs a model on one device: call model.to('cuda') first"
         )
     return devices.pop()

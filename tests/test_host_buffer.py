@@ -9,7 +9,7 @@ import torch
 from numa_maps import policy_of
 
 from allocators import cuda_host, host_buffer, numa
-from allocators.errors import PlacementError
+from allocators.errors import OffloadError, PlacementError
 from allocators.host_buffer import PAGE_NBYTES, HostBuffer, PlacementDriftWarning
 
 MiB = 1 << 20
@@ -278,3 +278,19 @@ def test_a_pinned_buffer_round_trips_through_the_gpu():
         assert torch.equal(back, host * 2)
         assert buf.pages_per_node() == {0: 64 * MiB // PAGE_NBYTES}
         del host
+
+
+@pytest.mark.parametrize("nbytes", [2**62, 2**63, 1 << 50])
+def test_an_absurd_size_is_refused_before_striping(monkeypatch, nbytes):
+    def no_striping(*args):
+        raise AssertionError("striped a buffer larger than the machine (hours of looping)")
+
+    monkeypatch.setattr(host_buffer, "stripe", no_striping)
+    with pytest.raises(OffloadError, match="more than"):
+        HostBuffer(nbytes, placement=0, pin=False)
+
+
+def test_more_than_the_machine_names_its_memory():
+    too_big = host_buffer.machine_memory_nbytes() + (1 << 30)
+    with pytest.raises(MemoryError, match="more than this machine's memory"):
+        HostBuffer(too_big, placement=0, pin=False)

@@ -71,7 +71,7 @@ def test_environment_is_overridden_by_file_and_kwargs(tmp_path, monkeypatch):
     monkeypatch.setenv("OFFLOAD_BUDGET_DRAM", "3GiB")
     path = tmp_path / "offload.yaml"
     path.write_text("grad_accumulation_steps: 2\n")
-    config = resolve_config(path, max_grad_norm=0.5)
+    config = resolve_config(path, {"max_grad_norm": 0.5})
     assert config.activations == "off"
     assert config.grad_accumulation_steps == 2
     assert config.budgets == {"dram": 3 << 30}

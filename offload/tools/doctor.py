@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 from allocators import numa
-from allocators.errors import ConfigError
 from allocators.host_buffer import HostBuffer
 from allocators.policies import Budgets, parse_budgets
 from allocators.sysfs_files import is_live, read_text
@@ -77,21 +76,6 @@ def has_cap(cap_eff: int, cap: int) -> bool:
     (True, False)
     """
     return bool(cap_eff >> cap & 1)
-
-
-def parse_budget_args(items: list[str]) -> dict[str, str]:
-    """Read ``--budget`` values such as ``dram=64GiB`` into a budget mapping.
-
-    >>> parse_budget_args(["dram=64GiB", "cxl=256GiB"])
-    {'dram': '64GiB', 'cxl': '256GiB'}
-    """
-    budgets: dict[str, str] = {}
-    for item in items:
-        tier, sep, size = item.partition("=")
-        if not sep or not tier.strip() or not size.strip():
-            raise ConfigError(f"--budget {item!r} is not TIER=SIZE; write e.g. --budget dram=64GiB")
-        budgets[tier.strip()] = size.strip()
-    return budgets
 
 
 def check_mbind(node: int, cap_eff: int) -> CheckResult:

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from allocators.errors import ConfigError
-from offload.config import OffloadConfig
+from allocators.policies import parse_budget_args
+from offload.config import OffloadConfig, resolve_config
 from offload.planning.activation_bytes import ACTIVATION_MODES
-from offload.tools.doctor import CheckResult, parse_budget_args, run_checks
+from offload.tools.doctor import CheckResult, run_checks
 
 _STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
 
@@ -35,13 +36,17 @@ def register(subparsers) -> None:
         description="Check this machine for offload; exit 1 when a check fails.",
     )
     parser.add_argument("--sysfs-root", default="/sys", help="sysfs tree to read (default /sys)")
-    parser.add_argument("--config", help="offload YAML config whose budgets to check")
+    parser.add_argument(
+        "--config",
+        help="offload YAML config whose settings to check (default: OFFLOAD_CONFIG's file); "
+        "settings resolve as in offload.enable(): these options, the config, OFFLOAD_*, defaults",
+    )
     parser.add_argument(
         "--budget",
         action="append",
         default=[],
         metavar="TIER=SIZE",
-        help="a tier budget such as dram=64GiB (repeatable; overrides --config)",
+        help="a tier budget such as dram=64GiB (repeatable; replaces the config's budgets)",
     )
     parser.add_argument(
         "--model",
@@ -59,8 +64,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--activations",
         choices=ACTIVATION_MODES,
-        default=OffloadConfig().activations,
-        help="with --model: what enable() offloads (default, as enable(): every saved tensor)",
+        help="with --model: what enable() offloads (default: as enable() resolves it, "
+        f"{OffloadConfig().activations!r} unless the config or OFFLOAD_ACTIVATIONS say otherwise)",
     )
     parser.add_argument(
         "--loss-chunk-tokens",
@@ -70,20 +75,41 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--grad-accumulation",
         action="store_true",
-        help="with --model: more than one backward per step (a staging buffer for gradients)",
+        help="with --model: more than one backward per step (a staging buffer for gradients); "
+        "also on when the config's grad_accumulation_steps is above 1",
     )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.set_defaults(func=_run)
 
 
+def settings_of(args: argparse.Namespace) -> OffloadConfig:
+    """The settings offload.enable() would run with, this command's options passed as its
+    arguments (resolve_config: options, then --config or OFFLOAD_CONFIG, OFFLOAD_*, defaults).
+
+    >>> ns = argparse.Namespace(config=None, budget=["dram=1GiB"], activations=None,
+    ...                         loss_chunk_tokens=None)
+    >>> settings_of(ns).budgets
+    {'dram': 1073741824}
+    """
+    given: dict[str, object] = {}
+    if args.budget:
+        given["budgets"] = parse_budget_args(args.budget)
+    for name in ("activations", "loss_chunk_tokens"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    return resolve_config(args.config, given)
+
+
 def _run(args: argparse.Namespace) -> int:
-    budgets: dict[str, int | str] = {}
-    if args.config:
-        budgets.update(OffloadConfig.from_yaml(args.config).budgets)
-    budgets.update(parse_budget_args(args.budget))
-    results = run_checks(args.sysfs_root, budgets or None)
+    for name in ("seq", "batch", "loss_chunk_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value} must be at least 1, e.g. {flag} 1")
+    settings = settings_of(args)
+    results = run_checks(args.sysfs_root, settings.budgets or None)
     if args.model:
-        results.append(_model_check(args, budgets))
+        results.append(_model_check(args, settings))
     failed = any(r.failed for r in results)
     if args.json:
         report = {"failed": failed, "checks": [dataclasses.asdict(r) for r in results]}
@@ -93,29 +119,23 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _model_check(args: argparse.Namespace, budgets: dict[str, int | str]) -> CheckResult:
+def _model_check(args: argparse.Namespace, settings: OffloadConfig) -> CheckResult:
     from allocators.sysfs_topology import discover
-    from allocators.units import parse_size
     from offload.planning.host_layout import HostLayout
     from offload.planning.model_shapes import load_model_shape
     from offload.tools.doctor_model_fit import ModelWorkload, check_model_fits
 
-    for name in ("seq", "batch", "loss_chunk_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {value} must be at least 1, e.g. {flag} 1")
     layout = HostLayout(
         optimizer=args.optimizer,
         grad_nbytes_per_param=4 if args.dtype == "fp32" else 2,
-        grad_staging=args.grad_accumulation,
-        activations=args.activations,
-        loss_chunk_tokens=args.loss_chunk_tokens,
+        grad_staging=args.grad_accumulation or settings.grad_accumulation_steps > 1,
+        activations=settings.activations,
+        loss_chunk_tokens=settings.loss_chunk_tokens,
     )
     work = ModelWorkload(
         load_model_shape(args.model), seq=args.seq, batch=args.batch, layout=layout
     )
-    budget = sum(parse_size(v, what=f"budget {k}") for k, v in budgets.items()) if budgets else None
+    budget = sum(settings.budgets.values()) if settings.budgets else None
     return check_model_fits(discover(args.sysfs_root, use_nvml=False), work, budget)
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from allocators.errors import OffloadError
-from allocators.policies import POLICY_NAMES
+from allocators.policies import POLICY_NAMES, parse_budget_args
 from allocators.topology import Topology
 from allocators.topology_command import load_topology
 from allocators.units import format_bytes
@@ -121,26 +121,20 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_plan_command)
 
 
-def parse_budget_args(items: list[str], topology: Topology) -> dict[str, str | int]:
-    """``["dram=64GiB"]`` -> ``{"dram": "64GiB"}``; with none, each tier's node capacities.
+def plan_budgets(items: list[str], topology: Topology) -> dict[str, int]:
+    """``--budget`` values (``["dram=64GiB"]``) in bytes; with none, each tier's node capacities.
 
     >>> from allocators.declared_topology import load_declared
-    >>> parse_budget_args([], load_declared("paper-2aic"))["cxl"] == 512 << 30
+    >>> plan_budgets([], load_declared("paper-2aic"))["cxl"] == 512 << 30
     True
     """
-    if not items:
-        tiers = topology.tiers
-        return {
-            "dram": sum(n.total_bytes for n in tiers.local_dram),
-            "cxl": sum(n.total_bytes for n in tiers.cxl),
-        }
-    budgets: dict[str, str | int] = {}
-    for item in items:
-        tier, sep, size = item.partition("=")
-        if not sep or not tier or not size:
-            raise PlanError(f"--budget {item!r} is not TIER=SIZE; write --budget dram=64GiB")
-        budgets[tier.strip()] = size.strip()
-    return budgets
+    if items:
+        return dict(parse_budget_args(items))
+    tiers = topology.tiers
+    return {
+        "dram": sum(n.total_bytes for n in tiers.local_dram),
+        "cxl": sum(n.total_bytes for n in tiers.cxl),
+    }
 
 
 def _group_dict(item) -> dict:
@@ -230,7 +224,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
         lambda: plan(
             groups,
             topology.tiers,
-            parse_budget_args(args.budget, topology),
+            plan_budgets(args.budget, topology),
             args.policy,
             shape=shape,
             batch=args.batch,
@@ -335,7 +329,7 @@ def run_decode_plan(args: argparse.Namespace) -> int:
         return plan_decode(
             shape,
             topology.tiers,
-            parse_budget_args(args.budget, topology),
+            plan_budgets(args.budget, topology),
             args.policy,
             context_tokens=args.context,
             batch=args.batch,
