@@ -176,6 +176,10 @@ class OffloadSession:
         return self._optimizer.partial_steps if self._optimizer else 0
 
     def _record_step(self) -> None:
+        if self._activations is not None:
+            # A step boundary is a safe point: the activations backward dropped go back now,
+            # so the row's host bytes are those still in use.
+            self._activations.reap()
         opt = self._optimizer
         optimizer_ms = opt.optimizer_ms if opt else 0.0
         forward_ms, backward_ms = self._clock.phases_ms()

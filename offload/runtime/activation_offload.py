@@ -4,9 +4,10 @@ and bring them back in backward, prefetching the layer below. Parameters and buf
 
 from __future__ import annotations
 
-import sys
+import functools
+import types
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 from torch import nn
@@ -34,11 +35,62 @@ def find_layers(model: nn.Module) -> nn.ModuleList | None:
     return best
 
 
+class ForwardCalls:
+    """Counts the calls of ``module.forward`` running now, by wrapping it in try/finally.
+
+    A call cut by a KeyboardInterrupt skips the module's always-call forward hooks, but not
+    this count, so a forward pre-hook can tell a call nested in a running one from a new call
+    after an interrupted one. :meth:`remove` puts the module's forward back (a wrapper that
+    someone else put over this one keeps it, and it then only counts).
+
+    >>> lin = nn.Linear(2, 2)
+    >>> calls = ForwardCalls(lin)
+    >>> seen = []
+    >>> _ = lin.register_forward_pre_hook(lambda *_: seen.append(calls.running))
+    >>> _ = lin(torch.ones(2)); seen, calls.running
+    ([0], 0)
+    >>> calls.remove(); "forward" in vars(lin)
+    False
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.running = 0
+        self._module = module
+        self._own = vars(module).get("forward")
+        original = module.forward
+        # Wrapped as it is, a method as a method: inspect.signature(model.forward) (read by
+        # transformers' Trainer) and wrappers that unwrap forward.__func__ (accelerate's
+        # autocast) see what they saw before.
+        bound = isinstance(original, types.MethodType) and original.__self__ is module
+        inner = original.__func__ if bound else original
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            self.running += 1
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.running -= 1
+
+        self._wrapper = types.MethodType(forward, module) if bound else forward
+        module.forward = self._wrapper
+
+    def remove(self) -> None:
+        """Give the module its own forward back."""
+        if vars(self._module).get("forward") is not self._wrapper:
+            return
+        if self._own is None:
+            del self._module.forward
+        else:
+            self._module.forward = self._own
+
+
 class SavedActivation:
     """One offloaded activation: its host copy, where it came from, and its prefetched return.
 
-    When autograd drops it (after backward, or with the graph) its host block goes back to the
-    pool, once the D2H copy into it has finished.
+    When autograd drops it (after backward, or with the graph) its host block is queued for
+    the owner's :meth:`ActivationOffloader.reap`, which gives it back to the pool once its last
+    copy has finished.
     """
 
     def __init__(self, owner: ActivationOffloader, block: HostBlock, source: torch.Tensor, tag):
@@ -73,7 +125,7 @@ class SavedActivation:
         return self.prefetched
 
     def drop(self) -> None:
-        """Give the host block back now (after its last copy), leaving this activation unusable."""
+        """Queue the host block to go back to the pool, leaving this activation unusable."""
         if getattr(self, "host", None) is None:  # dropped already, or __init__ failed
             return
         # The pool takes a block back only once no view of it is left.
@@ -82,6 +134,8 @@ class SavedActivation:
         self.owner._retire(self.block, self.last_copy)
 
     def __del__(self) -> None:
+        # Only queued: a garbage-collection pass can run this inside the allocator's own lock
+        # (an allocation in _charge), where releasing the block would deadlock.
         self.drop()
 
 
@@ -129,8 +183,9 @@ class ActivationOffloader:
     >>> mem = HostMemory(discover(), {"dram": "1GiB"})
     >>> off = ActivationOffloader(model, mem, CopyStreams(torch.device("cpu")), min_nbytes=1024)
     >>> model(torch.randn(32, 64)).sum().backward()
-    >>> off.offloaded_count > 0, mem.pool_stats().in_use_nbytes
-    (True, 0)
+    >>> dropped_nbytes = mem.pool_stats().in_use_nbytes; off.reap()
+    >>> off.offloaded_count > 0, dropped_nbytes > 0, mem.pool_stats().in_use_nbytes
+    (True, True, 0)
     >>> off.remove(); mem.close()
     """
 
@@ -166,11 +221,15 @@ class ActivationOffloader:
         self._tag = -1
         self._backward_tag: int | None = None
         self._by_tag: dict[int, list[weakref.ref]] = defaultdict(list)
-        self._retired: list[tuple[HostBlock, CopyEvent]] = []
+        # Blocks of dropped activations and their last copy, released by reap(): appended from
+        # __del__ (any thread, any moment), so a deque, whose append and popleft are atomic.
+        self._retired: deque[tuple[HostBlock, CopyEvent]] = deque()
         # Activations autograd still holds: a graph kept alive by an exception's traceback (an
         # error or KeyboardInterrupt mid-step) must not keep host memory after remove().
         self._live: weakref.WeakSet[SavedActivation] = weakref.WeakSet()
+        self._calls = ForwardCalls(model)
         self._handles = [
+            self._calls,
             model.register_forward_pre_hook(self._enter_forward),
             model.register_forward_hook(self._exit_forward, always_call=True),
         ]
@@ -200,15 +259,19 @@ class ActivationOffloader:
         for saved in list(self._live):
             saved.drop()
         self._by_tag = defaultdict(list)
-        pending, self._retired = self._retired, []
-        for block, event in pending:
-            event.synchronize()
-            self.memory.release(block)
+        self.reap(wait=True)
 
-    def reap(self) -> None:
-        """Give back the host blocks of dropped activations whose D2H copy has finished."""
-        pending, self._retired = self._retired, []
-        for block, event in pending:
+    def reap(self, *, wait: bool = False) -> None:
+        """Give back the host blocks of dropped activations whose last copy has finished (all
+        of them, after waiting for their copies, with ``wait``).
+
+        Called at safe points, never from a finalizer: before each pack and each forward, at
+        each optimizer step (the session) and at :meth:`remove`.
+        """
+        for _ in range(len(self._retired)):
+            block, event = self._retired.popleft()
+            if wait:
+                event.synchronize()
             if event.query():
                 self.memory.release(block)
             else:
@@ -219,7 +282,7 @@ class ActivationOffloader:
         return {t.untyped_storage().data_ptr() for t in tensors}
 
     def _enter_forward(self, module: nn.Module, args) -> None:
-        if self._depth > 0 and not self._model_call_running():
+        if self._depth > 0 and self._calls.running == 0:
             # The last forward was cut by a KeyboardInterrupt, which skips always-call hooks;
             # leaving the hooks installed would offload every autograd op of the process.
             self._exit_forward(module, args, None, ended=True)
@@ -232,16 +295,6 @@ class ActivationOffloader:
             self._hooks_context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks_context.__enter__()
         self._depth += 1
-
-    def _model_call_running(self) -> bool:
-        """Whether a call of the model is still running below the one now starting."""
-        calls = 0
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is self.model:
-                calls += 1
-            frame = frame.f_back
-        return calls > 1
 
     def _exit_forward(self, module: nn.Module, args, output, *, ended: bool = False) -> None:
         self._depth = 0 if ended else self._depth - 1
@@ -287,6 +340,8 @@ class ActivationOffloader:
     def _pack(self, tensor: torch.Tensor):
         if not self._should_offload(tensor):
             return tensor
+        if self._retired:
+            self.reap()
         nbytes = tensor.numel() * tensor.element_size()
         cast = self._param_cast(tensor)
         if cast is not None:
@@ -368,7 +423,4 @@ class ActivationOffloader:
                     saved.fetch()
 
     def _retire(self, block: HostBlock, event: CopyEvent) -> None:
-        if event.query():
-            self.memory.release(block)
-        else:
-            self._retired.append((block, event))
+        self._retired.append((block, event))
