@@ -63,14 +63,17 @@ def native_class(optimizer: torch.optim.Optimizer) -> type | None:
 class HostStep:
     """Step any subset of master params with the user's optimizer's rule and hyper-parameters.
 
-    A single coordinator thread (:meth:`submit`) runs bucket work in order; optim_cpu spreads
-    each step over its own worker pool.
+    Each master's gradient and half-precision copy live in buffers bound once (:meth:`bind`).
+    A single coordinator thread (:meth:`submit`) runs bucket work in order; :meth:`step` hands
+    the stepping to optim_cpu's worker pool and returns its future, so the coordinator never
+    waits for the arithmetic.
 
     >>> p = torch.nn.Parameter(torch.ones(2))
     >>> user = torch.optim.SGD([p], lr=0.5)
     >>> master = torch.ones(2)
     >>> host = HostStep(user, [[master]])
-    >>> host.step_params([master], [torch.ones(2)]); master
+    >>> host.bind(master, torch.ones(2))
+    >>> host.step([master]).result(); master
     tensor([0.5000, 0.5000])
     >>> host.close()
     """
@@ -97,6 +100,8 @@ class HostStep:
         else:
             self.inner = self._rebuild_user_class(user_optimizer, groups)
         self._masters = [m for masters in master_groups for m in masters]
+        # master -> (gradient buffer, half-precision output or None), for the rebuilt class.
+        self._bound: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._lock = threading.Lock()
         self._coordinator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-step")
 
@@ -126,29 +131,50 @@ class HostStep:
                 if key != "params":
                     group[key] = host_setting(key, value)
 
-    def step_params(
-        self,
-        masters: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        outputs: list[torch.Tensor | None] | None = None,
+    def bind(
+        self, master: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None
     ) -> None:
-        """Step ``masters`` with ``grads`` (fp32/bf16/fp16) and wait; write half copies to
-        ``outputs`` (None entries: no copy). Other masters are left as they are."""
+        """Read ``master``'s gradient (fp32/bf16/fp16) from ``grad`` and write its half copy to
+        ``out`` (None: no copy) at every :meth:`step`. Checked here, once, not at each step."""
+        if self.is_native:
+            self.inner.bind_buffers(master, grad=grad, out=out)
+        elif grad.shape != master.shape:
+            raise ValueError(
+                f"grad has shape {list(grad.shape)} but its master has {list(master.shape)}; "
+                "bind the gradient of that param (same shape)"
+            )
+        self._bound[master] = (grad, out)
+
+    def step(self, masters: list[torch.Tensor]) -> Future:
+        """Step ``masters`` (each bound) from their gradient buffers; other masters are left as
+        they are. The future resolves when their values and half copies are written: optim_cpu's
+        own (the work runs on its pool), or a finished one for a rebuilt user class."""
         with self._lock:
             self.sync_hyperparameters()
             if self.is_native:
-                self.inner.step_bucket(Bucket(masters, grads=grads, outputs=outputs)).result()
-                return
-            for master, grad in zip(masters, grads, strict=True):
-                master.grad = grad if grad.dtype == master.dtype else grad.to(master.dtype)
+                return self.inner.step_bucket(Bucket(masters))
+            done: Future = Future()
             try:
-                self.inner.step()
-            finally:
-                for master in self._masters:
-                    master.grad = None
-            for master, out in zip(masters, outputs or (), strict=False):
-                if out is not None:
-                    out.copy_(master.view(out.shape))
+                self._step_rebuilt(masters)
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+            return done
+
+    def _step_rebuilt(self, masters: list[torch.Tensor]) -> None:
+        for master in masters:
+            grad = self._bound[master][0]
+            master.grad = grad if grad.dtype == master.dtype else grad.to(master.dtype)
+        try:
+            self.inner.step()
+        finally:
+            for master in self._masters:
+                master.grad = None
+        for master in masters:
+            out = self._bound[master][1]
+            if out is not None:
+                out.copy_(master.view(out.shape))
 
     def submit(self, work) -> Future:
         """Run ``work()`` on the coordinator thread, after the work submitted before it."""
@@ -191,3 +217,4 @@ class HostStep:
         self.inner.state.clear()
         self.inner.param_groups.clear()
         self._masters = []
+        self._bound.clear()

@@ -16,9 +16,11 @@ offload.runtime.optimizer_patch.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 
 import torch
@@ -136,9 +138,13 @@ class OptimizerOffload:
         self._copy_backs: list[CopyEvent] = []
         self.optimizer_ms = 0.0
         self.wait_ms = 0.0
-        # Running totals of host optimizer work (any thread), read by the dashboard.
+        # Running totals of host optimizer work (any thread), read by the dashboard:
+        # host_step_ms is the time at least one bucket was being stepped.
         self.stepped_elements = 0
         self.host_step_ms = 0.0
+        self._steps_lock = threading.Lock()
+        self._steps_running = 0
+        self._busy_since = 0.0
         # Steps abandoned after part of the model was already updated (see zero_grad).
         self.partial_steps = 0
         self._warned_forward_before_step = False
@@ -156,6 +162,8 @@ class OptimizerOffload:
         self.host = HostStep(
             optimizer, master_groups, state_allocator=self._allocate_state, threads=threads
         )
+        for slot in self._slot_of.values():
+            self.host.bind(slot.master, slot.grad, slot.half)
         if optimizer.state:
             # Training already ran on the device: carry its state over, then free it there.
             self.host.load_state_dict(optimizer.state_dict())
@@ -287,15 +295,15 @@ class OptimizerOffload:
             bucket.stepped = True
         bucket.future = self.host.submit(lambda: self._land(bucket, step_now))
 
-    def _land(self, bucket: GradBucket, step: bool) -> None:
-        """Worker: wait for the bucket's D2H copies, sum micro-steps, maybe step and copy back."""
+    def _land(self, bucket: GradBucket, step: bool) -> Future | None:
+        """Coordinator: wait for the bucket's D2H copies and sum micro-steps; with ``step``,
+        start its step and return the step's future (the coordinator does not wait for it)."""
         copies, bucket.copies = bucket.copies, []
         for event in copies:
             event.synchronize()
         for slot in bucket.slots:
             self._apply_pending_add(slot)
-        if step:
-            self._step_bucket(bucket)
+        return self._step_bucket(bucket) if step else None
 
     def _land_all(self) -> None:
         """Wait for every bucket in flight and land its gradients, stepping none."""
@@ -309,19 +317,53 @@ class OptimizerOffload:
             slot.grad.add_(slot.staging)
             slot.pending_add = None
 
-    def _step_bucket(self, bucket: GradBucket) -> None:
+    def _step_bucket(self, bucket: GradBucket) -> Future:
+        """Start stepping the bucket's params that got gradients; the future resolves once they
+        are stepped and their copies back are queued (from the thread that finished the step)."""
+        done: Future = Future()
         stepped = [s for s in bucket.slots if s.arrivals > 0]
         if not stepped:
-            return
-        start = time.perf_counter()
-        self.host.step_params(
-            [s.master for s in stepped], [s.grad for s in stepped], [s.half for s in stepped]
-        )
-        self.host_step_ms += (time.perf_counter() - start) * 1e3
-        self.stepped_elements += sum(s.master.numel() for s in stepped)
-        with torch.no_grad():
-            for slot in stepped:
-                self._copy_back(slot, bucket.read_done, bucket.blocks[0].tier_shares)
+            done.set_result(None)
+            return done
+        self._count_step(started=True)
+
+        def copy_back(step: Future) -> None:
+            failed = step.exception()
+            self._count_step(
+                started=False, elements=0 if failed else sum(s.master.numel() for s in stepped)
+            )
+            if failed is not None:
+                done.set_exception(failed)
+                return
+            try:
+                with torch.no_grad():
+                    for slot in stepped:
+                        self._copy_back(slot, bucket.read_done, bucket.blocks[0].tier_shares)
+            except BaseException as exc:  # handed to whoever waits for the bucket
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        try:
+            self.host.step([s.master for s in stepped]).add_done_callback(copy_back)
+        except BaseException:
+            self._count_step(started=False)
+            raise
+        return done
+
+    def _count_step(self, *, started: bool, elements: int = 0) -> None:
+        # Buckets may step at the same time on the pool: count the busy time once.
+        with self._steps_lock:
+            now = time.perf_counter()
+            if started:
+                if self._steps_running == 0:
+                    self._busy_since = now
+                self._steps_running += 1
+                return
+            self._steps_running -= 1
+            self.stepped_elements += elements
+            if self._steps_running == 0:
+                self.host_step_ms += (now - self._busy_since) * 1e3
 
     def _copy_back(self, slot: ParamSlot, after: CopyEvent | None, tiers=None) -> None:
         source = slot.master if slot.half is None else slot.half
@@ -333,7 +375,10 @@ class OptimizerOffload:
     def _wait_for(self, bucket: GradBucket) -> None:
         if bucket.future is not None:
             start = time.perf_counter()
-            bucket.future.result()
+            # The landing, then the step it started, if any.
+            step = bucket.future.result()
+            if step is not None:
+                step.result()
             self.wait_ms += (time.perf_counter() - start) * 1e3
             bucket.future = None
 
@@ -348,12 +393,17 @@ class OptimizerOffload:
         if self.max_grad_norm is not None and not (received and loop_clipped):
             grads = [s.grad for s in received]
             self.last_grad_norm = clip_by_global_norm(grads, self.max_grad_norm)
+        steps = []
         for bucket in self.buckets:
             if not bucket.stepped:
                 # Everything queued so far may read these params: the copy back waits for it
                 # (a bucket some of whose params got no gradient never took its own mark).
                 bucket.read_done = self.streams.mark()
-                self._step_bucket(bucket)
+                steps.append(self._step_bucket(bucket))
+        # All of them, even when one failed: none may still write into a param after this.
+        wait_all(steps)
+        for step in steps:
+            step.result()
         self._wait_for_copy_backs()
         if self._clipped_ids:
             # The loop clips: from now on every bucket waits for optimizer.step().
