@@ -66,7 +66,6 @@ class ParamSlot:
     """One trainable parameter and its host copies: fp32 master and gradient (param dtype)."""
 
     param: nn.Parameter
-    group_index: int
     master: torch.Tensor | None
     grad: torch.Tensor | None
     staging: torch.Tensor | None
@@ -191,24 +190,22 @@ class OptimizerOffload:
 
     def _make_buckets(self, bucket_nbytes: int) -> list[GradBucket]:
         # Reverse registration order approximates the order backward produces gradients in.
-        entries = [
-            (gi, p) for gi, group in enumerate(self.optimizer.param_groups) for p in group["params"]
-        ][::-1]
-        groups: list[list[tuple[int, nn.Parameter]]] = [[]]
+        entries = [p for group in self.optimizer.param_groups for p in group["params"]][::-1]
+        groups: list[list[nn.Parameter]] = [[]]
         size = 0
-        for gi, p in entries:
+        for p in entries:
             nbytes = p.numel() * p.element_size()
             if groups[-1] and size + nbytes > bucket_nbytes:
                 groups.append([])
                 size = 0
-            groups[-1].append((gi, p))
+            groups[-1].append(p)
             size += nbytes
         return [self._make_bucket(i, members) for i, members in enumerate(groups) if members]
 
-    def _make_bucket(self, index: int, members: list[tuple[int, nn.Parameter]]) -> GradBucket:
-        master_nbytes = sum(p.numel() * 4 for _, p in members)
+    def _make_bucket(self, index: int, members: list[nn.Parameter]) -> GradBucket:
+        master_nbytes = sum(p.numel() * 4 for p in members)
         grad_offsets, grad_nbytes = [], 0
-        for _, p in members:
+        for p in members:
             # A view of the block's bytes must start on a multiple of its element size: a
             # float32 gradient after a bfloat16 one of odd size would not.
             grad_nbytes = -(-grad_nbytes // p.element_size()) * p.element_size()
@@ -223,7 +220,7 @@ class OptimizerOffload:
             staging = self.memory.allocate("master_grads", grad_nbytes)
             blocks.append(staging)
         slots, master_at = [], 0
-        for (gi, p), grad_at in zip(members, grad_offsets, strict=True):
+        for p, grad_at in zip(members, grad_offsets, strict=True):
             master = masters.tensor(torch.float32, tuple(p.shape), master_at)
             with torch.no_grad():
                 master.copy_(p.detach())
@@ -231,7 +228,6 @@ class OptimizerOffload:
             slots.append(
                 ParamSlot(
                     param=p,
-                    group_index=gi,
                     master=master,
                     grad=grad,
                     staging=None
