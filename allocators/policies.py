@@ -1,9 +1,11 @@
-"""Placement policies: pure functions from host tensor groups, tiers and budgets to a placement per
-group (local_only, naive_interleave, and the paper's latency-first greedy cxl_aware). No memory is
+"""Placement policies: pure functions from host tensor items, tiers and budgets to a placement per
+item (local_only, naive_interleave, and the paper's latency-first greedy cxl_aware). No memory is
 touched here and no machine is read: callers pass the tiers and budgets in.
 
-Groups are a training step's (tensor_classes.host_tensor_groups) or a decode's KV cache
-(tensor_classes.kv_cache_group). The KV cache is a GPU read stream, as the compute weights are, and
+Items (TensorGroup) are a training step's (offload.planning.host_groups: the paper's seven, Adam
+momentum, Adam variance, master grads, master weights, compute weights, activation checkpoints,
+compute grads, each placed on its own as the paper's code places them) or a decode's KV cache
+(offload.planning.host_groups.kv_cache_group). Below, "group" means one such item. The KV cache is a GPU read stream, as the compute weights are, and
 the rules treat it the same: DRAM while it fits, then DRAM plus every card, then the cards alone.
 Read streams tolerate CXL while the devices they are striped over read at least as fast as the
 PCIe link; on the paper's machine the greedy only leaves DRAM out when no DRAM is left, where one
@@ -211,8 +213,25 @@ class PolicyResult:
         return {g.group.name: dict(g.nbytes_per_node) for g in self.groups}
 
     def by_class(self) -> dict[TensorClass, Placement]:
-        """The placement of every tensor class a group holds, as TieredAllocator takes it."""
-        return {cls: g.placement for g in self.groups for cls in g.group.tensor_classes}
+        """The placement of every tensor class an item holds, as TieredAllocator takes it.
+
+        A class held by one item gets that item's placement; one held by several (Adam's
+        momentum and variance are both ``optimizer_state``) gets their bytes per node added up,
+        so each node keeps the share of the class's bytes the items gave it.
+
+        >>> from allocators.topology import NumaNode, Tiers
+        >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
+        >>> cxl = NumaNode(id=1, kind="cxl", cpus=(), total_bytes=1 << 40, free_bytes=1 << 40)
+        >>> state = [TensorGroup(n, ("optimizer_state",), 100, True, ()) for n in ("m", "v")]
+        >>> plan = cxl_aware(state, Tiers((), (dram,), (), (cxl,)), {"dram": 150, "cxl": 100})
+        >>> plan.nbytes_per_node, plan.by_class()["optimizer_state"].shares
+        ({'m': {0: 100}, 'v': {0: 50, 1: 50}}, ((0, 0.75), (1, 0.25)))
+        """
+        holders: dict[TensorClass, list[GroupPlacement]] = {}
+        for item in self.groups:
+            for cls in item.group.tensor_classes:
+                holders.setdefault(cls, []).append(item)
+        return {cls: _merged_placement(items) for cls, items in holders.items()}
 
     def table(self) -> pd.DataFrame:
         """Bytes per group (rows) and node (columns, ``"node 2 (cxl)"``), with a total row."""
@@ -227,6 +246,18 @@ class PolicyResult:
         frame.loc["total"] = frame.sum()
         frame.loc["budget"] = [self.budgets.node_nbytes.get(n, 0) for n in nodes]
         return frame
+
+
+def _merged_placement(items: Sequence[GroupPlacement]) -> Placement:
+    if len(items) == 1:
+        return items[0].placement
+    per_node: dict[int, int] = {}
+    for item in items:
+        for node, nbytes in item.nbytes_per_node.items():
+            per_node[node] = per_node.get(node, 0) + nbytes
+    shares = [(node, nbytes) for node, nbytes in sorted(per_node.items()) if nbytes > 0]
+    # Items of no bytes at all still need a home: the first one's.
+    return as_placement(shares) if shares else items[0].placement
 
 
 class _Ledger:

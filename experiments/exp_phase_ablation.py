@@ -44,9 +44,10 @@ def simulated_rows(models: Sequence[str] = PAPER_MODELS) -> list[dict]:
             for batch, seq in PAPER_SWEEP:
                 groups = paper_groups(model, batch, seq)
                 baseline = None
-                for moved in (None, *(g.name for g in groups)):
+                # Whole groups move: the items of one (the optimizer's four) go together.
+                for moved in (None, *dict.fromkeys(g.group_name for g in groups)):
                     by_class = {
-                        cls: cxl if g.name == moved else local
+                        cls: cxl if g.group_name == moved else local
                         for g in groups
                         for cls in g.tensor_classes
                     }

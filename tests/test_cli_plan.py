@@ -13,15 +13,20 @@ from offload.planning.simulator.step import DEEPSPEED_ZERO3
 from offload.tools.plan_cli import RUNTIMES, run_plan_command
 
 
-def plan_json(runtime: str, optimizer: str = "adam") -> dict:
+def plan_json(
+    runtime: str,
+    optimizer: str = "adam",
+    policy: str = "planned",
+    budget: tuple[str, ...] = ("dram=64GiB", "cxl=256GiB"),
+) -> dict:
     args = argparse.Namespace(
         model="qwen2.5-7b",
         batch=1,
         seq=4096,
         topology="paper-1aic",
         profile=None,
-        policy="planned",
-        budget=["dram=64GiB", "cxl=256GiB"],
+        policy=policy,
+        budget=list(budget),
         optimizer=optimizer,
         runtime=runtime,
         json=True,
@@ -39,18 +44,36 @@ def test_ours_is_the_step_offload_enable_runs():
 
 
 def test_ours_places_no_host_copy_of_the_weights():
-    groups = [g["name"] for g in plan_json("ours")["groups"]]
-    assert groups == ["latency_critical", "activation_checkpoints", "compute_grads"]
-
-
-def test_deepspeed_zero3_places_the_papers_four_groups():
-    groups = [g["name"] for g in plan_json("deepspeed-zero3")["groups"]]
-    assert groups == [
-        "latency_critical",
-        "compute_params",
+    items = [g["name"] for g in plan_json("ours")["groups"]]
+    assert items == [
+        "momentum",
+        "variance",
+        "master_params",
         "activation_checkpoints",
         "compute_grads",
     ]
+
+
+def test_deepspeed_zero3_json_lists_the_papers_seven_items_in_order_with_their_placement():
+    items = plan_json("deepspeed-zero3", policy="cxl_aware", budget=["dram=100GiB", "cxl=256GiB"])[
+        "groups"
+    ]
+    assert [(g["name"], g["group"]) for g in items] == [
+        ("momentum", "latency_critical"),
+        ("variance", "latency_critical"),
+        ("master_grads", "latency_critical"),
+        ("master_params", "latency_critical"),
+        ("compute_params", "compute_params"),
+        ("activation_checkpoints", "activation_checkpoints"),
+        ("compute_grads", "compute_grads"),
+    ]
+    # 100 GiB of local DRAM (P = 7.6e9): three critical items fit (91.4e9), the fourth is
+    # interleaved 1:1 (15.2e9 of the 16e9 left), the weights take the last 0.8e9 and the rest
+    # go to CXL.
+    assert [g["rule"] for g in items] == ["local"] * 3 + ["interleave"] * 2 + ["cxl_stripe"] * 2
+    for item in items:
+        assert sum(item["nbytes_per_node"].values()) == item["nbytes"]
+        assert sum(f for _, f in item["placement"]) == pytest.approx(1.0)
 
 
 def test_ours_has_no_deepspeed_overhead():
@@ -62,6 +85,6 @@ def test_ours_has_no_deepspeed_overhead():
 def test_lion_keeps_less_optimizer_state_than_adam(runtime):
     def critical(optimizer):
         groups = plan_json(runtime, optimizer)["groups"]
-        return next(g["nbytes"] for g in groups if g["name"] == "latency_critical")
+        return sum(g["nbytes"] for g in groups if g["group"] == "latency_critical")
 
     assert critical("lion") < critical("adam")

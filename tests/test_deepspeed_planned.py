@@ -52,7 +52,8 @@ def test_planned_plans_the_ranks_share_of_the_partitions_within_its_budget():
     plan = rank_plan(load_declared("paper-1aic"), budgets, dp_world_size=4, local_world_size=2)
     groups = {item.group.name: item for item in plan.planner.result.groups}
     partition = -(-SHAPE.n_params // 4)
-    assert groups["latency_critical"].group.nbytes == 16 * partition
+    for name in ("momentum", "variance", "master_grads", "master_params"):
+        assert groups[name].group.nbytes == 4 * partition
     assert groups["compute_params"].group.nbytes == 2 * partition
     assert plan.budgets_nbytes == {"dram": 8 * GIB, "cxl": {1: 32 * GIB}}
     charged: dict[int, int] = {}
@@ -92,8 +93,9 @@ def test_each_rank_plans_over_its_own_sockets_dram_and_nearest_cxl(rank):
         local_world_size=2,
     )
     used = {node for placement in plan.placements.values() for node in placement.nodes}
-    assert used <= {rank, rank + 2}
-    assert rank in plan.placements["master_params"].nodes
+    # Its own socket's DRAM and its nearest card, both used (which items go where is the
+    # planner's choice, item by item).
+    assert used == {rank, rank + 2}
     assert plan.budgets_nbytes["cxl"] == {rank + 2: 32 * GIB}
 
 

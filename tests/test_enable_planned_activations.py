@@ -41,7 +41,7 @@ def _enable(model, budget_nbytes: int, **settings):
 def _planned_nbytes(**settings) -> dict[str, int]:
     sess, _ = _enable(tiny_llama(), 1 << 30, **settings)
     with sess:
-        return {row.group: row.nbytes for row in sess.plan.table().itertuples()}
+        return {row.item: row.nbytes for row in sess.plan.table().itertuples()}
 
 
 def test_saved_tensors_plan_is_many_times_the_checkpoint_plan():

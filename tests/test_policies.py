@@ -1,7 +1,8 @@
 """Policies against plans worked out by hand from the paper's algorithm.
 
-Shape used throughout (see test_tensor_classes): P = 7.2e9, b=3, s=4096, h=4096, L=32, Adam:
-  G1 latency_critical       16P = 115_200_000_000
+Shape used throughout (see test_tensor_classes): P = 7.2e9, b=3, s=4096, h=4096, L=32, Adam.
+The policies visit the paper's seven items one by one:
+  G1 latency_critical: momentum, variance, master_grads, master_params, 4P = 28_800_000_000 each
   G2 compute_params          2P =  14_400_000_000
   G3 activation_checkpoints 2bshL =  3_221_225_472 (3 GiB)
   G4 compute_grads           2P =  14_400_000_000
@@ -45,8 +46,16 @@ def tiers_with(n_cxl: int):
     return Topology(nodes=nodes, distances=distances, gpus=(), source="test").tiers
 
 
+CRITICAL = ("momentum", "variance", "master_grads", "master_params")
+ITEM = 4 * P  # each latency-critical item
+
+
 def plan_rows(plan):
     return [(g.group.name, g.rule, g.nbytes_per_node) for g in plan.groups]
+
+
+def all_local(names=CRITICAL):
+    return [(name, "local", {0: ITEM}) for name in names]
 
 
 def test_cxl_aware_one_cxl_node_group2_partial_then_cxl_only():
@@ -57,7 +66,7 @@ def test_cxl_aware_one_cxl_node_group2_partial_then_cxl_only():
     # G3, G4: no local left: all on node 1. Node 1 total 10.4e9 + 3_221_225_472 + 14.4e9.
     plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 119_200_000_000, "cxl": 64_000_000_000})
     assert plan_rows(plan) == [
-        ("latency_critical", "local", {0: 115_200_000_000}),
+        *all_local(),
         ("compute_params", "interleave", {0: 4_000_000_000, 1: 10_400_000_000}),
         ("activation_checkpoints", "cxl_stripe", {1: ACT}),
         ("compute_grads", "cxl_stripe", {1: 14_400_000_000}),
@@ -76,7 +85,7 @@ def test_cxl_aware_two_cxl_nodes_same_budget():
     # G3: striped over {1, 2}: 3 GiB / 2 = 1_610_612_736 each. G4: 7.2e9 each.
     plan = cxl_aware(GROUPS, tiers_with(2), {"dram": 119_200_000_000, "cxl": 64_000_000_000})
     assert plan_rows(plan) == [
-        ("latency_critical", "local", {0: 115_200_000_000}),
+        *all_local(),
         ("compute_params", "interleave", {0: 4_000_000_000, 1: 5_200_000_000, 2: 5_200_000_000}),
         ("activation_checkpoints", "cxl_stripe", {1: 1_610_612_736, 2: 1_610_612_736}),
         ("compute_grads", "cxl_stripe", {1: 7_200_000_000, 2: 7_200_000_000}),
@@ -93,7 +102,7 @@ def test_cxl_aware_even_interleave_when_the_local_share_fits():
     # G4 14.4e9: interleave, share 4.8e9 > 126_258_176: local 126_258_176, rest
     #    14.4e9 - 126_258_176 = 14_273_741_824 -> 7_136_870_912 on each CXL node.
     plan = cxl_aware(GROUPS, tiers_with(2), {"dram": 121_200_000_000, "cxl": 64_000_000_000})
-    assert plan_rows(plan)[1:] == [
+    assert plan_rows(plan)[4:] == [
         ("compute_params", "interleave", {0: 4_800_000_000, 1: 4_800_000_000, 2: 4_800_000_000}),
         ("activation_checkpoints", "interleave", {0: ACT // 3, 1: ACT // 3, 2: ACT // 3}),
         ("compute_grads", "interleave", {0: 126_258_176, 1: 7_136_870_912, 2: 7_136_870_912}),
@@ -105,30 +114,62 @@ def test_cxl_aware_even_interleave_when_the_local_share_fits():
 def test_cxl_aware_everything_local_when_local_is_large():
     # 16P + 2P + 3 GiB + 2P = 144e9 + 3_221_225_472 fits in 150e9.
     plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 150_000_000_000, "cxl": 0})
-    assert [g.rule for g in plan.groups] == ["local"] * 4
+    assert [g.rule for g in plan.groups] == ["local"] * 7
 
 
 def test_cxl_aware_group_that_fits_exactly_is_local_and_leaves_no_local():
-    # dram = 16P exactly: G1 fits (<=), left 0, so G2..G4 are striped over CXL only.
+    # dram = 16P exactly: G1's four items fit (<=), left 0, so G2..G4 are striped over CXL only.
     plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 16 * P, "cxl": 64_000_000_000})
-    assert [g.rule for g in plan.groups] == ["local", "cxl_stripe", "cxl_stripe", "cxl_stripe"]
+    assert [g.rule for g in plan.groups] == ["local"] * 4 + ["cxl_stripe"] * 3
 
 
-def test_cxl_aware_lion_leaves_room_that_adam_does_not():
-    # dram = 100e9. Adam G1 = 115.2e9 does not fit: interleave over {0, 1}, share 57.6e9 <=
-    #   100e9 left, so an even 57.6e9 on each; left 42.4e9; G2 14.4e9 fits: local.
-    # Lion G1 = 12P = 86.4e9 fits: local; left 13.6e9; G2 14.4e9 > 13.6e9: interleave, share
-    #   7.2e9 <= 13.6e9: even; left 6.4e9.
-    budgets = {"dram": 100_000_000_000, "cxl": 200_000_000_000}
-    adam = cxl_aware(GROUPS, tiers_with(1), budgets)
+def test_cxl_aware_places_the_critical_items_one_by_one_so_only_the_last_one_splits():
+    # dram = 100e9 (the issue's case: 16P does not fit). Item by item, as the paper's code:
+    # momentum, variance, master grads 28.8e9 each fit: local, left 100e9 - 86.4e9 = 13.6e9.
+    # master weights 28.8e9 > 13.6e9: interleave over {0, 1}, share 14.4e9 > 13.6e9 left, so
+    #   local takes 13.6e9 and node 1 the rest 15.2e9; left 0.
+    # The DMA-streamed items find no local left: all on node 1.
+    # (Merged into one 16P group, half the optimizer data went to CXL and the rest stayed local.)
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 100_000_000_000, "cxl": 200_000_000_000})
+    assert plan_rows(plan) == [
+        *all_local(CRITICAL[:3]),
+        ("master_params", "interleave", {0: 13_600_000_000, 1: 15_200_000_000}),
+        ("compute_params", "cxl_stripe", {1: 14_400_000_000}),
+        ("activation_checkpoints", "cxl_stripe", {1: ACT}),
+        ("compute_grads", "cxl_stripe", {1: 14_400_000_000}),
+    ]
+
+
+def test_cxl_aware_two_cards_cap_the_split_items_local_share_at_what_is_left():
+    # dram = 100e9, two cards: master weights' even share 28.8e9 / 3 = 9.6e9 <= 13.6e9 left, so
+    # the plain 0/1 round-robin over {0, 1, 2}; left 4e9. compute_params: share 4.8e9 > 4e9, so
+    # local takes 4e9 and nodes 1, 2 5.2e9 each; the rest is striped over the cards.
+    plan = cxl_aware(GROUPS, tiers_with(2), {"dram": 100_000_000_000, "cxl": 200_000_000_000})
+    assert plan_rows(plan) == [
+        *all_local(CRITICAL[:3]),
+        ("master_params", "interleave", {0: 9_600_000_000, 1: 9_600_000_000, 2: 9_600_000_000}),
+        ("compute_params", "interleave", {0: 4_000_000_000, 1: 5_200_000_000, 2: 5_200_000_000}),
+        ("activation_checkpoints", "cxl_stripe", {1: ACT // 2, 2: ACT // 2}),
+        ("compute_grads", "cxl_stripe", {1: 7_200_000_000, 2: 7_200_000_000}),
+    ]
+
+
+def test_cxl_aware_lion_has_no_variance_item_and_leaves_room_that_adam_does_not():
+    # dram = 100e9. Lion's momentum, master grads and master weights (3 x 28.8e9 = 86.4e9) fit:
+    # local; left 13.6e9; compute_params 14.4e9 > 13.6e9: interleave, share 7.2e9 <= 13.6e9:
+    # even; left 6.4e9; the checkpoints fit (3 GiB); compute_grads: local share capped at
+    # 6.4e9 - 3_221_225_472 = 3_178_774_528.
     lion_groups = host_tensor_groups(
         n_params=P, batch=3, seq=4096, hidden=4096, layers=32, optimizer="lion"
     )
+    budgets = {"dram": 100_000_000_000, "cxl": 200_000_000_000}
     lion = cxl_aware(lion_groups, tiers_with(1), budgets)
-    assert adam.nbytes_per_node["latency_critical"] == {0: 57_600_000_000, 1: 57_600_000_000}
-    assert adam.groups[1].rule == "local"
-    assert lion.nbytes_per_node["latency_critical"] == {0: 86_400_000_000}
-    assert lion.nbytes_per_node["compute_params"] == {0: 7_200_000_000, 1: 7_200_000_000}
+    assert plan_rows(lion) == [
+        *all_local(("momentum", "master_grads", "master_params")),
+        ("compute_params", "interleave", {0: 7_200_000_000, 1: 7_200_000_000}),
+        ("activation_checkpoints", "local", {0: ACT}),
+        ("compute_grads", "interleave", {0: 3_178_774_528, 1: 11_221_225_472}),
+    ]
 
 
 def test_cxl_aware_raises_when_the_cxl_budget_is_exceeded():
@@ -155,7 +196,7 @@ def test_naive_interleave_splits_every_group_evenly():
     # node 0 total 48e9 + 1_073_741_824 within 50e9; each CXL node likewise within 100e9 / 2.
     plan = naive_interleave(GROUPS, tiers_with(2), {"dram": 50_000_000_000, "cxl": 100_000_000_000})
     assert plan.nbytes_per_node == {
-        "latency_critical": {0: 38_400_000_000, 1: 38_400_000_000, 2: 38_400_000_000},
+        **{name: {0: 9_600_000_000, 1: 9_600_000_000, 2: 9_600_000_000} for name in CRITICAL},
         "compute_params": {0: 4_800_000_000, 1: 4_800_000_000, 2: 4_800_000_000},
         "activation_checkpoints": {0: ACT // 3, 1: ACT // 3, 2: ACT // 3},
         "compute_grads": {0: 4_800_000_000, 1: 4_800_000_000, 2: 4_800_000_000},
@@ -173,7 +214,7 @@ def test_naive_interleave_respects_the_local_budget():
 def test_local_only_puts_everything_on_local_dram():
     plan = local_only(GROUPS, tiers_with(2), {"dram": "150GB", "cxl": "64GB"})
     assert [g.nbytes_per_node for g in plan.groups] == [
-        {0: 115_200_000_000},
+        *[{0: ITEM}] * 4,
         {0: 14_400_000_000},
         {0: ACT},
         {0: 14_400_000_000},
@@ -195,6 +236,18 @@ def test_by_class_maps_each_tensor_class_to_its_groups_placement():
     assert "kv_cache" not in placements
 
 
+def test_by_class_merges_the_items_of_one_class_weighted_by_their_bytes():
+    # dram = 40e9: momentum local (left 11.2e9); variance interleaved, local capped at 11.2e9,
+    # node 1 the other 17.6e9. optimizer_state holds both: 40e9 on node 0, 17.6e9 on node 1.
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 40_000_000_000, "cxl": "200GB"})
+    assert plan.nbytes_per_node["variance"] == {0: 11_200_000_000, 1: 17_600_000_000}
+    state = plan.by_class()["optimizer_state"]
+    assert state.fraction(0) == pytest.approx(40 / 57.6)
+    assert state.fraction(1) == pytest.approx(17.6 / 57.6)
+    # A class held by one item keeps that item's placement as it is.
+    assert plan.by_class()["grads"] is plan.placements["compute_grads"]
+
+
 def test_cxl_budget_total_is_split_evenly_and_dicts_give_per_node_budgets():
     tiers = tiers_with(2)
     assert parse_budgets({"dram": 1, "cxl": "3GB"}, tiers).node_nbytes == {
@@ -211,7 +264,7 @@ def test_per_node_cxl_budget_is_enforced_per_node():
     # dram = 16P: G1 local, nothing left. G2 striped: 7.2e9 on each of nodes 1, 2; node 1 (8e9)
     # keeps 0.8e9, too little for its 1_610_612_736 share of G3 although node 2 has room.
     with pytest.raises(BudgetExceededError, match="'activation_checkpoints'.*node 1"):
-        cxl_aware(GROUPS[:3], tiers_with(2), {"dram": 16 * P, "cxl": {1: "8GB", 2: "20GB"}})
+        cxl_aware(GROUPS[:6], tiers_with(2), {"dram": 16 * P, "cxl": {1: "8GB", 2: "20GB"}})
 
 
 @pytest.mark.parametrize(

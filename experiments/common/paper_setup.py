@@ -7,7 +7,7 @@ Settings only; it must not run or time anything.
 from __future__ import annotations
 
 from allocators.tensor_classes import TensorGroup
-from offload.planning.host_groups import host_tensor_groups
+from offload.planning.host_groups import host_tensor_groups, nbytes_by_group
 from offload.planning.model_shapes import MODELS, ModelShape
 
 PAPER_MODELS = ("qwen2.5-7b", "mistral-nemo-12b")
@@ -17,10 +17,10 @@ PAPER_TOPOLOGIES = {1: "paper-1aic", 2: "paper-2aic"}
 
 
 def paper_groups(model: str | ModelShape, batch: int, seq: int) -> tuple[TensorGroup, ...]:
-    """The paper's four host groups for a model and (micro-batch, sequence), Adam optimizer.
+    """The paper's seven host items for a model and (micro-batch, sequence), Adam optimizer.
 
     >>> [g.name for g in paper_groups("qwen2.5-7b", 1, 4096)][:2]
-    ['latency_critical', 'compute_params']
+    ['momentum', 'variance']
     """
     shape = MODELS[model] if isinstance(model, str) else model
     return host_tensor_groups(shape.n_params, batch, seq, shape.hidden, shape.layers)
@@ -36,10 +36,10 @@ def paper_budgets(groups: tuple[TensorGroup, ...], cxl_nbytes: int) -> dict[str,
 
     >>> g = paper_groups("qwen2.5-7b", 1, 4096)
     >>> b = paper_budgets(g, 256 << 30)
-    >>> b["dram"] == g[0].nbytes + g[1].nbytes + g[2].nbytes // 2
+    >>> b["dram"] == sum(i.nbytes for i in g[:5]) + g[5].nbytes // 2
     True
     """
-    by_name = {g.name: g.nbytes for g in groups}
+    by_name = nbytes_by_group(groups)
     dram = (
         by_name["latency_critical"]
         + by_name["compute_params"]

@@ -1,9 +1,10 @@
-"""The host tensor groups a model and micro-batch need, sized from its shape: the paper's groups
-(its runtime) and the ones offload.enable() allocates, and the KV cache of a decode. Sizes only.
+"""The host items a model and micro-batch need, sized from its shape: the paper's seven (its
+runtime) and the ones offload.enable() allocates, and the KV cache of a decode. Sizes only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from allocators.errors import ConfigError
@@ -61,6 +62,39 @@ def _params_and_checkpoints(
     return p, checkpoints
 
 
+# The paper's group of the items the CPU optimizer reads and writes every step.
+LATENCY_CRITICAL = "latency_critical"
+
+
+def _optimizer_items(optimizer: str, p: int) -> tuple[TensorGroup, ...]:
+    """The optimizer's fp32 state, one item per state tensor: Adam's momentum then its variance,
+    Lion's momentum alone."""
+    names = ("momentum",) if optimizer == "lion" else ("momentum", "variance")
+    family = "lion" if optimizer == "lion" else "adam"
+    return tuple(
+        TensorGroup(
+            name=name,
+            tensor_classes=("optimizer_state",),
+            nbytes=4 * p,
+            cpu_touched=True,
+            parts=((f"{family} {name} (fp32)", 4 * p),),
+            group=LATENCY_CRITICAL,
+        )
+        for name in names
+    )
+
+
+def _master_item(name: str, cls: TensorClass, label: str, p: int) -> TensorGroup:
+    return TensorGroup(
+        name=name,
+        tensor_classes=(cls,),
+        nbytes=4 * p,
+        cpu_touched=True,
+        parts=((label, 4 * p),),
+        group=LATENCY_CRITICAL,
+    )
+
+
 def host_tensor_groups(
     n_params: int,
     batch: int,
@@ -69,37 +103,25 @@ def host_tensor_groups(
     layers: int,
     optimizer: OptimizerName = "adam",
 ) -> tuple[TensorGroup, ...]:
-    """The paper's four host tensor groups for a model and micro-batch, in priority order.
+    """The paper's seven host items for a model and micro-batch, in its priority order.
 
-    1. ``latency_critical`` (CPU-touched): optimizer state (Adam 8P, Lion 4P), fp32 master grads
-       4P, fp32 master weights 4P; 2. ``compute_params``: bf16 weights 2P; 3.
-       ``activation_checkpoints``: one bf16 [b, s, h] checkpoint per layer, 2bshL; 4.
-       ``compute_grads``: bf16 grads 2P. ``kv_cache`` belongs to inference: see
-       :func:`kv_cache_group`.
+    The paper's greedy visits them one by one: ``momentum``, ``variance`` (Adam only), fp32
+    ``master_grads`` and ``master_params`` (4P each; together the ``latency_critical`` group,
+    CPU-touched), ``compute_params`` (bf16 weights, 2P), ``activation_checkpoints`` (one bf16
+    [b, s, h] checkpoint per layer, 2bshL) and ``compute_grads`` (bf16 grads, 2P).
+    ``kv_cache`` belongs to inference: see :func:`kv_cache_group`.
 
-    >>> [(g.name, g.nbytes) for g in host_tensor_groups(1000, 1, 8, 4, 2)]
-    [('latency_critical', 16000), ('compute_params', 2000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
-    >>> host_tensor_groups(1000, 1, 8, 4, 2, optimizer="lion")[0].nbytes
-    12000
+    >>> [(g.name, g.nbytes) for g in host_tensor_groups(1000, 1, 8, 4, 2)]  # doctest: +NORMALIZE_WHITESPACE
+    [('momentum', 4000), ('variance', 4000), ('master_grads', 4000), ('master_params', 4000),
+     ('compute_params', 2000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
+    >>> [g.name for g in host_tensor_groups(1000, 1, 8, 4, 2, optimizer="lion")][:2]
+    ['momentum', 'master_grads']
     """
     p, activations = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer)
-    if optimizer == "lion":
-        state_parts = (("lion momentum (fp32)", 4 * p),)
-    else:
-        state_parts = (("adam momentum (fp32)", 4 * p), ("adam variance (fp32)", 4 * p))
-    critical_parts = (
-        *state_parts,
-        ("master grads (fp32)", 4 * p),
-        ("master weights (fp32)", 4 * p),
-    )
     return (
-        TensorGroup(
-            name="latency_critical",
-            tensor_classes=("optimizer_state", "master_grads", "master_params"),
-            nbytes=sum(n for _, n in critical_parts),
-            cpu_touched=True,
-            parts=critical_parts,
-        ),
+        *_optimizer_items(optimizer, p),
+        _master_item("master_grads", "master_grads", "master grads (fp32)", p),
+        _master_item("master_params", "master_params", "master weights (fp32)", p),
         TensorGroup(
             name="compute_params",
             tensor_classes=("params",),
@@ -131,48 +153,43 @@ def runtime_tensor_groups(
     optimizer_offload: bool = True,
     activations: ActivationEstimate | None = None,
 ) -> tuple[TensorGroup, ...]:
-    """The host groups offload.enable() really allocates, in the paper's priority order.
+    """The host items offload.enable() really allocates, in the paper's priority order.
 
     Unlike the paper's runtime, ours keeps no fp32 master gradients (the CPU step reads the
     gradients in the dtype they land in), no host copy of the compute weights (the updated
     half-precision params are written over their own gradients) and, without gradient
-    accumulation, no staging buffer: 1. ``latency_critical``: optimizer state and fp32 masters
-    (Adam 12P, Lion 8P); 2. ``activation_checkpoints``: the host bytes of ``activations``
+    accumulation, no staging buffer. Its items, each placed on its own: ``momentum`` and
+    ``variance`` (Adam; Lion: momentum alone, 4P each) and the fp32 ``master_params`` (4P), the
+    ``latency_critical`` group; ``activation_checkpoints``: the host bytes of ``activations``
     (offload.planning.activation_bytes.estimate_activations, for the run's activation mode), else
-    the paper's layer inputs, 2bshL; 3. ``compute_grads``: the
-    gradients as they land (``grad_nbytes_per_param`` x P), twice that with ``grad_staging``
-    (later micro-steps land in a second buffer, class ``master_grads``, before being summed).
-    The group also names class ``params``: the updated half-precision params live in it.
+    the paper's layer inputs, 2bshL; ``compute_grads``: the gradients as they land
+    (``grad_nbytes_per_param`` x P), twice that with ``grad_staging`` (later micro-steps land in
+    a second buffer, class ``master_grads``, before being summed). That item also names class
+    ``params``: the updated half-precision params live in it.
 
-    >>> [(g.name, g.nbytes) for g in runtime_tensor_groups(1000, 1, 8, 4, 2)]
-    [('latency_critical', 12000), ('activation_checkpoints', 128), ('compute_grads', 2000)]
+    >>> [(g.name, g.nbytes) for g in runtime_tensor_groups(1000, 1, 8, 4, 2)]  # doctest: +NORMALIZE_WHITESPACE
+    [('momentum', 4000), ('variance', 4000), ('master_params', 4000),
+     ('activation_checkpoints', 128), ('compute_grads', 2000)]
     >>> [g.name for g in runtime_tensor_groups(1000, 1, 8, 4, 2, optimizer_offload=False)]
     ['activation_checkpoints']
     >>> from offload.planning.activation_bytes import estimate_activations
     >>> from offload.planning.model_shapes import ModelShape
     >>> tiny = ModelShape("tiny", 2, 4, 8, 2, 1, 2, 16)
     >>> est = estimate_activations(tiny, batch=1, seq=8, min_nbytes=0)
-    >>> runtime_tensor_groups(1000, 1, 8, 4, 2, activations=est)[1].nbytes == est.host_nbytes
+    >>> runtime_tensor_groups(1000, 1, 8, 4, 2, activations=est)[-2].nbytes == est.host_nbytes
     True
     """
     p, saved = _params_and_checkpoints(n_params, batch, seq, hidden, layers, optimizer, activations)
     g = _positive_int(grad_nbytes_per_param, "grad_nbytes_per_param")
     if not optimizer_offload:
         return (saved,)
-    state_nbytes = STATE_NBYTES_PER_PARAM[optimizer] * p
-    critical_parts = ((f"{optimizer} state (fp32)", state_nbytes), ("master weights (fp32)", 4 * p))
     grad_parts = ((f"gradients as they land ({g} B/param)", g * p),)
     grad_classes: tuple[TensorClass, ...] = ("grads", "params", "master_grads")
     if grad_staging:
         grad_parts += (("accumulation staging", g * p),)
     return (
-        TensorGroup(
-            name="latency_critical",
-            tensor_classes=("optimizer_state", "master_params"),
-            nbytes=state_nbytes + 4 * p,
-            cpu_touched=True,
-            parts=critical_parts,
-        ),
+        *_optimizer_items(optimizer, p),
+        _master_item("master_params", "master_params", "master weights (fp32)", p),
         saved,
         TensorGroup(
             name="compute_grads",
@@ -181,6 +198,43 @@ def runtime_tensor_groups(
             cpu_touched=False,
             parts=grad_parts,
         ),
+    )
+
+
+def nbytes_by_group(items: Sequence[TensorGroup]) -> dict[str, int]:
+    """Bytes of each of the paper's groups, its items added up, in priority order.
+
+    >>> nbytes_by_group(host_tensor_groups(1000, 1, 8, 4, 2))  # doctest: +NORMALIZE_WHITESPACE
+    {'latency_critical': 16000, 'compute_params': 2000, 'activation_checkpoints': 128,
+     'compute_grads': 2000}
+    """
+    totals: dict[str, int] = {}
+    for item in items:
+        totals[item.group_name] = totals.get(item.group_name, 0) + item.nbytes
+    return totals
+
+
+def merged_groups(items: Sequence[TensorGroup]) -> tuple[TensorGroup, ...]:
+    """The paper's groups as single items: the items of each added up (classes, bytes, parts),
+    as a policy that placed whole groups saw them; an item alone in its group stays as it is.
+
+    >>> [(g.name, g.nbytes) for g in merged_groups(host_tensor_groups(1000, 1, 8, 4, 2))][:2]
+    [('latency_critical', 16000), ('compute_params', 2000)]
+    """
+    by_group: dict[str, list[TensorGroup]] = {}
+    for item in items:
+        by_group.setdefault(item.group_name, []).append(item)
+    return tuple(
+        members[0]
+        if len(members) == 1
+        else TensorGroup(
+            name=name,
+            tensor_classes=tuple(dict.fromkeys(c for i in members for c in i.tensor_classes)),
+            nbytes=sum(i.nbytes for i in members),
+            cpu_touched=any(i.cpu_touched for i in members),
+            parts=tuple(part for i in members for part in i.parts),
+        )
+        for name, members in by_group.items()
     )
 
 

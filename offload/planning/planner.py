@@ -1,11 +1,12 @@
-"""The planner: a placement per host tensor group and the predicted phase times, for any policy, and
+"""The planner: a placement per host item and the predicted phase times, for any policy, and
 our ``planned`` policy, which searches DRAM:CXL ratios and CXL device sets for the shortest step;
 for a decode (:func:`plan_decode`), the same for the KV cache against the predicted decode step.
 
 It decides and predicts only; it must not allocate memory or read the machine (callers pass rates).
 
-``planned`` starts from the best feasible plan of the paper's policies (so it is never worse than
-them in the simulator), then improves it by local search: move a chunk of one group's bytes between
+``planned`` places the same items as the paper's policies (the paper's seven, or those our runtime
+allocates) and starts from the best feasible plan of those policies (so it is never worse than
+them in the simulator), then improves it by local search: move a chunk of one item's bytes between
 local DRAM and CXL, or trade a chunk of DRAM between two groups, or change which CXL devices a
 group's CXL share is striped over (weighted by each device's rate in the group's weak direction:
 D2H for gradients and activations, since writes into CXL are the slow direction). Every candidate
@@ -33,6 +34,7 @@ from allocators.striping import split_nbytes
 from allocators.tensor_classes import TensorGroup
 from allocators.topology import Tiers
 from allocators.units import format_bytes
+from offload.planning.host_groups import merged_groups
 from offload.planning.model_shapes import ModelShape
 from offload.planning.simulator.decode import (
     DecodeConfig,
@@ -265,14 +267,60 @@ def planned(
     >>> groups = host_tensor_groups(shape.n_params, 1, 4096, shape.hidden, shape.layers)
     >>> result = planned(groups, topo.tiers, {"dram": "16GiB", "cxl": "64GiB"}, shape=shape,
     ...                  batch=1, seq=4096, rates=sim_rates(topo))
-    >>> print(result.placements["latency_critical"])  # DRAM:CXL about 4:1, as their CPU rates
-    node0:0.82 + node1:0.18
+    >>> critical = [g for g in result.groups if g.group.group_name == "latency_critical"]
+    >>> local = sum(g.nbytes_per_node.get(0, 0) for g in critical)
+    >>> round(local / sum(g.group.nbytes for g in critical), 2)  # DRAM:CXL about 4:1, as their CPU rates
+    0.82
     """
 
     def seconds(result: PolicyResult) -> float:
         return simulate_step(shape, batch, seq, result.by_class(), rates, config).total_s
 
     return _best_plan(groups, tiers, budgets, rates, seconds, "the sequence or the batch")
+
+
+def _expanded(
+    ctx: _Context, groups: Sequence[TensorGroup], coarse: PolicyResult
+) -> PolicyResult | None:
+    """``coarse`` (a plan of the merged groups) as a plan of ``groups``: each item placed as its
+    group; None when the items' rounding would pass a budget."""
+    by_group = {item.group.name: item for item in coarse.groups}
+    used: dict[int, int] = {}
+    items = []
+    for group in groups:
+        outer = by_group[group.group_name]
+        per_node = split_nbytes(group.nbytes, outer.placement)
+        for node, nbytes in per_node.items():
+            used[node] = used.get(node, 0) + nbytes
+        items.append(GroupPlacement(group, outer.placement, per_node, outer.rule))
+    if any(nbytes > ctx.budgets.node_nbytes.get(node, 0) for node, nbytes in used.items()):
+        return None
+    return PolicyResult(policy="planned", groups=tuple(items), budgets=ctx.budgets)
+
+
+def _searched(
+    ctx: _Context,
+    groups: Sequence[TensorGroup],
+    tiers: Tiers,
+    seconds: _Seconds,
+    more_starts: Sequence[PolicyResult] = (),
+) -> PolicyResult | None:
+    """The fastest feasible start (the paper's policies, an in-order fill, ``more_starts``),
+    improved by local search; None when nothing fits."""
+    starts = list(more_starts)
+    for policy in POLICIES.values():
+        try:
+            starts.append(policy(groups, tiers, ctx.budgets))
+        except BudgetExceededError:
+            continue
+    fill = _fill_in_order(ctx, groups)
+    if fill is not None:
+        starts.append(fill)
+    if not starts:
+        return None
+    start = min(starts, key=seconds)
+    start = PolicyResult(policy="planned", groups=start.groups, budgets=ctx.budgets)
+    return _search(ctx, groups, start, seconds)
 
 
 def _best_plan(
@@ -283,8 +331,10 @@ def _best_plan(
     seconds: _Seconds,
     shrink: str,
 ) -> PolicyResult:
-    """The search behind ``planned`` and ``planned_decode``: the fastest feasible start (the
-    paper's policies and an in-order fill), improved by local search under ``seconds``."""
+    """The search behind ``planned`` and ``planned_decode``, item by item, from the fastest
+    feasible start: the paper's policies over the items, an in-order fill, and the best plan of
+    the merged groups (items of one paper group placed alike, searched the same way first: a
+    coarser search that reaches plans the item-wise one can miss)."""
     budget = parse_budgets(budgets, tiers)
     ctx = _Context(
         rates=rates,
@@ -294,25 +344,18 @@ def _best_plan(
     )
     if ctx.local < 0:
         raise BudgetExceededError("planned: these tiers have no local DRAM node to plan around")
-    starts = []
-    for policy in POLICIES.values():
-        try:
-            starts.append(policy(groups, tiers, budget))
-        except BudgetExceededError:
-            continue
-    fill = _fill_in_order(ctx, groups)
-    if fill is not None:
-        starts.append(fill)
-    if not starts:
+    merged = merged_groups(groups)
+    coarse = _searched(ctx, merged, tiers, seconds) if len(merged) < len(groups) else None
+    expanded = None if coarse is None else _expanded(ctx, groups, coarse)
+    best = _searched(ctx, groups, tiers, seconds, [expanded] if expanded else [])
+    if best is None:
         need = sum(g.nbytes for g in groups)
         raise BudgetExceededError(
             f"planned: the groups need {format_bytes(need)} ({need} bytes) in all but the budgets "
             f"hold {format_bytes(sum(budget.node_nbytes.values()))} ({budget.describe()}); "
             f"raise a budget, shorten {shrink}"
         )
-    start = min(starts, key=seconds)
-    start = PolicyResult(policy="planned", groups=start.groups, budgets=budget)
-    return _search(ctx, groups, start, seconds)
+    return best
 
 
 def plan(

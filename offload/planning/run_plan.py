@@ -30,7 +30,7 @@ FALLBACK_POLICY = "cxl_aware"
 
 @dataclass(frozen=True)
 class RunPlan:
-    """The plan a session runs with: placement per host tensor group and predicted phase times.
+    """The plan a session runs with: placement per host item and predicted phase times.
 
     ``batch`` and ``seq`` are the micro-batch it was planned for; ``rate_notes`` lists the rates
     that came from the paper rather than from ``profile`` or the topology.
@@ -45,7 +45,7 @@ class RunPlan:
 
     @property
     def placements(self) -> dict[str, Placement]:
-        """Placement per host tensor group, e.g. ``{"latency_critical": node0:0.8 + node1:0.2}``."""
+        """Placement per host item, e.g. ``{"momentum": node0:1, "variance": node0:0.6 + node1:0.4}``."""
         return dict(self.plan.placements)
 
     @property
@@ -58,10 +58,12 @@ class RunPlan:
         return self.plan.result.by_class()
 
     def table(self) -> pd.DataFrame:
-        """One row per group: bytes, rule, placement and bytes per node."""
+        """One row per item, in the order they were placed: the paper's group it belongs to,
+        bytes, rule, placement and bytes per node."""
         return pd.DataFrame.from_records(
             {
-                "group": item.group.name,
+                "item": item.group.name,
+                "group": item.group.group_name,
                 "nbytes": item.group.nbytes,
                 "rule": item.rule,
                 "placement": str(item.placement),

@@ -80,18 +80,19 @@ OUR_RUNTIME = runtime_step()
 def host_groups(
     step: StepConfig, shape: ModelShape, batch: int, seq: int
 ) -> tuple[TensorGroup, ...]:
-    """The host tensor groups of a runtime that runs ``step``, for ``shape`` at ``batch`` x
-    ``seq``: with fp32 master gradients, DeepSpeed's (the paper's four, bf16 weights included);
-    without, ours (offload.planning.host_layout.HostLayout: optimizer data, the activations of the
-    step's mode, gradients as they land; no host copy of the weights).
+    """The host items of a runtime that runs ``step``, for ``shape`` at ``batch`` x ``seq``,
+    in the order the policies visit them: with fp32 master gradients, DeepSpeed's (the paper's
+    seven, bf16 weights included); without, ours (offload.planning.host_layout.HostLayout:
+    optimizer state and masters, the activations of the step's mode, gradients as they land; no
+    host copy of the weights).
 
     >>> from offload.planning.model_shapes import MODELS
     >>> from offload.planning.simulator.step import DEEPSPEED_ZERO3
     >>> shape = MODELS["llama-1.1b"]
     >>> [g.name for g in host_groups(OUR_RUNTIME, shape, 1, 4096)]
-    ['latency_critical', 'activation_checkpoints', 'compute_grads']
-    >>> [g.name for g in host_groups(DEEPSPEED_ZERO3, shape, 1, 4096)][:2]
-    ['latency_critical', 'compute_params']
+    ['momentum', 'variance', 'master_params', 'activation_checkpoints', 'compute_grads']
+    >>> [g.name for g in host_groups(DEEPSPEED_ZERO3, shape, 1, 4096)][2:5]
+    ['master_grads', 'master_params', 'compute_params']
     """
     # Adam and AdamW keep the same state; the host groups name the family.
     optimizer = "lion" if step.optimizer == "lion" else "adam"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from allocators.topology import Topology
 from allocators.units import format_bytes
 from offload.planning.activation_bytes import ACTIVATION_MODES
+from offload.planning.host_groups import nbytes_by_group
 from offload.planning.host_layout import DEFAULT_LAYOUT, HostLayout
 from offload.planning.model_shapes import ModelShape
 from offload.tools.doctor import CheckResult
@@ -47,7 +48,7 @@ def host_need_nbytes(work: ModelWorkload) -> dict[str, int]:
         shape.layers,
         shape=shape,
     )
-    return {g.name: g.nbytes for g in groups}
+    return nbytes_by_group(groups)
 
 
 def activation_needs_nbytes(work: ModelWorkload) -> dict[str, int]:

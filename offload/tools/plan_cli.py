@@ -138,9 +138,10 @@ def plan_budgets(items: list[str], topology: Topology) -> dict[str, int]:
 
 
 def _group_dict(item) -> dict:
-    """One placed group as JSON-ready data."""
+    """One placed item as JSON-ready data, with the paper's group it belongs to."""
     return {
         "name": item.group.name,
+        "group": item.group.group_name,
         "nbytes": item.group.nbytes,
         "rule": item.rule,
         "placement": [[node, fraction] for node, fraction in item.placement.shares],
@@ -149,10 +150,13 @@ def _group_dict(item) -> dict:
 
 
 def _placement_table(groups, rates: SimRates, title: str) -> Table:
-    """Groups by nodes: each group's bytes and share on every node any group uses."""
+    """Items by nodes, in the order the policy placed them: each item's paper group, rule,
+    and bytes and share on every node any item uses."""
     nodes = sorted({n for item in groups for n in item.nbytes_per_node})
     table = Table(title=title)
+    table.add_column("item")
     table.add_column("group")
+    table.add_column("rule")
     table.add_column("size", justify="right")
     for node in nodes:
         table.add_column(f"node {node} ({rates.kinds.get(node, '?')})", justify="right")
@@ -162,12 +166,20 @@ def _placement_table(groups, rates: SimRates, title: str) -> Table:
             nbytes = item.nbytes_per_node.get(node, 0)
             share = nbytes / item.group.nbytes if item.group.nbytes else 0.0
             cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
-        table.add_row(item.group.name, format_bytes(item.group.nbytes), *cells)
+        table.add_row(
+            item.group.name,
+            item.group.group_name,
+            item.rule,
+            format_bytes(item.group.nbytes),
+            *cells,
+        )
     return table
 
 
 def plan_to_dict(result: Plan, rates: SimRates) -> dict:
-    """A plan as JSON-ready data: placements, bytes per node, phases and the rate notes."""
+    """A plan as JSON-ready data: every item the policy placed (``groups``, in the order it
+    placed them, each with its paper group, rule, placement and bytes per node), the phases and
+    the rate notes."""
     return {
         "policy": result.policy,
         "groups": [_group_dict(item) for item in result.result.groups],
@@ -180,7 +192,7 @@ def plan_to_dict(result: Plan, rates: SimRates) -> dict:
 
 
 def print_plan(result: Plan, rates: SimRates, console: Console) -> None:
-    """Two rich tables: groups by nodes (bytes and share), then the predicted phases."""
+    """Two rich tables: items by nodes (bytes and share), then the predicted phases."""
     console.print(_placement_table(result.result.groups, rates, f"placement: {result.policy}"))
     phases = Table(title="predicted step (simulated)")
     phases.add_column("phase")
