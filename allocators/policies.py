@@ -60,6 +60,7 @@ class Budgets:
 
     ``declared`` keeps the tier totals as the user wrote them (in bytes), for messages and tables;
     a tier with no node on this machine keeps its declared total but budgets no node.
+    ``from_capacity`` names the tiers the user did not name, budgeted at their nodes' capacity.
 
     >>> from allocators.topology import NumaNode, Tiers
     >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
@@ -73,6 +74,7 @@ class Budgets:
     node_nbytes: dict[int, int]
     node_tier: dict[int, TierName]
     declared: dict[TierName, int]
+    from_capacity: tuple[TierName, ...] = ()
 
     def tier_nbytes(self, tier: TierName) -> int:
         """Total budget of the nodes of ``tier`` on this machine."""
@@ -84,16 +86,9 @@ class Budgets:
         for tier, total in self.declared.items():
             nodes = [node for node, t in self.node_tier.items() if t == tier]
             split = ", ".join(f"node {n}: {format_bytes(self.node_nbytes[n])}" for n in nodes)
-            parts.append(f"{tier} = {format_bytes(total)} ({split or 'no such node here'})")
+            origin = "capacity, not named; " if tier in self.from_capacity else ""
+            parts.append(f"{tier} = {format_bytes(total)} ({origin}{split or 'no such node here'})")
         return "; ".join(parts)
-
-
-def _tier_nodes(tiers: Tiers) -> dict[TierName, tuple[int, ...]]:
-    return {
-        "dram": tuple(n.id for n in tiers.local_dram),
-        "cxl": tuple(n.id for n in tiers.cxl),
-        "remote_dram": tuple(n.id for n in tiers.remote_dram),
-    }
 
 
 def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
@@ -102,12 +97,15 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
     ``"dram"`` is local DRAM, ``"cxl"`` the total over all CXL nodes, ``"remote_dram"`` (optional)
     DRAM on other sockets. A total is split evenly over the tier's nodes; a dict such as
     ``{"cxl": {2: "64GiB", 3: "32GiB"}}`` gives each node its own budget (nodes left out get 0).
-    A tier that is not named gets no bytes: nothing may be placed there.
+    A tier that is not named keeps its capacity: each of its nodes may hold its total bytes (name
+    it with 0 to keep data off it).
 
     >>> from allocators.topology import NumaNode, Tiers
     >>> dram = NumaNode(id=0, kind="dram", cpus=(0,), total_bytes=1 << 40, free_bytes=1 << 40)
-    >>> parse_budgets({"dram": "1GiB"}, Tiers((), (dram,), (), ())).node_nbytes
-    {0: 1073741824}
+    >>> cxl = NumaNode(id=1, kind="cxl", cpus=(), total_bytes=1 << 38, free_bytes=1 << 38)
+    >>> budgets = parse_budgets({"dram": "1GiB"}, Tiers((), (dram,), (), (cxl,)))
+    >>> budgets.node_nbytes, budgets.from_capacity
+    ({0: 1073741824, 1: 274877906944}, ('cxl',))
     """
     if isinstance(budgets, Budgets):
         return budgets
@@ -115,11 +113,8 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
         raise ConfigError(
             f"budgets = {budgets!r} is not a mapping; write {{'dram': '64GiB', 'cxl': '256GiB'}}"
         )
-    if "dram" not in budgets:
-        raise ConfigError(
-            f"budgets {dict(budgets)!r} have no 'dram' entry; add one, e.g. 'dram': '64GiB'"
-        )
-    tier_nodes = _tier_nodes(tiers)
+    tiers_of = {"dram": tiers.local_dram, "cxl": tiers.cxl, "remote_dram": tiers.remote_dram}
+    tier_nodes = {tier: tuple(n.id for n in nodes) for tier, nodes in tiers_of.items()}
     node_nbytes: dict[int, int] = {}
     node_tier: dict[int, TierName] = {}
     declared: dict[TierName, int] = {}
@@ -145,7 +140,12 @@ def parse_budgets(budgets: BudgetSpec | Budgets, tiers: Tiers) -> Budgets:
             per_node = split_nbytes(declared[key], interleave(nodes)) if nodes else {}
         node_nbytes.update(per_node)
         node_tier.update({node: key for node in nodes})
-    return Budgets(node_nbytes=node_nbytes, node_tier=node_tier, declared=declared)
+    from_capacity = tuple(t for t in TIER_NAMES if t not in budgets and tiers_of[t])
+    for tier in from_capacity:
+        node_nbytes.update({node.id: node.total_bytes for node in tiers_of[tier]})
+        node_tier.update({node.id: tier for node in tiers_of[tier]})
+        declared[tier] = sum(node.total_bytes for node in tiers_of[tier])
+    return Budgets(node_nbytes, node_tier, declared, from_capacity)
 
 
 def parse_budget_args(items: Sequence[str], *, what: str = "--budget") -> dict[TierName, int]:

@@ -6,8 +6,12 @@ paper's runtime (DeepSpeed ZeRO-3: bf16 params streamed from the host, fp32 mast
 optimizer after backward, DeepSpeed's per-step overhead) and with ours (offload.planning.runtime_step: what
 offload.enable runs in the paper's activation mode; params stay on the GPU, gradients are read
 where they land, the optimizer steps during backward), each over the host groups it allocates.
-Budgets: experiments.common.paper_setup, one machine for both runtimes (local DRAM capped as for the
-paper's groups; local_only gets what each runtime needs).
+Budgets, one machine for both runtimes (local_only gets what each runtime needs): ``paper``
+(experiments.common.paper_setup: local DRAM capped at the paper's 18P + half the checkpoints) and
+``14P`` (local DRAM of 14 bytes per parameter, less than the paper's 16P of optimizer data, so its
+greedy, visiting the items one by one, keeps three of them local and splits the fourth).
+``--merged`` prints what the policies gave when the four optimizer items were placed as one
+group (this project's version before issue 17), beside what they give item by item.
 Measured rows come from real runs: ``--report CSV`` takes the per-step report of a run of
 offload.enable (columns forward_ms, backward_ms, optimizer_ms; steps after the first two are
 averaged, as in the paper) for the model, batch, seq, strategy and cards given; this machine has
@@ -39,6 +43,7 @@ from experiments.common.paper_setup import (
     paper_groups,
 )
 from experiments.common.results_io import RESULTS_DIR, SIMULATED_DIR, this_machine, write_results
+from offload.planning.host_groups import merged_groups
 from offload.planning.model_shapes import MODELS
 from offload.planning.planner import plan
 from offload.planning.runtime_step import OUR_RUNTIME, host_groups
@@ -47,26 +52,42 @@ from offload.planning.simulator.step import DEEPSPEED_ZERO3
 
 RUNTIMES = {"deepspeed-zero3": DEEPSPEED_ZERO3, "ours": OUR_RUNTIME}
 CXL_CARD_NBYTES = 256 << 30  # the declared card capacity
+BUDGETS = ("paper", "14P")
 
 
-def simulated_rows(models: Sequence[str] = PAPER_MODELS) -> list[dict]:
-    """One row per (runtime, model, cards, batch, seq, strategy), with tokens/s relative to
-    local_only of the same runtime, model and (batch, seq).
+def capped_budgets(budget: str, model: str, batch: int, seq: int, cards: int) -> dict[str, int]:
+    """The CXL runs' budgets of case ``budget`` (see the module docstring), the same machine for
+    both runtimes.
+
+    >>> capped_budgets("14P", "qwen2.5-7b", 1, 4096, 1)["dram"] == 14 * MODELS["qwen2.5-7b"].n_params
+    True
+    """
+    cxl = cards * CXL_CARD_NBYTES
+    if budget == "14P":
+        return {"dram": 14 * MODELS[model].n_params, "cxl": cxl}
+    return paper_budgets(paper_groups(model, batch, seq), cxl)
+
+
+def simulated_rows(models: Sequence[str] = PAPER_MODELS, *, merged: bool = False) -> list[dict]:
+    """One row per (budget, runtime, model, cards, batch, seq, strategy), with tokens/s relative
+    to local_only of the same runtime, model and (batch, seq). ``merged``: the policies place
+    each paper group as one item (the optimizer's four together), as before issue 17.
 
     >>> rows = simulated_rows(["qwen2.5-7b"])
     >>> min(r["vs_local_only"] for r in rows if r["strategy"] == "naive_interleave") < 0.8
     True
     """
     rows = []
-    for cards, topo_name in PAPER_TOPOLOGIES.items():
+    for budget, (cards, topo_name) in ((b, t) for b in BUDGETS for t in PAPER_TOPOLOGIES.items()):
         topology = load_declared(topo_name)
         rates = sim_rates(topology)
         for runtime, config in RUNTIMES.items():
             for model in models:
                 for batch, seq in PAPER_SWEEP:
                     groups = host_groups(config, MODELS[model], batch, seq)
-                    # One machine for both runtimes: local DRAM capped as for the paper's run.
-                    capped = paper_budgets(paper_groups(model, batch, seq), cards * CXL_CARD_NBYTES)
+                    if merged:
+                        groups = merged_groups(groups)
+                    capped = capped_budgets(budget, model, batch, seq, cards)
                     reference = None
                     for strategy in POLICY_NAMES:
                         budgets = local_only_budgets(groups) if strategy == "local_only" else capped
@@ -87,6 +108,7 @@ def simulated_rows(models: Sequence[str] = PAPER_MODELS) -> list[dict]:
                             {
                                 "source": "simulated",
                                 "machine": topo_name,
+                                "budget": budget,
                                 "runtime": runtime,
                                 "model": model,
                                 "cards": cards,
@@ -151,14 +173,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--strategy", default="local_only", choices=POLICY_NAMES)
     parser.add_argument("--cards", type=int, default=0)
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="also print the figures with each paper group placed as one item (before issue 17)",
+    )
     args = parser.parse_args(argv)
     frame = write_results(simulated_rows(), SIMULATED_DIR / "end_to_end.csv")
     if args.report:
         row = measured_row(args.report, args.model, args.batch, args.seq, args.strategy, args.cards)
         write_results([row], RESULTS_DIR / this_machine() / "end_to_end.csv")
-    summary = frame.pivot_table(
-        index=["runtime", "cards", "strategy"], values="vs_local_only", aggfunc=["min", "max"]
-    )
+    index = ["budget", "runtime", "cards", "strategy"]
+    summary = frame.pivot_table(index=index, values="vs_local_only", aggfunc=["min", "max"])
+    if args.merged:
+        old = pd.DataFrame(simulated_rows(merged=True))
+        summary = pd.concat(
+            {
+                "items": summary,
+                "merged": old.pivot_table(
+                    index=index, values="vs_local_only", aggfunc=["min", "max"]
+                ),
+            },
+            axis=1,
+        )
     print(summary.round(3).to_string())
     return 0
 

@@ -88,3 +88,33 @@ def test_lion_keeps_less_optimizer_state_than_adam(runtime):
         return sum(g["nbytes"] for g in groups if g["group"] == "latency_critical")
 
     assert critical("lion") < critical("adam")
+
+
+def test_a_budget_for_dram_alone_leaves_cxl_its_capacity_and_says_so():
+    # --budget dram=100GiB alone: before, CXL got no budget and cxl_aware failed.
+    data = plan_json("deepspeed-zero3", policy="cxl_aware", budget=["dram=100GiB"])
+    assert data["budgets_nbytes"] == {"dram": 100 << 30, "cxl": 256 << 30}
+    assert data["budgets_from_capacity"] == ["cxl"]
+    assert data["groups"][-1]["rule"] == "cxl_stripe"
+
+
+def test_the_placement_table_lists_items_in_order_with_the_budgets_in_its_caption():
+    args = argparse.Namespace(
+        model="qwen2.5-7b",
+        batch=1,
+        seq=4096,
+        topology="paper-1aic",
+        profile=None,
+        policy="cxl_aware",
+        budget=["dram=100GiB"],
+        optimizer="adam",
+        runtime="deepspeed-zero3",
+        json=False,
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run_plan_command(args) == 0
+    text = out.getvalue()
+    names = ["momentum", "variance", "master_grads", "master_params", "compute_params"]
+    assert [text.index(name) for name in names] == sorted(text.index(name) for name in names)
+    assert "capacity, not named" in text

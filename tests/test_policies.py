@@ -260,6 +260,18 @@ def test_cxl_budget_total_is_split_evenly_and_dicts_give_per_node_budgets():
     assert per_node.declared == {"dram": 1, "cxl": 1_000_000_000}
 
 
+def test_a_tier_not_named_keeps_its_nodes_capacity():
+    # --budget dram=100GiB alone: the cards keep their capacity (1 TiB each here), as
+    # `offload plan --help` promises; before, CXL got no budget and cxl_aware failed.
+    budgets = parse_budgets({"dram": 100_000_000_000}, tiers_with(2))
+    assert budgets.node_nbytes == {0: 100_000_000_000, 1: TIB, 2: TIB}
+    assert budgets.from_capacity == ("cxl",)
+    assert "cxl = 2.00 TiB (capacity, not named; node 1: 1.00 TiB" in budgets.describe()
+    assert parse_budgets({"cxl": "1GB"}, tiers_with(1)).node_nbytes == {0: TIB, 1: 1_000_000_000}
+    plan = cxl_aware(GROUPS, tiers_with(1), {"dram": 100_000_000_000})
+    assert plan.groups[-1].nbytes_per_node == {1: 14_400_000_000}
+
+
 def test_per_node_cxl_budget_is_enforced_per_node():
     # dram = 16P: G1 local, nothing left. G2 striped: 7.2e9 on each of nodes 1, 2; node 1 (8e9)
     # keeps 0.8e9, too little for its 1_610_612_736 share of G3 although node 2 has room.
@@ -273,7 +285,6 @@ def test_per_node_cxl_budget_is_enforced_per_node():
         ({"dram": "64 gigs"}, "budget 'dram' = '64 gigs' is not a size"),
         ({"dram": "1GB", "cxl": -5}, "budget 'cxl' = -5 is negative"),
         ({"dram": "1GB", "hbm": "80GB"}, "budget key 'hbm' is not a tier; write one of 'dram'"),
-        ({"cxl": "1GB"}, "no 'dram' entry"),
         ({"dram": "1GB", "cxl": {0: "1GB"}}, "names node 0, which is not a cxl node here"),
         ({"dram": "1GB", "cxl": {1: "lots"}}, "budget 'cxl' for node 1 = 'lots' is not a size"),
         ("64GiB", "not a mapping"),

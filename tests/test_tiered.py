@@ -140,9 +140,15 @@ def test_per_node_cxl_budget_is_enforced_even_when_the_tier_has_room():
     assert backing.acquired == []
 
 
-def test_node_without_a_budget_is_refused_with_what_to_add():
+def test_a_tier_not_named_keeps_its_capacity():
     alloc = TieredAllocator(topology(), {"dram": "1GiB"}, backing=FakeBacking())
-    with pytest.raises(BudgetExceededError, match="node 2 has no budget; add 'cxl': '<size>'"):
+    assert alloc.budgets.node_nbytes == {0: GIB, 1: 1 << 40, 2: 1 << 40}
+    assert alloc.allocate("activations", MIB, placement=2).nbytes_per_node == {2: MIB}
+
+
+def test_a_tier_named_with_zero_takes_nothing():
+    alloc = TieredAllocator(topology(), {"dram": "1GiB", "cxl": 0}, backing=FakeBacking())
+    with pytest.raises(BudgetExceededError, match="tier 'cxl' has a budget of 0 B"):
         alloc.allocate("activations", MIB, placement=2)
 
 
@@ -434,7 +440,7 @@ def test_default_pool_keeps_memory_held_within_the_budget_when_sizes_change():
 def test_default_pool_caches_a_whole_step_of_activations_beyond_a_fixed_cache():
     # Steady state: the same requests every step are all hits after the first, however much
     # of the budget they take (the pool's cache is sized by the budget, not a fixed 4 GiB).
-    alloc = TieredAllocator(topology(), {"dram": "24MiB"}, pin=False)
+    alloc = TieredAllocator(topology(), {"dram": "24MiB", "cxl": 0}, pin=False)
     for _ in range(3):
         live = [alloc.allocate("activations", 5 * MIB) for _ in range(4)]
         for allocation in live:

@@ -74,7 +74,7 @@ def register(subparsers) -> None:
         default=[],
         metavar="TIER=SIZE",
         help="bytes a tier may hold, e.g. dram=64GiB, cxl=256GiB (repeat); "
-        "default: the nodes' capacities",
+        "a tier not named keeps its nodes' capacity",
     )
     parser.add_argument("--optimizer", default="adam", choices=("adam", "lion"))
     parser.add_argument(
@@ -149,13 +149,27 @@ def _group_dict(item) -> dict:
     }
 
 
-def _placement_table(groups, rates: SimRates, title: str) -> Table:
-    """Items by nodes, in the order the policy placed them: each item's paper group, rule,
-    and bytes and share on every node any item uses."""
+def _budgets_dict(result) -> dict:
+    """The budgets a plan was made within as JSON-ready data: bytes per tier, and the tiers
+    not named (given their nodes' capacity)."""
+    budgets = result.budgets
+    return {
+        "budgets_nbytes": dict(budgets.declared),
+        "budgets_from_capacity": list(budgets.from_capacity),
+    }
+
+
+def _budget_caption(result) -> str:
+    """The budgets a plan was made within, saying which tiers were given their capacity."""
+    return f"budgets: {result.budgets.describe()}; a tier not named keeps its nodes' capacity"
+
+
+def _placement_table(groups, rates: SimRates, title: str, caption: str) -> Table:
+    """Items by nodes, in the order the policy placed them: each item's rule, and its bytes and
+    share on every node any item uses."""
     nodes = sorted({n for item in groups for n in item.nbytes_per_node})
-    table = Table(title=title)
-    table.add_column("item")
-    table.add_column("group")
+    table = Table(title=title, caption=caption)
+    table.add_column("item", no_wrap=True)
     table.add_column("rule")
     table.add_column("size", justify="right")
     for node in nodes:
@@ -168,7 +182,6 @@ def _placement_table(groups, rates: SimRates, title: str) -> Table:
             cells.append(f"{format_bytes(nbytes)} ({share:.0%})" if nbytes else "-")
         table.add_row(
             item.group.name,
-            item.group.group_name,
             item.rule,
             format_bytes(item.group.nbytes),
             *cells,
@@ -183,6 +196,7 @@ def plan_to_dict(result: Plan, rates: SimRates) -> dict:
     return {
         "policy": result.policy,
         "groups": [_group_dict(item) for item in result.result.groups],
+        **_budgets_dict(result.result),
         "predicted_s": predicted_phases(result.prediction),
         "tokens_per_s": result.prediction.tokens_per_s,
         "bottlenecks": result.prediction.bottlenecks,
@@ -193,7 +207,9 @@ def plan_to_dict(result: Plan, rates: SimRates) -> dict:
 
 def print_plan(result: Plan, rates: SimRates, console: Console) -> None:
     """Two rich tables: items by nodes (bytes and share), then the predicted phases."""
-    console.print(_placement_table(result.result.groups, rates, f"placement: {result.policy}"))
+    title = f"placement: {result.policy}"
+    caption = _budget_caption(result.result)
+    console.print(_placement_table(result.result.groups, rates, title, caption))
     phases = Table(title="predicted step (simulated)")
     phases.add_column("phase")
     phases.add_column("seconds", justify="right")
@@ -275,6 +291,7 @@ def decode_plan_to_dict(result: DecodePlan, rates: SimRates) -> dict:
         "context_tokens": p.context_tokens,
         "batch": p.batch,
         "groups": [_group_dict(item) for item in result.result.groups],
+        **_budgets_dict(result.result),
         "decode_step": {
             "step_s": p.step_s,
             "dma_s": p.dma_s,
@@ -296,7 +313,9 @@ def print_decode_plan(result: DecodePlan, rates: SimRates, console: Console) -> 
     """Two rich tables: the kv_cache group by nodes, then the predicted decode step."""
     p = result.prediction
     title = f"KV cache placement: {result.policy} ({p.context_tokens} tokens)"
-    console.print(_placement_table(result.result.groups, rates, title))
+    console.print(
+        _placement_table(result.result.groups, rates, title, _budget_caption(result.result))
+    )
     step = Table(title="predicted decode step (simulated, DMA only)")
     step.add_column("quantity")
     step.add_column("value", justify="right")
