@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.text import Text
 
 from allocators.errors import OffloadError
 
@@ -31,10 +32,23 @@ def run_subcommands(
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (OffloadError, FileNotFoundError) as exc:
-        # Our errors already say what to do; a traceback would only hide that line.
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    except (OffloadError, OSError) as exc:
+        # Our errors already say what to do, and an OSError here is a path the user gave (a
+        # folder where a file was meant, no permission); a traceback would only hide that line.
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def print_error(exc: BaseException) -> None:
+    """``error: <message>`` on stderr as one line, the message printed as written: a path or
+    host name with ``[`` in it is text, not rich markup to interpret.
+
+    >>> print_error(FileNotFoundError("no file 'runs/[old]/run.json'"))  # doctest: +SKIP
+    error: no file 'runs/[old]/run.json'
+    """
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    line = Text.assemble(("error:", "bold red"), " ", message)
+    Console(stderr=True, soft_wrap=True).print(line, highlight=False)

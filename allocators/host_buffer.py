@@ -149,11 +149,15 @@ def machine_memory_nbytes() -> int:
     return PAGE_NBYTES * os.sysconf("SC_PHYS_PAGES")
 
 
-def _check_fits_machine(nbytes: int) -> None:
+def check_fits_machine(nbytes: int, what: str = "HostBuffer") -> None:
+    """Refuse ``nbytes`` beyond this machine's memory, before anything is mapped or striped.
+
+    >>> check_fits_machine(1 << 20)
+    """
     total = machine_memory_nbytes()
     if nbytes > total:
         raise BudgetExceededError(
-            f"HostBuffer of {format_bytes(nbytes)} ({nbytes} bytes) is more than this machine's "
+            f"{what} of {format_bytes(nbytes)} ({nbytes} bytes) is more than this machine's "
             f"memory ({format_bytes(total)} over all NUMA nodes); ask for a smaller buffer"
         )
 
@@ -212,7 +216,7 @@ class HostBuffer:
         self.requested_nbytes = parse_size(nbytes, what="HostBuffer nbytes")
         if self.requested_nbytes <= 0:
             raise ValueError(f"HostBuffer nbytes = {nbytes!r} must be > 0 bytes")
-        _check_fits_machine(self.requested_nbytes)
+        check_fits_machine(self.requested_nbytes)
         if chunk_nbytes <= 0 or chunk_nbytes % PAGE_NBYTES:
             raise ValueError(
                 f"chunk_nbytes = {chunk_nbytes} must be a positive multiple of the page size "

@@ -18,7 +18,12 @@ from profilers import (
     cli_optimizer,
     cli_pinning,
 )
-from profilers.cli_common import add_common_options, check_trials, machine_topology, write_outcomes
+from profilers.cli_common import (
+    add_common_options,
+    check_options,
+    machine_topology,
+    write_outcomes,
+)
 
 # Cheap and idle-machine-sensitive measurements first: latency is the most easily disturbed.
 STEPS = (cli_latency, cli_memory, cli_bandwidth, cli_pinning, cli_optimizer, cli_contention)
@@ -31,10 +36,10 @@ def run_all(args: argparse.Namespace) -> int:
     >>> main(["all", "--quick"])  # doctest: +SKIP
     0
     """
-    check_trials(args)
     console = Console()
     start = time.perf_counter()
     topology = machine_topology()
+    check_options(args, topology)
     outcomes = [step.measure(args, topology, console) for step in STEPS]
     write_outcomes(args, outcomes, topology, console)
     console.print(

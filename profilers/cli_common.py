@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from allocators.cpu_lists import parse_cpu_list
 from allocators.errors import OffloadError
+from allocators.host_buffer import check_fits_machine
 from allocators.sysfs_topology import discover
 from allocators.topology import Topology
+from allocators.units import parse_size
 from profilers.machine_profile import load_profile, merge_profiles
 from profilers.profile_rates import build_profile
 from profilers.report_tables import profile_table, rows_table
@@ -130,7 +133,7 @@ def cpu_node_cpus(topology: Topology, cpu_node: int | None) -> tuple[int, tuple[
     cpus = topology.node(node).cpus
     if not cpus:
         with_cpus = [n.id for n in topology.nodes if n.has_cpus]
-        raise ValueError(
+        raise OptionError(
             f"node {node} has no CPUs to run threads on; pick one of {with_cpus} (--cpu-node)"
         )
     return node, cpus
@@ -201,7 +204,7 @@ def write_outcomes(
     all_rows: list[ResultRow] = []
     for outcome in outcomes:
         for line in outcome.skipped:
-            console.print(f"[yellow]skipped[/] {outcome.name}: {line}", highlight=False)
+            console.print(f"[yellow]skipped[/] {outcome.name}: {escape(line)}", highlight=False)
         if not outcome.rows:
             continue
         all_rows.extend(outcome.rows)
@@ -211,7 +214,7 @@ def write_outcomes(
             png = importlib.import_module(PLOT_MODULES[outcome.name]).plot(
                 csv_path, out / f"profile_{outcome.name}.png"
             )
-            console.print(f"figure: {png}", highlight=False)
+            console.print(f"figure: {png}", markup=False, highlight=False)
     profile = build_profile(
         all_rows,
         topology,
@@ -227,17 +230,31 @@ def write_outcomes(
         profile = merge_profiles(load_profile(path), profile)
     profile.save(path)
     console.print(profile_table(profile))
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {path}", markup=False, highlight=False)
     return out
 
 
-def check_trials(args: argparse.Namespace) -> None:
-    """Refuse ``--trials`` below MIN_TRIALS with a message saying what to write.
+def check_options(args: argparse.Namespace, topology: Topology) -> None:
+    """Refuse every bad option before the first measurement (``all`` would otherwise fail in its
+    third step, or never, for an option only some steps read): ``--trials`` below MIN_TRIALS,
+    ``--nodes`` or ``--cpu-node`` naming a node this machine lacks (the message lists those it
+    has), a ``--max-size`` beyond this machine's memory.
 
-    >>> check_trials(argparse.Namespace(trials=5))
+    >>> check_options(argparse.Namespace(trials=5, nodes=None, cpu_node=None), machine_topology())
     """
     if args.trials < MIN_TRIALS:
         raise OptionError(f"--trials {args.trials}: write at least {MIN_TRIALS}")
+    selected_nodes(args, topology)
+    if args.cpu_node is not None:
+        if args.cpu_node not in topology.node_ids:
+            raise OptionError(
+                f"--cpu-node {args.cpu_node}: no such NUMA node on "
+                f"{topology.name or topology.source}; nodes: {list(topology.node_ids)}"
+            )
+        cpu_node_cpus(topology, args.cpu_node)
+    max_size = getattr(args, "max_size", None)
+    if max_size is not None:
+        check_fits_machine(parse_size(max_size, what="--max-size"), what=f"--max-size {max_size}")
 
 
 def run_single(
@@ -250,8 +267,8 @@ def run_single(
     0
     """
     console = Console()
-    check_trials(args)
     topology = machine_topology()
+    check_options(args, topology)
     outcome = measure(args, topology, console)
     write_outcomes(args, [outcome], topology, console)
     return 0

@@ -206,8 +206,11 @@ def load_profile(path: str | Path) -> MachineProfile:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"profile {path} is not JSON ({exc}); rerun offload-profile") from exc
+    except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the stack
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ProfileError(
+            f"profile {path} is not JSON ({problem}); rerun offload-profile"
+        ) from None
     return profile_from_dict(data)
 
 

@@ -176,6 +176,11 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
     >>> gpt2.layers, gpt2.head_dim, gpt2.intermediate
     (12, 64, 3072)
     """
+    if not isinstance(config, dict):
+        raise ModelShapeError(
+            f"{name} holds a {type(config).__name__}, not a config; give a transformers "
+            "config.json (a mapping with num_hidden_layers, hidden_size, ...)"
+        )
     config = _with_aliases(config)
     required = (
         "num_hidden_layers",
@@ -191,21 +196,35 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
             "hidden_size, intermediate_size, num_attention_heads and vocab_size (GPT-2 style "
             "n_layer, n_embd, n_head, n_inner are read too)"
         )
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    head_dim = config.get("head_dim") or hidden // heads
+    sizes = {key: _positive_size(config, key, name) for key in required}
+    for key in ("num_key_value_heads", "head_dim"):
+        if config.get(key) is not None:
+            sizes[key] = _positive_size(config, key, name)
+    heads = sizes["num_attention_heads"]
+    hidden = sizes["hidden_size"]
     return ModelShape(
         name=str(config.get("_name_or_path") or config.get("model_type") or name),
-        layers=int(config["num_hidden_layers"]),
+        layers=sizes["num_hidden_layers"],
         hidden=hidden,
-        intermediate=int(config["intermediate_size"]),
+        intermediate=sizes["intermediate_size"],
         heads=heads,
-        kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        vocab=int(config["vocab_size"]),
+        kv_heads=sizes.get("num_key_value_heads", heads),
+        head_dim=sizes.get("head_dim", hidden // heads),
+        vocab=sizes["vocab_size"],
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
     )
+
+
+def _positive_size(config: dict, key: str, name: str) -> int:
+    value = config[key]
+    # A zero (an all-zero config) would divide by zero or size the model at nothing.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelShapeError(
+            f"{name}: {key} = {value!r} must be a positive integer, as in a transformers "
+            "config.json (e.g. hidden_size: 4096)"
+        )
+    return value
 
 
 def load_model_shape(spec: str) -> ModelShape:
@@ -223,7 +242,10 @@ def load_model_shape(spec: str) -> ModelShape:
             "transformers config.json"
         )
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelShapeError(f"{spec} is not valid JSON ({exc}); give a config.json") from exc
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the stack
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ModelShapeError(
+            f"{spec} is not valid JSON ({problem}); give a transformers config.json"
+        ) from None
     return shape_from_config(config, name=path.stem)

@@ -11,7 +11,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from allocators.host_buffer import HostBuffer
+from allocators.errors import ConfigError
+from allocators.host_buffer import HostBuffer, check_fits_machine
 from allocators.sysfs_topology import discover
 from allocators.topology import Topology
 from allocators.topology_table import print_topology
@@ -109,7 +110,25 @@ def finetune_table(result: TinyFinetuneResult) -> Table:
     return table
 
 
+def check_demo_args(args: argparse.Namespace) -> int:
+    """Refuse bad arguments before the minute of profiling, not after; returns the buffer bytes.
+
+    >>> check_demo_args(argparse.Namespace(buffer="1MiB", steps=1, seq=8))
+    1048576
+    """
+    for flag in ("steps", "seq"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ConfigError(f"--{flag} {value} must be at least 1, e.g. --{flag} 8")
+    nbytes = parse_size(args.buffer, what="--buffer")
+    if nbytes < 1:
+        raise ConfigError(f"--buffer {args.buffer} must be at least one byte, e.g. --buffer 256MiB")
+    check_fits_machine(nbytes, what=f"--buffer {args.buffer}")
+    return nbytes
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    buffer_nbytes = check_demo_args(args)
     console = Console()
     topo = discover()
     print_topology(topo, console)
@@ -117,7 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
     profile_args = ["all", "--quick"] + (["--out", args.profile_out] if args.profile_out else [])
     if profile_main(profile_args) != 0:
         return 1
-    console.print(placed_buffer_table(topo, parse_size(args.buffer, what="--buffer")))
+    console.print(placed_buffer_table(topo, buffer_nbytes))
     with console.status("fine-tuning a tiny Llama, plain and under offload.enable()"):
         result = run_tiny_finetune(steps=args.steps, seq=args.seq, topology=topo)
     console.print(finetune_table(result))

@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from allocators.errors import OffloadError
@@ -219,7 +220,7 @@ def print_plan(result: Plan, rates: SimRates, console: Console) -> None:
     phases.add_row("tokens/s", f"{result.prediction.tokens_per_s:,.0f}", "")
     console.print(phases)
     for note in rates.notes:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(f"[dim]note: {escape(note)}[/]")
 
 
 def run_plan_command(args: argparse.Namespace) -> int:
@@ -327,7 +328,7 @@ def print_decode_plan(result: DecodePlan, rates: SimRates, console: Console) -> 
     step.add_row("tokens/s bound by DMA", f"{p.tokens_per_s:,.2f}")
     console.print(step)
     for note in rates.notes:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(f"[dim]note: {escape(note)}[/]")
 
 
 def run_decode_plan(args: argparse.Namespace) -> int:

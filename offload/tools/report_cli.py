@@ -92,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     from profilers.machine_profile import profile_from_dict
     from profilers.report_tables import profile_table
 
+    _check_outputs(args)
     console = Console()
     runs: dict[str, RunRecord] = {}
     for name in args.files:
@@ -116,11 +117,27 @@ def _run(args: argparse.Namespace) -> int:
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.csv, index=False)
-        console.print(f"wrote {args.csv}")
+        console.print(f"wrote {args.csv}", markup=False, highlight=False)
     if args.plot:
         for png in write_plots(runs, args.plot):
-            console.print(f"wrote {png}")
+            console.print(f"wrote {png}", markup=False, highlight=False)
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written before reading any run (not after)."""
+    if args.csv and Path(args.csv).is_dir():
+        raise OffloadError(
+            f"--csv {args.csv} is a folder; give a file name such as {Path(args.csv) / 'runs.csv'}"
+        )
+    if args.plot:
+        plot = Path(args.plot)
+        above = next((p for p in (plot, *plot.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise OffloadError(
+                f"--plot {args.plot}: {above} is a file, not a folder; give a folder for the "
+                "figures, e.g. --plot report-figures"
+            )
 
 
 def write_plots(runs: Mapping[str, RunRecord], out_dir: str | Path) -> list[Path]:

@@ -298,8 +298,9 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path} not found; save a run with OffloadSession.save(path)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunRecordError(f"{path} is not JSON ({exc}); save the run again") from exc
+    except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the stack
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise RunRecordError(f"{path} is not JSON ({problem}); save the run again") from None
 
 
 def load_run(path: str | Path) -> RunRecord:

@@ -148,12 +148,7 @@ def sim_rates(
     >>> r.link_gib_per_s, r.nodes[0].d2h_gib_per_s, r.nodes[0].cpu_gib_per_s
     (55.0, 51.7, 1.0)
     """
-    if isinstance(nodes, Topology):
-        node_list = tuple(nodes.nodes)
-    elif isinstance(nodes, Tiers):
-        node_list = (*nodes.local_dram, *nodes.remote_dram, *nodes.cxl)
-    else:
-        node_list = tuple(nodes)
+    node_list = _node_list(nodes)
     if not node_list:
         raise RateModelError("no NUMA nodes given; pass a Topology, its Tiers or its nodes")
     overrides = overrides or {}
@@ -177,6 +172,14 @@ def sim_rates(
     )
 
 
+def _node_list(nodes: Tiers | Topology | tuple[NumaNode, ...]) -> tuple[NumaNode, ...]:
+    if isinstance(nodes, Topology):
+        return tuple(nodes.nodes)
+    if isinstance(nodes, Tiers):
+        return (*nodes.local_dram, *nodes.remote_dram, *nodes.cxl)
+    return tuple(nodes)
+
+
 def profile_rates(nodes: Tiers | Topology | tuple[NumaNode, ...], profile) -> SimRates:
     """``sim_rates`` with a measured profile's rates (an ``offload-profile`` MachineProfile: its
     ``to_node_rates()`` and each node's ``adamw_elements_per_s``) winning over the declared ones.
@@ -188,6 +191,16 @@ def profile_rates(nodes: Tiers | Topology | tuple[NumaNode, ...], profile) -> Si
     >>> profile_rates((NumaNode(0, "dram", (0,), 0, 0),), profile).nodes[0].cpu_gib_per_s
     1.0
     """
+    known = {n.id for n in _node_list(nodes)}
+    absent = sorted(set(profile.nodes) - known)
+    if absent:
+        # A profile of another machine (or a stale one) would plan with rates of nodes that
+        # are not here, while the nodes that are here silently keep the paper's rates.
+        raise ConfigError(
+            f"the profile has rates for node(s) {absent}, which this topology lacks (its nodes: "
+            f"{sorted(known)}); profile this machine (`offload-profile all`), or plan for the "
+            "topology the profile was measured on"
+        )
     adamw = {
         node: p.adamw_elements_per_s
         for node, p in profile.nodes.items()
