@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import traceback
 import warnings
+import weakref
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import psutil
 import torch
 from torch import nn
 
+from allocators.errors import OffloadError
 from offload.config import OffloadConfig
 from offload.planning.run_plan import RunPlan
 from offload.runtime.activation_offload import ActivationOffloader
@@ -22,7 +25,11 @@ from offload.runtime.checkpoint_offload import LayerCheckpointing
 from offload.runtime.chunked_loss import ChunkedLossPatch
 from offload.runtime.clip_patch import ClipPatch
 from offload.runtime.host_memory import HostMemory
-from offload.runtime.optimizer_offload import OptimizerOffload
+from offload.runtime.optimizer_offload import (
+    OptimizerOffload,
+    refuse_sparse_gradients,
+    refuse_unsteppable,
+)
 from offload.runtime.optimizer_patch import OptimizerPatch
 from offload.runtime.phase_clock import PhaseClock
 from offload.runtime.streams import CopyStreams
@@ -96,14 +103,10 @@ class OffloadSession:
         self._clip: ClipPatch | None = None
         self._chunked_loss: ChunkedLossPatch | None = None
         self._dashboard: DashboardThread | None = None
-        self._hooks = [
-            model.register_forward_pre_hook(lambda *_: self._clock.forward_started()),
-            model.register_forward_hook(lambda *_: self._clock.forward_ended(), always_call=True),
-        ]
+        # Every piece installed, undone in reverse by disable(), or at once if enable() fails.
+        self._undo = ExitStack()
         try:
             self._install(layers)
-            if config.dashboard:
-                self._dashboard = DashboardThread(self, self._optimizer).start()
         except BaseException as exc:
             # The frames of a half-built piece hold views of host blocks that would keep them
             # from going back; drop their locals (the traceback's lines stay) and the pieces.
@@ -113,11 +116,23 @@ class OffloadSession:
             raise
 
     def _install(self, layers: nn.ModuleList | None) -> None:
-        config = self.config
+        config, undo = self.config, self._undo
+        _claim(self.model, "model", undo)
+        if self.optimizer is not None:
+            _claim(self.optimizer, "optimizer", undo)
+        for hook in (
+            self.model.register_forward_pre_hook(lambda *_: self._clock.forward_started()),
+            self.model.register_forward_hook(
+                lambda *_: self._clock.forward_ended(), always_call=True
+            ),
+        ):
+            undo.callback(hook.remove)
         if config.loss_chunk_tokens is not None:
             self._chunked_loss = ChunkedLossPatch(self.model, config.loss_chunk_tokens)
+            undo.callback(self._chunked_loss.remove)
         if config.activations == "checkpoint" and layers is not None:
             self._checkpointing = LayerCheckpointing(layers)
+            undo.callback(self._checkpointing.remove)
         if config.activations != "off":
             self._activations = ActivationOffloader(
                 self.model,
@@ -127,7 +142,10 @@ class OffloadSession:
                 prefetch_layers=config.prefetch_layers,
                 layers=layers,
             )
+            undo.callback(self._activations.remove)
         if config.optimizer_offload and self.optimizer is not None:
+            refuse_unsteppable(self.optimizer)
+            refuse_sparse_gradients(self.model, self.optimizer)
             self._optimizer = OptimizerOffload(
                 self.optimizer,
                 self.memory,
@@ -138,16 +156,21 @@ class OffloadSession:
                 overlap_step=config.overlap_step,
                 threads=config.optimizer_threads,
             )
+            undo.callback(self._optimizer.close)
             self._patch = OptimizerPatch(
                 self.optimizer,
                 self._optimizer,
                 self._record_step,
                 on_step_start=self._clock.step_started,
             )
+            undo.callback(self._patch.remove)
             self._clip = ClipPatch(self._optimizer)
-            self._hooks.append(
-                self.model.register_forward_pre_hook(lambda *_: self._optimizer.before_forward())
-            )
+            undo.callback(self._clip.remove)
+            hook = self.model.register_forward_pre_hook(lambda *_: self._optimizer.before_forward())
+            undo.callback(hook.remove)
+        if config.dashboard:
+            self._dashboard = DashboardThread(self, self._optimizer).start()
+            undo.callback(self._dashboard.stop)
         if self.streams.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.streams.device)
 
@@ -269,24 +292,8 @@ class OffloadSession:
         if not self._enabled:
             return
         self._enabled = False
-        if self._dashboard is not None:
-            self._dashboard.stop()
         try:
-            for hook in self._hooks:
-                hook.remove()
-            if self._chunked_loss is not None:
-                self._chunked_loss.remove()
-            if self._clip is not None:
-                self._clip.remove()
-            if self._patch is not None:
-                self._patch.remove()
-                self._optimizer.restore_to_user_optimizer(self._patch.original_load_state_dict)
-            if self._optimizer is not None:
-                self._optimizer.close()
-            if self._activations is not None:
-                self._activations.remove()
-            if self._checkpointing is not None:
-                self._checkpointing.remove()
+            self._undo.close()
         finally:
             self.memory.close()
 
@@ -306,6 +313,23 @@ class OffloadSession:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+# The models and optimizers under a live session: a second enable() on one would stack a second
+# set of hooks and patches on the first (and fail at the first backward).
+_IN_SESSION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _claim(obj: nn.Module | torch.optim.Optimizer, what: str, undo: ExitStack) -> None:
+    """Mark ``obj`` as under this session until ``undo`` runs; refuse one already under another."""
+    if obj in _IN_SESSION:
+        raise OffloadError(
+            f"this {what} is already under offload.enable(); a second session on it would "
+            "stack its hooks and patches on the first. Keep using the session enable() "
+            "returned, or call its disable() before enabling again"
+        )
+    _IN_SESSION[obj] = True
+    undo.callback(_IN_SESSION.pop, obj, None)
 
 
 def _gb_per_s(nbytes: int, ms: float) -> float:

@@ -4,6 +4,7 @@ the policy's plan, pooled by its HostPool), viewable at byte offsets. It must no
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,7 +160,13 @@ class HostMemory:
     def release(self, block: HostBlock) -> None:
         """Give ``block`` back; views taken from it must be gone."""
         block._bytes = None
-        self.allocator.release(block.allocation)
+        try:
+            self.allocator.release(block.allocation)
+        except BufferError:
+            # The last views may sit in a reference cycle only the collector frees (a caught
+            # exception's frames): collect once before refusing.
+            gc.collect()
+            self.allocator.release(block.allocation)
 
     def tier_nbytes(self) -> dict[str, int]:
         """Bytes in use per host tier (pool caches not included)."""

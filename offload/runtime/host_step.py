@@ -76,12 +76,15 @@ class HostStep:
     >>> host.step([master]).result(); master
     tensor([0.5000, 0.5000])
     >>> host.close()
+
+    A None master is a frozen parameter (``requires_grad=False``): as in torch, it is never
+    stepped and gets no state; state dicts still number parameters as the user's optimizer does.
     """
 
     def __init__(
         self,
         user_optimizer: torch.optim.Optimizer,
-        master_groups: list[list[torch.Tensor]],
+        master_groups: list[list[torch.Tensor | None]],
         *,
         state_allocator: StateAllocator | None = None,
         threads: int | None = None,
@@ -90,8 +93,12 @@ class HostStep:
         groups = []
         for user_group, masters in zip(user_optimizer.param_groups, master_groups, strict=True):
             group = {k: host_setting(k, v) for k, v in user_group.items() if k != "params"}
-            group["params"] = list(masters)
+            group["params"] = [m for m in masters if m is not None]
             groups.append(group)
+        # Per group, which positions the inner optimizer holds (False: a frozen parameter).
+        self._stepped = [[m is not None for m in masters] for masters in master_groups]
+        # State a loaded dict had for frozen parameters, by the user's index: given back as is.
+        self._frozen_state: dict[int, dict] = {}
         native = native_class(user_optimizer)
         self.is_native = native is not None
         if native is not None:
@@ -99,7 +106,7 @@ class HostStep:
             self.inner = native(groups, **hyper, state_allocator=state_allocator, threads=threads)
         else:
             self.inner = self._rebuild_user_class(user_optimizer, groups)
-        self._masters = [m for masters in master_groups for m in masters]
+        self._masters = [m for group in groups for m in group["params"]]
         # master -> (gradient buffer, half-precision output or None), for the rebuilt class.
         self._bound: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._lock = threading.Lock()
@@ -181,28 +188,72 @@ class HostStep:
         return self._coordinator.submit(work)
 
     def state_dict(self) -> dict:
-        """The inner optimizer's state dict (indices as in the user's optimizer), tensors cloned
-        so that nothing handed out points into host blocks that may be freed."""
+        """The inner optimizer's state dict, numbered as the user's optimizer numbers its
+        parameters, tensors cloned so that nothing handed out points into host blocks that may
+        be freed."""
         with self._lock:
             state = self.inner.state_dict()
+        user_index = [index for index, stepped in enumerate(self._flat_stepped()) if stepped]
+        params = self._user_index_groups()
         # The user's own settings (capturable, tensor lr) go back, not the host copy's.
-        for saved, user_group in zip(
-            state["param_groups"], self.user_optimizer.param_groups, strict=True
+        for saved, user_group, indices in zip(
+            state["param_groups"], self.user_optimizer.param_groups, params, strict=True
         ):
             saved.update({k: v for k, v in user_group.items() if k != "params"})
+            saved["params"] = indices
+        merged = {user_index[index]: s for index, s in state["state"].items()}
+        merged.update(self._frozen_state)
         state["state"] = {
             index: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-            for index, s in state["state"].items()
+            for index, s in sorted(merged.items())
         }
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state dict made by :meth:`state_dict` or by the user's optimizer."""
+        saved_groups = state["param_groups"]
+        if len(saved_groups) != len(self._stepped) or any(
+            len(g["params"]) != len(stepped)
+            for g, stepped in zip(saved_groups, self._stepped, strict=False)
+        ):
+            raise ValueError(
+                "loaded state dict's parameter groups do not match the optimizer's groups: "
+                f"{[len(g['params']) for g in saved_groups]} parameters saved, "
+                f"{[len(s) for s in self._stepped]} here; load a state dict saved for these params"
+            )
+        saved_state = state["state"]
+        frozen, groups = {}, []
+        for saved, stepped, indices in zip(
+            saved_groups, self._stepped, self._user_index_groups(), strict=True
+        ):
+            kept = []
+            for saved_index, is_stepped, user_index in zip(
+                saved["params"], stepped, indices, strict=True
+            ):
+                if is_stepped:
+                    kept.append(saved_index)
+                elif saved_index in saved_state:
+                    frozen[user_index] = saved_state[saved_index]
+            groups.append({**saved, "params": kept})
         with self._lock:
-            self.inner.load_state_dict(state)
+            self.inner.load_state_dict({**state, "param_groups": groups})
+        self._frozen_state = frozen
+
+    def _flat_stepped(self) -> list[bool]:
+        return [stepped for group in self._stepped for stepped in group]
+
+    def _user_index_groups(self) -> list[list[int]]:
+        """Each group's parameter indices as the user's optimizer's state_dict() numbers them."""
+        groups, start = [], 0
+        for stepped in self._stepped:
+            groups.append(list(range(start, start + len(stepped))))
+            start += len(stepped)
+        return groups
 
     def has_state(self) -> bool:
         """True once any parameter has been stepped (or state was loaded)."""
+        if self._frozen_state:
+            return True
         for state in self.inner.state.values():
             step = state.get("step")
             if (step is None and state) or (step is not None and float(step) > 0):

@@ -16,11 +16,14 @@ offload.runtime.optimizer_patch.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
+import traceback
 import warnings
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +62,55 @@ def clip_by_global_norm(
     for grad in grads:
         grad.mul_(coef.to(grad.device))
     return total
+
+
+def refuse_unsteppable(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before anything is touched, an optimizer a bucketed host step cannot run: one
+    whose ``step()`` needs a closure (L-BFGS), or one for sparse gradients (SparseAdam).
+
+    >>> refuse_unsteppable(torch.optim.LBFGS([nn.Parameter(torch.ones(1))]))
+    Traceback (most recent call last):
+    ...
+    allocators.errors.OffloadError: LBFGS.step() needs a closure that re-evaluates the loss ...
+    """
+    name = type(optimizer).__name__
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise OffloadError(
+            f"{name}.step() needs a closure that re-evaluates the loss (L-BFGS calls it "
+            "several times per step); optimizer offload steps each gradient once, as "
+            "backward hands it over, so it cannot run it. Use a first-order optimizer "
+            "such as torch.optim.AdamW, or pass optimizer_offload=False to offload.enable() "
+            "(activations are still offloaded)"
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise OffloadError(
+            "SparseAdam steps sparse gradients, and optimizer offload moves and steps dense "
+            "ones; build the embedding with sparse=False and use torch.optim.AdamW, or "
+            "pass optimizer_offload=False to offload.enable()"
+        )
+
+
+def refuse_sparse_gradients(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a model whose layers make sparse gradients for ``optimizer``'s parameters
+    (``nn.Embedding(sparse=True)``): host buckets hold and step dense gradients only.
+
+    >>> emb = nn.Embedding(10, 4, sparse=True)
+    >>> refuse_sparse_gradients(emb, torch.optim.SGD(emb.parameters(), lr=0.1))
+    Traceback (most recent call last):
+    ...
+    allocators.errors.OffloadError: module '' (Embedding) has sparse=True: ...
+    """
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(module, "sparse", False) is True and id(weight) in optimized:
+            raise OffloadError(
+                f"module {name!r} ({type(module).__name__}) has sparse=True: its gradient is "
+                "sparse, and optimizer offload moves and steps dense gradients only. Build it "
+                "with sparse=False (AdamW then updates it like any weight), or pass "
+                "optimizer_offload=False to offload.enable() (activations are still offloaded)"
+            )
 
 
 @dataclass(eq=False)
@@ -150,33 +202,72 @@ class OptimizerOffload:
         # Params the user's loop clipped this window (torch.nn.utils.clip_grad_norm_, routed).
         self._clipped_ids: set[int] = set()
         self._state_blocks: list[HostBlock] = []
+        refuse_unsteppable(optimizer)
         self._check_params()
-        self.buckets = self._make_buckets(bucket_nbytes)
+        # Frozen parameters (requires_grad=False, as LoRA leaves a base model) are skipped, as
+        # torch skips a parameter without a gradient: no host copy, no hook, no state.
+        self.frozen = [
+            p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad
+        ]
+        self.buckets: list[GradBucket] = []
+        self.host: HostStep | None = None
+        # What __init__ did, undone in reverse by close(), or at once if __init__ fails: the
+        # user's model and optimizer are then as they were and no host block stays taken.
+        self._undo = ExitStack()
+        try:
+            self._install(optimizer, bucket_nbytes, threads)
+        except BaseException as exc:
+            # The failed frames hold views of the host blocks; the blocks cannot go back
+            # while they do.
+            traceback.clear_frames(exc.__traceback__)
+            self._undo.close()
+            raise
+
+    def _install(self, optimizer: torch.optim.Optimizer, bucket_nbytes: int, threads) -> None:
+        self._undo.callback(self._release_state_blocks)
+        self._make_buckets(bucket_nbytes)
         self._slot_of = {id(s.param): s for b in self.buckets for s in b.slots}
         self._bucket_of = {id(s.param): b for b in self.buckets for s in b.slots}
         master_groups = [
-            [self._slot_of[id(p)].master for p in group["params"]]
+            [self._slot_of[id(p)].master if p.requires_grad else None for p in group["params"]]
             for group in optimizer.param_groups
         ]
         self.host = HostStep(
             optimizer, master_groups, state_allocator=self._allocate_state, threads=threads
         )
+        self._undo.callback(self._close_host)
         for slot in self._slot_of.values():
             self.host.bind(slot.master, slot.grad, slot.half)
         if optimizer.state:
-            # Training already ran on the device: carry its state over, then free it there.
+            # Training already ran on the device: carry its state over (freed there last).
             self.host.load_state_dict(optimizer.state_dict())
-            optimizer.state.clear()
-        self._hooks = [
-            slot.param.register_post_accumulate_grad_hook(self._on_grad)
-            for bucket in self.buckets
-            for slot in bucket.slots
-        ]
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                hook = slot.param.register_post_accumulate_grad_hook(self._on_grad)
+                self._undo.callback(hook.remove)
+        # The user's optimizer gets its state back through its own load_state_dict.
+        self._undo.callback(self._give_state_back, optimizer.load_state_dict)
+        optimizer.state.clear()
 
     def _allocate_state(self, nbytes: int, tensor_class: str):
         block = self.memory.allocate(tensor_class, nbytes)
         self._state_blocks.append(block)
         return block.tensor(torch.uint8, (nbytes,))
+
+    def _release_state_blocks(self) -> None:
+        blocks, self._state_blocks = self._state_blocks, []
+        for block in blocks:
+            self.memory.release(block)
+
+    def _close_host(self) -> None:
+        # The inner optimizer keeps views of the masters and of its state; drop it first.
+        host, self.host = self.host, None
+        host.close()
+
+    def _give_state_back(self, load_state_dict) -> None:
+        self.zero_grad_pending_check()
+        if self.host.has_state():
+            load_state_dict(self.host.state_dict())
 
     def _check_params(self) -> None:
         seen = set()
@@ -185,12 +276,14 @@ class OptimizerOffload:
                 if id(p) in seen:
                     raise OffloadError("a parameter appears twice in the optimizer's groups")
                 seen.add(id(p))
-                if not p.is_floating_point():
+                if p.requires_grad and not p.is_floating_point():
                     raise OffloadError(f"parameter of dtype {p.dtype} cannot be offloaded")
 
-    def _make_buckets(self, bucket_nbytes: int) -> list[GradBucket]:
+    def _make_buckets(self, bucket_nbytes: int) -> None:
         # Reverse registration order approximates the order backward produces gradients in.
-        entries = [p for group in self.optimizer.param_groups for p in group["params"]][::-1]
+        entries = [
+            p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad
+        ][::-1]
         groups: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in entries:
@@ -200,7 +293,9 @@ class OptimizerOffload:
                 size = 0
             groups[-1].append(p)
             size += nbytes
-        return [self._make_bucket(i, members) for i, members in enumerate(groups) if members]
+        for members in groups:
+            if members:
+                self.buckets.append(self._make_bucket(len(self.buckets), members))
 
     def _make_bucket(self, index: int, members: list[nn.Parameter]) -> GradBucket:
         master_nbytes = sum(p.numel() * 4 for p in members)
@@ -211,15 +306,15 @@ class OptimizerOffload:
             grad_nbytes = -(-grad_nbytes // p.element_size()) * p.element_size()
             grad_offsets.append(grad_nbytes)
             grad_nbytes += p.numel() * p.element_size()
-        masters = self.memory.allocate("master_params", master_nbytes)
-        grads = self.memory.allocate("grads", grad_nbytes)
-        blocks = [masters, grads]
+        bucket = GradBucket(index=index, slots=[], blocks=[])
+        self._undo.callback(self._release_bucket, bucket)
+        masters = self._allocate(bucket, "master_params", master_nbytes)
+        grads = self._allocate(bucket, "grads", grad_nbytes)
         staging = None
         if self.grad_accumulation_steps > 1:
             # Later micro-steps land here before being summed into the host gradient.
-            staging = self.memory.allocate("master_grads", grad_nbytes)
-            blocks.append(staging)
-        slots, master_at = [], 0
+            staging = self._allocate(bucket, "master_grads", grad_nbytes)
+        slots, master_at = bucket.slots, 0
         for p, grad_at in zip(members, grad_offsets, strict=True):
             master = masters.tensor(torch.float32, tuple(p.shape), master_at)
             with torch.no_grad():
@@ -242,12 +337,32 @@ class OptimizerOffload:
                 )
             )
             master_at += p.numel() * 4
-        return GradBucket(index=index, slots=slots, blocks=blocks)
+        return bucket
+
+    def _allocate(self, bucket: GradBucket, tensor_class: str, nbytes: int) -> HostBlock:
+        block = self.memory.allocate(tensor_class, nbytes)
+        bucket.blocks.append(block)
+        return block
+
+    def _release_bucket(self, bucket: GradBucket) -> None:
+        # A traceback may still hold a slot (an error raised in a gradient hook): cut its views
+        # so the blocks can go back to the pool.
+        for slot in bucket.slots:
+            slot.master = slot.grad = slot.staging = slot.half = None
+        bucket.slots = []
+        blocks, bucket.blocks = bucket.blocks, []
+        for block in blocks:
+            self.memory.release(block)
 
     @property
     def slots(self) -> list[ParamSlot]:
         """Every managed parameter, in the user's optimizer order."""
-        return [self._slot_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        return [slot for _, slot in self._indexed_slots()]
+
+    def _indexed_slots(self) -> list[tuple[int, ParamSlot]]:
+        """Managed parameters with their index in the user's optimizer's state_dict()."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [(i, self._slot_of[id(p)]) for i, p in enumerate(params) if id(p) in self._slot_of]
 
     def _on_grad(self, param: nn.Parameter) -> None:
         slot = self._slot_of[id(param)]
@@ -261,6 +376,12 @@ class OptimizerOffload:
             )
         self._wait_for(bucket)
         grad = param.grad
+        if grad.layout != torch.strided:
+            raise OffloadError(
+                f"a parameter of shape {list(param.shape)} got a {grad.layout} gradient; "
+                "optimizer offload steps dense gradients only: make the layer produce dense "
+                "gradients (nn.Embedding(sparse=False)), or pass optimizer_offload=False"
+            )
         tiers = bucket.blocks[1].tier_shares
         if slot.arrivals > 0 and slot.staging is None:
             raise OffloadError(
@@ -380,6 +501,14 @@ class OptimizerOffload:
 
     def step(self) -> None:
         """Finish the step: wait for buckets in flight, clip, step the rest, copy params back."""
+        for p in self.frozen:
+            if p.grad is not None:
+                raise OffloadError(
+                    f"a parameter of shape {list(p.shape)} was frozen (requires_grad=False) "
+                    "when offload.enable() ran and has a gradient now: its gradient stayed on "
+                    "the device and would not be stepped. Unfreeze parameters before "
+                    "offload.enable(), or disable the session and enable it again"
+                )
         start = time.perf_counter()
         self._land_all()
         received = [s for s in self.slots if s.arrivals > 0]
@@ -539,7 +668,7 @@ class OptimizerOffload:
         self.zero_grad_pending_check()
         # HostStep.state_dict already carries the user's own group settings.
         state = self.host.state_dict()
-        state["offload_master_params"] = {i: s.master.clone() for i, s in enumerate(self.slots)}
+        state["offload_master_params"] = {i: s.master.clone() for i, s in self._indexed_slots()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -551,9 +680,10 @@ class OptimizerOffload:
             user.update({k: v for k, v in saved.items() if k != "params"})
         self.host.sync_hyperparameters()
         with torch.no_grad():
-            for i, slot in enumerate(self.slots):
-                source = masters[i] if masters is not None else slot.param.detach()
-                slot.master.copy_(source)
+            for i, slot in self._indexed_slots():
+                # A param frozen when the state was saved has no master in it.
+                source = (masters or {}).get(i)
+                slot.master.copy_(slot.param.detach() if source is None else source)
                 # Not through slot.half: that is the gradient buffer, which may hold gradients
                 # that landed before this load.
                 half = slot.master.to(slot.param.dtype)
@@ -564,18 +694,9 @@ class OptimizerOffload:
         for bucket in self.buckets:
             self._wait_for(bucket)
 
-    def restore_to_user_optimizer(self, load_state_dict) -> None:
-        """Give the user's optimizer its state back (through its own ``load_state_dict``)."""
-        self.zero_grad_pending_check()
-        if self.host.has_state():
-            load_state_dict(self.host.state_dict())
-
     def close(self) -> None:
-        """Remove the gradient hooks, stop the worker, wait for the copies still in flight and
-        free the host blocks."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        """Give the user's optimizer its state back, remove the gradient hooks, stop the
+        worker, wait for the copies still in flight and free the host blocks."""
         # A freed block may be unpinned and unmapped at once, so no DMA may still use one: the
         # gradients of a bucket that never completed land, and the params' copies back finish.
         self._land_all()
@@ -583,20 +704,6 @@ class OptimizerOffload:
             event.synchronize()
         self._copy_backs = []
         self._warn_if_partly_stepped("disable()")
-        self.host.close()
-        # The inner optimizer keeps views of the masters and of its state; drop it first.
-        self.host = None
         self._slot_of.clear()
         self._bucket_of.clear()
-        for bucket in self.buckets:
-            # A traceback may still hold a slot (an error raised in a gradient hook): cut its
-            # views so the blocks can go back to the pool.
-            for slot in bucket.slots:
-                slot.master = slot.grad = slot.staging = slot.half = None
-            bucket.slots = []
-            for block in bucket.blocks:
-                self.memory.release(block)
-            bucket.blocks = []
-        for block in self._state_blocks:
-            self.memory.release(block)
-        self._state_blocks = []
+        self._undo.close()

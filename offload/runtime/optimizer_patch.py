@@ -42,7 +42,6 @@ class OptimizerPatch:
         self.optimizer = optimizer
         self.offload = offload
         self._saved = {name: vars(optimizer).get(name, _ABSENT) for name in PATCHED_METHODS}
-        self.original_load_state_dict = optimizer.load_state_dict
         on_step = on_step or (lambda: None)
         on_step_start = on_step_start or (lambda: None)
 
