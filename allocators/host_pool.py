@@ -173,6 +173,22 @@ class HostPool:
         for victim in victims:
             victim.free()
 
+    def abandon(self, buf: HostBuffer) -> None:
+        """Forget ``buf`` while views of it are alive (held by an exception's frames, say): it
+        is not cached, and its memory is unmapped when its last view goes.
+
+        >>> import torch
+        >>> pool = HostPool(pin=False)
+        >>> buf = pool.acquire(4096, 0); view = buf.tensor(torch.uint8, (4096,))
+        >>> pool.abandon(buf); pool.stats().held_nbytes, buf.freed
+        (0, False)
+        >>> del view, buf
+        """
+        with self._lock:
+            entry = self._in_use.pop(id(buf), None)
+        if entry is None or entry[1] is not buf:
+            raise ValueError(f"{buf!r} was not acquired from this pool (or was released twice)")
+
     def _take_cached_locked(self, ident: int) -> HostBuffer:
         """Remove the cached buffer ``ident`` from the cache and its shelf, and return it."""
         key, buf = self._cached.pop(ident)

@@ -58,6 +58,9 @@ class Backing(Protocol):
 
     def release(self, buffer: HostBufferLike) -> None: ...
 
+    def abandon(self, buffer: HostBufferLike) -> None:
+        """Forget ``buffer`` while views of it live; it is freed with its last view."""
+
 
 @dataclass(eq=False)
 class Allocation:
@@ -395,11 +398,21 @@ class TieredAllocator:
             records.append(record)
         return pd.DataFrame.from_records(records)
 
-    def close(self) -> None:
+    def close(self, *, abandon_busy: bool = False) -> None:
         """Release every live allocation (and empty our own pool); later allocations are refused.
 
         Allocations whose tensor views are still alive stay live; one BufferError lists them
         after the rest are released, and calling close() again once they are gone finishes.
+        With ``abandon_busy`` (an exception on its way out holds views in its frames) they are
+        uncharged and handed to the backing's ``abandon`` instead: the memory goes back when
+        their last view does, and close() raises nothing.
+
+        >>> import torch
+        >>> from allocators.sysfs_topology import discover
+        >>> allocator = TieredAllocator(discover(), budgets={"dram": "1MiB"}, pin=False)
+        >>> view = allocator.allocate("activations", 4096).tensor(torch.uint8, (4096,))
+        >>> allocator.close(abandon_busy=True); allocator.live_allocations
+        ()
         """
         with self._lock:
             self._closed = True
@@ -410,6 +423,14 @@ class TieredAllocator:
                 self.release(allocation)
             except BufferError:
                 busy.append(allocation)
+        if busy and abandon_busy:
+            for allocation in busy:
+                with self._lock:
+                    self._live.discard(allocation)
+                    allocation.released = True
+                self.backing.abandon(allocation.buffer)
+                self._uncharge(allocation.tensor_class, allocation.nbytes_per_node)
+            busy = []
         if self._own_pool is not None:
             self._own_pool.clear()
         if busy:

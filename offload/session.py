@@ -5,6 +5,7 @@ optimizer step, and undoes everything on disable(). It must not decide what to o
 from __future__ import annotations
 
 import gc
+import sys
 import traceback
 import warnings
 import weakref
@@ -288,31 +289,38 @@ class OffloadSession:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def disable(self) -> None:
-        """Remove every hook and patch, give the optimizer its state back, free host memory."""
+        """Remove every hook and patch, give the optimizer its state back, free host memory.
+
+        Called while an exception is on its way out (in a ``finally`` or ``except`` block, or
+        on leaving a ``with`` block), it never replaces that exception: a failure to clean up
+        becomes a RuntimeWarning, and host blocks the exception's frames still view are freed
+        when it is dropped.
+        """
         if not self._enabled:
             return
         self._enabled = False
+        in_flight = sys.exc_info()[1]
         try:
-            self._undo.close()
-        finally:
-            self.memory.close()
+            try:
+                self._undo.close()
+            finally:
+                self.memory.close(abandon_busy=in_flight is not None)
+        except Exception as cleanup:
+            if in_flight is None:
+                raise
+            if isinstance(cleanup, BufferError):
+                return  # blocks the exception's frames view: abandoned, freed when it goes
+            warnings.warn(
+                f"offload session cleanup after {type(in_flight).__name__} failed: {cleanup}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __enter__(self) -> OffloadSession:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        if exc_type is None:
-            self.disable()
-            return
-        # An error (or KeyboardInterrupt) is already on its way out: cleaning up must not hide it.
-        try:
-            self.disable()
-        except Exception as cleanup:
-            warnings.warn(
-                f"offload session cleanup after {exc_type.__name__} failed: {cleanup}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    def __exit__(self, *exc_info: object) -> None:
+        self.disable()
 
 
 # The models and optimizers under a live session: a second enable() on one would stack a second

@@ -13,6 +13,7 @@ from test_faults import (
     assert_released,
     assert_untouched,
     batches,
+    saved,
     tiny_mlp,
     train,
 )
@@ -148,3 +149,48 @@ def test_sparse_embedding_gradients_are_refused_with_what_to_do(topology, made_m
     with offload.enable(model, opt, optimizer_offload=False, topology=topology, budgets=BUDGETS):
         model(torch.arange(4).unsqueeze(0)).sum().backward()
         opt.step()
+
+
+def loss_of(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return (model(x).float() - y).square().mean()
+
+
+def test_disable_between_backward_and_step_hands_the_gradients_back(topology):
+    batch = batches(1)[0]
+    reference = tiny_mlp()
+    loss_of(reference, batch).backward()
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with offload.enable(model, opt, topology=topology, budgets=BUDGETS, bucket_nbytes="256B"):
+        loss_of(model, batch).backward()
+    for param, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param.grad, expected.grad)
+
+
+def bf16_mlp() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = tiny_mlp().to(torch.bfloat16)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def test_a_bf16_checkpoint_loaded_before_enable_is_refused_and_loads_after_it(topology):
+    data = [(x.bfloat16(), y) for x, y in batches(6)]
+    model, opt = bf16_mlp()
+    with offload.enable(model, opt, topology=topology, budgets=BUDGETS):
+        train(model, opt, data[:3])
+        checkpoint = saved({"model": model.state_dict(), "optimizer": opt.state_dict()})
+        straight = train(model, opt, data[3:])
+
+    model, opt = bf16_mlp()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    with pytest.raises(OffloadError, match="dropped its fp32 master params.*after it"):
+        offload.enable(model, opt, topology=topology, budgets=BUDGETS)
+    assert_untouched(model, opt)
+
+    model, opt = bf16_mlp()
+    model.load_state_dict(checkpoint["model"])
+    with offload.enable(model, opt, topology=topology, budgets=BUDGETS):
+        opt.load_state_dict(checkpoint["optimizer"])
+        resumed = train(model, opt, data[3:])
+    assert resumed == straight

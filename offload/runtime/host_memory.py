@@ -176,6 +176,7 @@ class HostMemory:
         """The pool's bytes held, in use and cached, hits and misses."""
         return self.allocator.backing.stats()
 
-    def close(self) -> None:
-        """Release every live block and empty the pool."""
-        self.allocator.close()
+    def close(self, *, abandon_busy: bool = False) -> None:
+        """Release every live block and empty the pool; with ``abandon_busy``, blocks still
+        viewed (by an exception's frames) are freed with their last view instead of refused."""
+        self.allocator.close(abandon_busy=abandon_busy)

@@ -91,6 +91,36 @@ def refuse_unsteppable(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
+# A key of the param groups of a state dict saved under offload with half-precision params.
+MASTERS_KEY = "offload_fp32_masters"
+
+
+def refuse_dropped_masters(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose state was loaded, before ``offload.enable()``, from a state
+    dict saved under offload for half-precision params: torch's ``load_state_dict`` dropped the
+    fp32 masters and rounded the state to the params' dtype.
+
+    >>> p = nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    >>> opt = torch.optim.AdamW([p]); opt.param_groups[0][MASTERS_KEY] = True
+    >>> refuse_dropped_masters(opt)
+    Traceback (most recent call last):
+    ...
+    allocators.errors.OffloadError: optimizer.load_state_dict() ran before offload.enable() ...
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    half = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if half and any(group.get(MASTERS_KEY) for group in optimizer.param_groups):
+        raise OffloadError(
+            "optimizer.load_state_dict() ran before offload.enable() on a state dict saved "
+            "under offload: torch's load_state_dict dropped its fp32 master params "
+            f"('offload_master_params') and rounded its state to {', '.join(half)}, so the run "
+            "would diverge from the one that saved it. Call offload.enable() first and "
+            "optimizer.load_state_dict(checkpoint) after it; to go on from the "
+            f"{', '.join(half)} weights anyway, delete the key {MASTERS_KEY!r} from each of "
+            "optimizer.param_groups"
+        )
+
+
 def refuse_sparse_gradients(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Refuse a model whose layers make sparse gradients for ``optimizer``'s parameters
     (``nn.Embedding(sparse=True)``): host buckets hold and step dense gradients only.
@@ -204,6 +234,7 @@ class OptimizerOffload:
         self._state_blocks: list[HostBlock] = []
         refuse_unsteppable(optimizer)
         self._check_params()
+        refuse_dropped_masters(optimizer)
         # Frozen parameters (requires_grad=False, as LoRA leaves a base model) are skipped, as
         # torch skips a parameter without a gradient: no host copy, no hook, no state.
         self.frozen = [
@@ -669,12 +700,20 @@ class OptimizerOffload:
         # HostStep.state_dict already carries the user's own group settings.
         state = self.host.state_dict()
         state["offload_master_params"] = {i: s.master.clone() for i, s in self._indexed_slots()}
+        if any(slot.param.dtype != torch.float32 for slot in self.slots):
+            # torch's own load_state_dict drops the masters but keeps group keys: this tells a
+            # later enable() that a load before it lost them.
+            for group in state["param_groups"]:
+                group[MASTERS_KEY] = True
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state dict from :meth:`state_dict` (or from the plain user optimizer)."""
         state = dict(state)
         masters = state.pop("offload_master_params", None)
+        state["param_groups"] = [
+            {k: v for k, v in group.items() if k != MASTERS_KEY} for group in state["param_groups"]
+        ]
         self.host.load_state_dict(state)
         for user, saved in zip(self.optimizer.param_groups, state["param_groups"], strict=True):
             user.update({k: v for k, v in saved.items() if k != "params"})
@@ -694,8 +733,17 @@ class OptimizerOffload:
         for bucket in self.buckets:
             self._wait_for(bucket)
 
+    def _hand_back_grads(self) -> None:
+        """Gradients gathered since the last step and not stepped go back to ``param.grad``,
+        where plain torch would have them (disable() between backward() and the step)."""
+        with torch.no_grad():
+            for bucket in self.buckets:
+                for slot in bucket.slots:
+                    if slot.arrivals > 0 and not bucket.stepped:
+                        slot.param.grad = slot.grad.to(slot.param.device, copy=True)
+
     def close(self) -> None:
-        """Give the user's optimizer its state back, remove the gradient hooks, stop the
+        """Give the user's optimizer its state back, and its gradients not stepped yet, remove the gradient hooks, stop the
         worker, wait for the copies still in flight and free the host blocks."""
         # A freed block may be unpinned and unmapped at once, so no DMA may still use one: the
         # gradients of a bucket that never completed land, and the params' copies back finish.
@@ -704,6 +752,7 @@ class OptimizerOffload:
             event.synchronize()
         self._copy_backs = []
         self._warn_if_partly_stepped("disable()")
+        self._hand_back_grads()
         self._slot_of.clear()
         self._bucket_of.clear()
         self._undo.close()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from offload.runtime.deferred_interrupt import DeferredInterrupt
 from offload.runtime.optimizer_offload import OptimizerOffload
 
 PATCHED_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
@@ -52,9 +53,11 @@ class OptimizerPatch:
                     loss = closure()
             # What an LR scheduler's own wrapper would record: step() ran before scheduler.step().
             optimizer._opt_called = True
-            on_step_start()
-            offload.step()
-            on_step()
+            # A step is all-or-nothing (with overlap_step=False): a Ctrl-C waits for its end.
+            with DeferredInterrupt():
+                on_step_start()
+                offload.step()
+                on_step()
             return loss
 
         # A scheduler built after enable() sees this and does not wrap step again.
