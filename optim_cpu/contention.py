@@ -27,22 +27,32 @@ from dataclasses import dataclass
 class DmaSignal:
     """Counts host<->GPU transfers in flight; the optimizer's workers read it between chunks.
 
+    Synchronous copies (and emulated DMA) call :meth:`begin`/:meth:`end`. Asynchronous GPU copies
+    tell no one when they finish, so their issuer registers a probe with :meth:`watch` instead,
+    asked each time the signal is read.
+
     >>> dma = DmaSignal()
     >>> with dma.dma_active():
     ...     dma.active
     True
     >>> dma.active
     False
+    >>> copying = [True]
+    >>> dma.watch(lambda: copying[0])
+    >>> dma.active, copying.clear() or dma.active
+    (True, False)
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._listeners: list[Callable[[], None]] = []
+        self._probes: list[Callable[[], bool]] = []
 
     @property
     def active(self) -> bool:
-        return self._in_flight > 0
+        """Whether a transfer is in flight: a begin without its end, or a probe saying so."""
+        return self._in_flight > 0 or any(probe() for probe in tuple(self._probes))
 
     @property
     def in_flight(self) -> int:
@@ -70,6 +80,13 @@ class DmaSignal:
             yield
         finally:
             self.end()
+
+    def watch(self, probe: Callable[[], bool]) -> None:
+        """Also count DMA as active while ``probe()`` returns True (read on every :attr:`active`;
+        it must be cheap and must not call back into this signal). Nothing is notified when a
+        probe turns False, so waiting readers poll."""
+        with self._lock:
+            self._probes.append(probe)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` (from the signalling thread) after every begin and end."""

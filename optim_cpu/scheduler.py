@@ -75,7 +75,30 @@ class StepScheduler:
         self._queue: deque[tuple[_Job, Chunk]] = deque()
         self._workers: list[threading.Thread] = []
         self._closed = False
+        # Worker-seconds the policy held workers back (capped while work waited, or paused).
+        self._paced_s = 0.0
         self.dma.subscribe(self._wake)
+
+    @property
+    def paced_ms(self) -> float:
+        """Worker-milliseconds, summed over workers since construction, that the policy held
+        back: a capped worker waiting while chunks were queued, or a worker's pause after a chunk.
+
+        >>> StepScheduler(threads=1).paced_ms
+        0.0
+        """
+        with self._cond:
+            return self._paced_s * 1e3
+
+    @property
+    def dma_threads(self) -> int:
+        """How many workers may take chunks while DMA is in flight (all unless capped).
+
+        >>> StepScheduler(threads=4, policy=ContentionPolicy(threads_during_dma=1)).dma_threads
+        1
+        """
+        cap = self.policy.threads_during_dma
+        return self.threads if cap is None else min(cap, self.threads)
 
     def submit(self, chunks: Sequence[Chunk]) -> Future:
         """Queue ``chunks``; the Future resolves (to None) when all ran, or to the first error.
@@ -129,15 +152,29 @@ class StepScheduler:
             self._cond.notify_all()
 
     def _next(self, index: int) -> tuple[_Job, Chunk] | None:
+        held_since = None
         with self._cond:
             while True:
-                if self._queue and self.policy.allows(index, self.dma.active):
-                    return self._queue.popleft()
+                if self._queue:
+                    if self.policy.allows(index, self.dma.active):
+                        self._count_held(held_since)
+                        return self._queue.popleft()
+                    if held_since is None:
+                        held_since = time.perf_counter()
+                elif held_since is not None:
+                    # Another worker took the work this one was held back from.
+                    self._count_held(held_since)
+                    held_since = None
                 if self._closed and not self._queue:
                     return None
                 # A timeout, because a capped worker must notice DMA ending even if a listener
-                # was registered after the signal flipped.
-                self._cond.wait(timeout=0.05)
+                # was registered after the signal flipped, and an asynchronous copy's end is
+                # only seen by asking (DmaSignal.watch): a held worker asks every millisecond.
+                self._cond.wait(timeout=0.05 if held_since is None else 0.001)
+
+    def _count_held(self, since: float | None) -> None:
+        if since is not None:
+            self._paced_s += time.perf_counter() - since
 
     def _run(self, index: int) -> None:
         # Per-thread affinity: on Linux a thread's native id is a valid pid for this call.
@@ -154,6 +191,8 @@ class StepScheduler:
             pause_s = self.policy.pause_s(time.perf_counter() - start_s, self.dma.active)
             if pause_s > 0:
                 time.sleep(pause_s)
+                with self._cond:
+                    self._paced_s += pause_s
 
     def _finish(self, job: _Job) -> None:
         with self._cond:

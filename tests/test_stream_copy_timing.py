@@ -21,6 +21,9 @@ class FakeEvent:
         self.log.append(("record", id(self), threading.get_ident()))
         time.sleep(0.0002)  # widen the window another thread could slip into
 
+    def query(self):
+        return True
+
 
 class FakeStream:
     def __init__(self, *_):

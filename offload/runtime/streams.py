@@ -2,15 +2,19 @@
 
 On CUDA: one D2H and one H2D side stream, events instead of blocking syncs. On CPU the same calls
 copy synchronously and return events that are already complete; nothing here decides what to copy.
+Either way :attr:`CopyStreams.dma` says when a copy is moving data, for the CPU optimizer's pacing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
+from optim_cpu.contention import DmaSignal
 
 # Copies whose timing events may wait to be read. A long decode issues thousands of copies per
 # token and may never collect(), so past this many the finished ones are folded into the totals.
@@ -117,10 +121,16 @@ class CopyEvent:
 class CopyStreams:
     """Issue D2H and H2D copies on side streams (CUDA) or synchronously (CPU) and count them.
 
+    ``dma`` is raised while a copy moves data: around a synchronous copy, and on CUDA while the
+    oldest unfinished copy of a stream has started (its start event done, its end event not),
+    read from the timing events each copy records anyway. The host step's scheduler reads it.
+
     >>> streams = CopyStreams(torch.device("cpu"))
     >>> host = torch.empty(4)
     >>> streams.d2h(torch.ones(4), host).query(), streams.counters.d2h_nbytes
     (True, 16)
+    >>> streams.dma.active
+    False
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -133,6 +143,14 @@ class CopyStreams:
         self._issue_lock = threading.Lock()
         self._d2h_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self._h2d_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.dma = DmaSignal()
+        # Per direction, the (start, end) events of copies not known to have finished, oldest
+        # first: a stream runs its copies in order, so only the oldest can be moving data. Its
+        # own lock, never held while calling out: the scheduler reads it under its own lock.
+        self._unfinished: dict[str, deque] = {"d2h": deque(), "h2d": deque()}
+        self._unfinished_lock = threading.Lock()
+        if self.is_cuda:
+            self.dma.watch(self._copying)
 
     def d2h(
         self, src: torch.Tensor, dst: torch.Tensor, tiers: dict[str, float] | None = None
@@ -198,9 +216,20 @@ class CopyStreams:
         done.fold_timings(wait=True)
         return done
 
+    def _copying(self) -> bool:
+        """Whether a CUDA copy is moving data now (finished ones are dropped on the way)."""
+        with self._unfinished_lock:
+            for unfinished in self._unfinished.values():
+                while unfinished and unfinished[0][1].query():
+                    unfinished.popleft()
+                if unfinished and unfinished[0][0].query():
+                    return True
+        return False
+
     def _timed_cpu_copy(self, src: torch.Tensor, dst: torch.Tensor, direction: str) -> CopyEvent:
         start = time.perf_counter()
-        dst.copy_(src)
+        with self.dma.dma_active():
+            dst.copy_(src)
         elapsed = (time.perf_counter() - start) * 1e3
         with self._lock:
             # A synchronous copy hides nothing: it all counts as exposed wait.
@@ -234,6 +263,13 @@ class CopyStreams:
                 start.record(stream)
                 dst.copy_(src, non_blocking=True)
                 end.record(stream)
+            # Under the issue lock, so the deque is in the stream's order.
+            with self._unfinished_lock:
+                unfinished = self._unfinished[direction]
+                # Dropping finished copies here too keeps it bounded when nobody reads the signal.
+                while unfinished and unfinished[0][1].query():
+                    unfinished.popleft()
+                unfinished.append((start, end))
         device_side = src if src.is_cuda else dst
         device_side.record_stream(stream)
         with self._lock:
