@@ -17,10 +17,12 @@ from allocators.policies import POLICY_NAMES, TIER_NAMES, parse_budget_args
 from allocators.units import parse_size
 from allocators.yaml_text import load_yaml, yaml_problem
 from offload.planning.activation_bytes import ACTIVATION_MODES
+from optim_cpu.contention import ContentionPolicy
 
 # Host-step threads beyond this only contend for cores (no machine here has more to give them);
 # 10,000 threads would be started and each would slow the step.
 MAX_OPTIMIZER_THREADS = 1024
+CONTENTION_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class OffloadConfig:
     - ``loss_chunk_tokens``: a transformers causal LM called with ``labels`` computes its loss
       this many tokens at a time (offload.runtime.chunked_loss), so the [tokens, vocab] logits never
       exist whole; the output's ``logits`` is then None. For long sequences with big vocabularies.
+    - ``contention``: how the CPU optimizer yields memory bandwidth while copies move data:
+      ``"auto"`` (on only where the machine profile measured real DMA slowed by the step; see
+      offload.planning.contention_choice), ``"off"``, or the knobs as a ``ContentionPolicy``,
+      a mapping (``{"threads_during_dma": 2, "duty_cycle_during_dma": 0.5}``) or, from text,
+      ``"threads_during_dma=2,duty_cycle_during_dma=0.5"``.
     - ``dashboard``: draw a live panel of memory per tier, transfer rates, the step's phases and
       throughput from a background thread (one log line per step when stderr is not a terminal).
 
@@ -69,8 +76,11 @@ class OffloadConfig:
     profile: str | None = None
     dashboard: bool = False
     loss_chunk_tokens: int | None = None
+    contention: str | ContentionPolicy = "auto"
 
     def __post_init__(self) -> None:
+        # Frozen: the one normal form (a mode or a ContentionPolicy) is set here, once.
+        object.__setattr__(self, "contention", _contention(self.contention))
         _check_choice("activations", self.activations, ACTIVATION_MODES)
         _check_choice("policy", self.policy, POLICY_NAMES)
         _check_bool("optimizer_offload", self.optimizer_offload)
@@ -330,6 +340,57 @@ def _from_env_text(name: str, raw: str) -> Any:
                 f"OFFLOAD_{name.upper()}={raw!r} is not a number; write e.g. 1.0"
             ) from None
     return raw
+
+
+def _contention(value: Any) -> str | ContentionPolicy:
+    """The ``contention`` setting in its normal form: "auto", "off" or a ContentionPolicy.
+
+    >>> _contention("threads_during_dma=2")
+    ContentionPolicy(threads_during_dma=2, duty_cycle_during_dma=1.0)
+    >>> _contention(False)  # YAML reads `contention: off` as false
+    'off'
+    """
+    hint = (
+        "write 'auto', 'off', or the knobs: {'threads_during_dma': 2, "
+        "'duty_cycle_during_dma': 0.5} (as text 'threads_during_dma=2,duty_cycle_during_dma=0.5')"
+    )
+    if isinstance(value, ContentionPolicy) or value in CONTENTION_MODES:
+        return value
+    if value is False:
+        return "off"
+    if isinstance(value, str) and "=" in value:
+        value = _contention_knobs_from_text(value, hint)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"contention = {value!r} is not a contention setting; {hint}")
+    knobs = {f.name for f in fields(ContentionPolicy)}
+    unknown = sorted(str(key) for key in value if key not in knobs)
+    if unknown:
+        raise ConfigError(f"contention has unknown knob(s) {unknown}; {hint}")
+    try:
+        return ContentionPolicy(**value)
+    except ValueError as exc:
+        raise ConfigError(f"contention: {exc}") from None
+
+
+def _contention_knobs_from_text(text: str, hint: str) -> dict[str, Any]:
+    knobs: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, raw = part.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if key == "threads_during_dma":
+            knobs[key] = None if raw.lower() == "none" else _number(raw, int, text, hint)
+        elif key == "duty_cycle_during_dma":
+            knobs[key] = _number(raw, float, text, hint)
+        else:
+            raise ConfigError(f"contention = {text!r} has unknown knob {key!r}; {hint}")
+    return knobs
+
+
+def _number(raw: str, kind: type, text: str, hint: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"contention = {text!r}: {raw!r} is not a number; {hint}") from None
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -73,6 +73,16 @@ def enable(
             ``bucket_nbytes``, ...) are keyword arguments too.
         topology: the machine (default: discovered from /sys).
 
+    ``contention=`` (keyword, or ``contention:`` in YAML, or OFFLOAD_CONTENTION) says what the
+    CPU optimizer's workers do while copies move data: ``"auto"`` (default) caps them at half
+    the pool only where the machine profile (``profile``, else
+    ``./offload-profile-<host>/profile.json``) measured real DMA slowed below 90% by the step,
+    else off; ``"off"``; or the knobs, ``ContentionPolicy(threads_during_dma=2,
+    duty_cycle_during_dma=0.5)`` or the same as a mapping (``"threads_during_dma=2"`` as text).
+    It applies to the AdamW/Adam steps optim_cpu runs; ``sess.contention`` says what was chosen
+    and why, and the report's ``optimizer_paced_ms``, ``optimizer_threads`` and
+    ``optimizer_dma_threads`` what it did each step. Pacing changes no value, only when.
+
     Raises:
         ConfigError: a setting has a wrong value (the message says what to write).
         OffloadError: the optimizer cannot be offloaded (the message says what to use).

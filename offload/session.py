@@ -20,6 +20,7 @@ from torch import nn
 
 from allocators.errors import OffloadError
 from offload.config import OffloadConfig
+from offload.planning.contention_choice import ContentionChoice, choose_contention
 from offload.planning.run_plan import RunPlan
 from offload.runtime.activation_offload import ActivationOffloader
 from offload.runtime.checkpoint_offload import LayerCheckpointing
@@ -36,6 +37,7 @@ from offload.runtime.phase_clock import PhaseClock
 from offload.runtime.streams import CopyStreams
 from offload.tools.dashboard_thread import DashboardThread
 from offload.tools.run_record import record_run
+from optim_cpu.numa_cores import worker_cpus
 
 
 @dataclass
@@ -47,6 +49,10 @@ class StepRecord:
     waits for); ``optimizer_host_ms`` the CPU optimizer's own compute this step, most of it
     overlapped with backward when buckets step early. ``activation_shared_nbytes``: saves of
     a tensor already offloaded that shared its host copy instead of moving again.
+    ``optimizer_paced_ms``: worker-milliseconds this step the contention policy held the CPU
+    optimizer's workers back while copies moved data; ``optimizer_threads`` its workers and
+    ``optimizer_dma_threads`` how many of them step while a copy runs (None: no worker pool,
+    the user's own optimizer class steps in one torch call).
     """
 
     step: int
@@ -63,6 +69,9 @@ class StepRecord:
     host_rss_nbytes: int
     optimizer_host_ms: float = 0.0
     activation_shared_nbytes: int = 0
+    optimizer_paced_ms: float = 0.0
+    optimizer_threads: int | None = None
+    optimizer_dma_threads: int | None = None
 
 
 class OffloadSession:
@@ -94,8 +103,10 @@ class OffloadSession:
         self.records: list[StepRecord] = []
         self.steps = 0
         self._clock = PhaseClock(streams.device)
-        # Running totals (CPU optimizer ms, shared activation bytes) at the last step's row.
-        self._last_totals: tuple[float, int] = (0.0, 0)
+        # Running totals (CPU optimizer ms, shared activation bytes, paced ms) at the last row.
+        self._last_totals: tuple[float, int, float] = (0.0, 0, 0.0)
+        # What the CPU optimizer does while copies move data, and why (config.contention).
+        self.contention: ContentionChoice | None = None
         self._enabled = True
         self._checkpointing: LayerCheckpointing | None = None
         self._activations: ActivationOffloader | None = None
@@ -147,6 +158,10 @@ class OffloadSession:
         if config.optimizer_offload and self.optimizer is not None:
             refuse_unsteppable(self.optimizer)
             refuse_sparse_gradients(self.model, self.optimizer)
+            threads = config.optimizer_threads or len(worker_cpus(None, None))
+            self.contention = choose_contention(
+                config.contention, threads=threads, profile=config.profile
+            )
             self._optimizer = OptimizerOffload(
                 self.optimizer,
                 self.memory,
@@ -156,6 +171,7 @@ class OffloadSession:
                 max_grad_norm=config.max_grad_norm,
                 overlap_step=config.overlap_step,
                 threads=config.optimizer_threads,
+                contention=self.contention.policy,
             )
             undo.callback(self._optimizer.close)
             self._patch = OptimizerPatch(
@@ -209,6 +225,8 @@ class OffloadSession:
         forward_ms, backward_ms = self._clock.phases_ms()
         host_step_ms = opt.host_step_ms if opt else 0.0
         shared_nbytes = self._activations.shared_nbytes if self._activations else 0
+        scheduler = opt.host.scheduler if opt else None
+        paced_ms = scheduler.paced_ms if scheduler else 0.0
         counters = self.streams.collect()
         transfer_ms = counters.d2h_ms + counters.h2d_ms
         wait_ms = counters.wait_ms + (opt.wait_ms if opt else 0.0)
@@ -232,8 +250,11 @@ class OffloadSession:
             host_rss_nbytes=psutil.Process().memory_info().rss,
             optimizer_host_ms=host_step_ms - self._last_totals[0],
             activation_shared_nbytes=shared_nbytes - self._last_totals[1],
+            optimizer_paced_ms=paced_ms - self._last_totals[2],
+            optimizer_threads=scheduler.threads if scheduler else None,
+            optimizer_dma_threads=scheduler.dma_threads if scheduler else None,
         )
-        self._last_totals = (host_step_ms, shared_nbytes)
+        self._last_totals = (host_step_ms, shared_nbytes, paced_ms)
         row = asdict(record)
         for (direction, tier), nbytes in sorted(counters.nbytes_by_tier.items()):
             row[f"{direction}_{tier}_nbytes"] = nbytes

@@ -37,10 +37,13 @@ class DmaSignal:
     True
     >>> dma.active
     False
-    >>> copying = [True]
-    >>> dma.watch(lambda: copying[0])
-    >>> dma.active, copying.clear() or dma.active
-    (True, False)
+    >>> copying = {"now": True}
+    >>> dma.watch(lambda: copying["now"])
+    >>> dma.active
+    True
+    >>> copying["now"] = False
+    >>> dma.active
+    False
     """
 
     def __init__(self) -> None:

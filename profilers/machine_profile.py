@@ -30,7 +30,10 @@ class NodeProfile:
     ``read/write_gib_per_s``: best CPU stream rate over thread counts. ``h2d/d2h_gib_per_s``:
     pinned copy with one stream at the largest size. ``prefault_s_per_gib``: allocate and touch;
     ``pin_s_per_gib``: allocate, touch and cudaHostRegister. ``adamw_elements_per_s``: CPU AdamW
-    with all state on this node, at the largest size measured.
+    with all state on this node, at the largest size measured. ``dma_share_during_step``: the
+    pinned H2D+D2H rate while AdamW steps on the node's cores, as a share of its rate alone
+    (``offload-profile contention`` with a GPU; emulated DMA does not count): what
+    ``contention="auto"`` reads.
     """
 
     latency_ns: float | None = None
@@ -41,6 +44,7 @@ class NodeProfile:
     prefault_s_per_gib: float | None = None
     pin_s_per_gib: float | None = None
     adamw_elements_per_s: float | None = None
+    dma_share_during_step: float | None = None
 
 
 RATE_KEYS = tuple(f.name for f in dataclasses.fields(NodeProfile))

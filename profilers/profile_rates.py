@@ -77,8 +77,19 @@ def node_rates(rows: Iterable[ResultRow]) -> dict[int, NodeProfile]:
             prefault_s_per_gib=_lowest(pick("pinning", "allocate+prefault")),
             pin_s_per_gib=_lowest(pick("pinning", "allocate+prefault+register")),
             adamw_elements_per_s=_elements_per_s(_largest_elements(pick("optimizer", "adamw"))),
+            dma_share_during_step=_share(
+                pick("contention", "dma + adamw"), pick("contention", "dma idle")
+            ),
         )
     return result
+
+
+def _share(during: list[ResultRow], alone: list[ResultRow]) -> float | None:
+    """Rate while something else ran over the rate alone (the lowest pair, same size)."""
+    shares = [
+        d.median / a.median for d in during for a in alone if a.nbytes == d.nbytes and a.median > 0
+    ]
+    return min(shares, default=None)
 
 
 def _largest_elements(rows: list[ResultRow]) -> list[ResultRow]:

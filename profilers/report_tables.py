@@ -77,7 +77,7 @@ def rows_table(rows: Sequence[ResultRow], title: str) -> Table:
 def profile_table(profile: MachineProfile) -> Table:
     """Rates of a profile, one row per rate and one column per node; ``-`` where not measured.
 
-    Rates are rows because a machine has a handful of nodes but eight rates: columns named after
+    Rates are rows because a machine has a handful of nodes but nine rates: columns named after
     the rates were cut to "read_…" on an 80-column terminal. The caption says what was skipped
     and which machine it was, so a CPU-only profile's empty DMA rows read as skipped, not as zero.
 
@@ -87,7 +87,7 @@ def profile_table(profile: MachineProfile) -> Table:
     ...                    {}, {0: NodeProfile(latency_ns=100.0)}, skipped=("bandwidth: no GPU",))
     >>> table = profile_table(p)
     >>> table.row_count, [c.header for c in table.columns]
-    (8, ['rate', 'node 0'])
+    (9, ['rate', 'node 0'])
     """
     machine = profile.machine
     table = Table(

@@ -13,7 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from allocators.errors import OffloadError
-from optim_cpu import Bucket, CPUAdam, CPUAdamW
+from optim_cpu import Bucket, CPUAdam, CPUAdamW, StepScheduler
+from optim_cpu.contention import ContentionPolicy, DmaSignal
 from optim_cpu.state_alloc import StateAllocator
 
 
@@ -67,6 +68,8 @@ class HostStep:
     A single coordinator thread (:meth:`submit`) runs bucket work in order; :meth:`step` hands
     the stepping to optim_cpu's worker pool and returns its future, so the coordinator never
     waits for the arithmetic.
+    optim_cpu's pool (:attr:`scheduler`, None for a rebuilt user class) follows ``contention``
+    (None: unrestricted) while ``dma`` (the copy streams' signal) is up.
 
     >>> p = torch.nn.Parameter(torch.ones(2))
     >>> user = torch.optim.SGD([p], lr=0.5)
@@ -88,6 +91,8 @@ class HostStep:
         *,
         state_allocator: StateAllocator | None = None,
         threads: int | None = None,
+        contention: ContentionPolicy | None = None,
+        dma: DmaSignal | None = None,
     ) -> None:
         self.user_optimizer = user_optimizer
         groups = []
@@ -101,9 +106,13 @@ class HostStep:
         self._frozen_state: dict[int, dict] = {}
         native = native_class(user_optimizer)
         self.is_native = native is not None
+        self.scheduler: StepScheduler | None = None
         if native is not None:
             hyper = {k: user_optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
-            self.inner = native(groups, **hyper, state_allocator=state_allocator, threads=threads)
+            self.scheduler = StepScheduler(threads, policy=contention, dma=dma)
+            self.inner = native(
+                groups, **hyper, state_allocator=state_allocator, scheduler=self.scheduler
+            )
         else:
             self.inner = self._rebuild_user_class(user_optimizer, groups)
         self._masters = [m for group in groups for m in group["params"]]
@@ -263,8 +272,8 @@ class HostStep:
     def close(self) -> None:
         """Stop the coordinator and the optimizer's workers and drop every host view."""
         self._coordinator.shutdown(wait=True)
-        if self.is_native:
-            self.inner.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.inner.state.clear()
         self.inner.param_groups.clear()
         self._masters = []

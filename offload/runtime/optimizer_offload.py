@@ -33,6 +33,7 @@ from allocators.errors import OffloadError
 from offload.runtime.host_memory import HostBlock, HostMemory
 from offload.runtime.host_step import HostStep
 from offload.runtime.streams import CopyEvent, CopyStreams
+from optim_cpu.contention import ContentionPolicy
 
 
 class PartialStepWarning(RuntimeWarning):
@@ -202,6 +203,7 @@ class OptimizerOffload:
         max_grad_norm: float | None = None,
         overlap_step: bool = True,
         threads: int | None = None,
+        contention: ContentionPolicy | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.memory = memory
@@ -246,7 +248,7 @@ class OptimizerOffload:
         # user's model and optimizer are then as they were and no host block stays taken.
         self._undo = ExitStack()
         try:
-            self._install(optimizer, bucket_nbytes, threads)
+            self._install(optimizer, bucket_nbytes, threads, contention)
         except BaseException as exc:
             # The failed frames hold views of the host blocks; the blocks cannot go back
             # while they do.
@@ -254,7 +256,13 @@ class OptimizerOffload:
             self._undo.close()
             raise
 
-    def _install(self, optimizer: torch.optim.Optimizer, bucket_nbytes: int, threads) -> None:
+    def _install(
+        self,
+        optimizer: torch.optim.Optimizer,
+        bucket_nbytes: int,
+        threads,
+        contention: ContentionPolicy | None,
+    ) -> None:
         self._undo.callback(self._release_state_blocks)
         self._make_buckets(bucket_nbytes)
         self._slot_of = {id(s.param): s for b in self.buckets for s in b.slots}
@@ -264,7 +272,13 @@ class OptimizerOffload:
             for group in optimizer.param_groups
         ]
         self.host = HostStep(
-            optimizer, master_groups, state_allocator=self._allocate_state, threads=threads
+            optimizer,
+            master_groups,
+            state_allocator=self._allocate_state,
+            threads=threads,
+            # The step's workers yield to the copies this object and the activations issue.
+            contention=contention,
+            dma=self.streams.dma,
         )
         self._undo.callback(self._close_host)
         for slot in self._slot_of.values():
