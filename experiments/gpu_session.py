@@ -181,6 +181,10 @@ def all_stages() -> tuple[Stage, ...]:
               _py("experiments/bench_optimizer_contention.py", "--threads", "8"),
               120, 40, "optimizer vs (emulated) DMA per contention policy, 8 threads",
               needs_gpu=False),
+        Stage("contention-runtime", 17,
+              _py("experiments/bench_contention_runtime.py", "--device", "cuda", "--threads", "8"),
+              150, 60, "the runtime's host step against its own real H2D+D2H copies, contention "
+              "policy on vs off side by side (the CPU figure used an emulated DMA thread)"),
         Stage("dashboard", 9,
               _py("experiments/bench_dashboard_overhead.py", "--device", "cuda", "--rounds", "6",
                   "--steps", "6", "--warmup", "2", "--out", f"{s}/dashboard_overhead.csv",
