@@ -100,14 +100,15 @@ class CopyLoop:
         self.seconds = time.perf_counter() - start
 
 
-def host_step(n_elems: int, threads: int, policy: ContentionPolicy | None, streams: CopyStreams):
-    """A HostStep over one master of ``n_elems`` (AdamW), its bf16 grad and output buffers."""
+def host_step(
+    n_elems: int, threads: int, policy: ContentionPolicy | None, streams: CopyStreams
+) -> tuple[HostStep, torch.Tensor]:
+    """A HostStep over one master of ``n_elems`` (AdamW), bound to bf16 grad and output buffers."""
     user = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(n_elems))], lr=1e-3)
     master = torch.randn(n_elems)
     step = HostStep(user, [[master]], threads=threads, contention=policy, dma=streams.dma)
-    grad = torch.randn(n_elems).bfloat16()
-    out = torch.empty(n_elems, dtype=torch.bfloat16)
-    return step, master, grad, out
+    step.bind(master, torch.randn(n_elems).bfloat16(), torch.empty(n_elems, dtype=torch.bfloat16))
+    return step, master
 
 
 def run_round(
@@ -115,13 +116,13 @@ def run_round(
 ) -> RuntimeContentionRow:
     device = torch.device(args.device)
     streams = CopyStreams(device)
-    step, master, grad, out = host_step(args.elems, args.threads, policy, streams)
-    step.step_params([master], [grad], [out])  # warm: workers started, state pages touched
+    step, master = host_step(args.elems, args.threads, policy, streams)
+    step.step([master]).result()  # warm: workers started, state pages touched
     copies = CopyLoop(streams, args.copy_mib * MIB).start()
     paced_before = step.scheduler.paced_ms
     start = time.perf_counter()
     for _ in range(args.steps):
-        step.step_params([master], [grad], [out])
+        step.step([master]).result()
     step_s = time.perf_counter() - start
     copies.stop()
     paced_ms = step.scheduler.paced_ms - paced_before

@@ -16,6 +16,7 @@ from offload.runtime.optimizer_offload import OptimizerOffload, PartialStepWarni
 from offload.runtime.optimizer_patch import OptimizerPatch
 from offload.runtime.streams import CopyEvent, CopyStreams
 from offload.tools.tiny_finetune import tiny_llama
+from optim_cpu.contention import DmaSignal
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -209,6 +210,9 @@ class HeldStreams:
         self.h2d_issued: list[HeldCopy] = []
         self.compute_waited_for: list[HeldCopy] = []
         self._lock = threading.Lock()
+        # As CopyStreams' signal: up while a held copy has yet to run.
+        self.dma = DmaSignal()
+        self.dma.watch(lambda: bool(self.queue))
 
     def d2h(self, src, dst, tiers=None) -> HeldCopy:
         return self._hold(src, dst)
