@@ -19,7 +19,7 @@ from offload.tools.transfer_ceilings import TransferCeilings
 
 pytest.importorskip("transformers")
 
-STEP_UNITS = ("_ms", "_nbytes", "_gb_per_s", "_fraction")
+STEP_UNITS = ("_ms", "_nbytes", "_gb_per_s", "_fraction", "_threads")
 
 
 def run_tiny(steps: int = 3):
