@@ -6,12 +6,21 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 import warnings
 import weakref
 
 import pytest
 import torch
-from test_faults import BUDGETS, assert_released, assert_untouched, batches, tiny_mlp, train
+from test_faults import (
+    BUDGETS,
+    assert_close,
+    assert_released,
+    assert_untouched,
+    batches,
+    tiny_mlp,
+    train,
+)
 
 import offload
 from allocators.sysfs_topology import discover
@@ -73,3 +82,55 @@ def test_a_ctrl_c_in_the_host_step_waits_for_the_whole_step(topology, monkeypatc
             opt.zero_grad()
     for param, expected in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(param, expected)
+
+
+def test_training_steps_run_while_a_no_grad_evaluation_thread_is_mid_forward(topology):
+    """An evaluation thread is inside a no_grad forward of the model while the training thread
+    runs whole steps; both run as in plain torch, and training still offloads."""
+    data = batches(3)
+    reference = tiny_mlp()
+    expected = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), data)
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inside, trained, errors = threading.Event(), threading.Event(), []
+
+    def hold_the_evaluation(module, args, output):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            trained.wait(timeout=600)
+
+    def evaluate():
+        try:
+            with torch.no_grad():
+                model(torch.ones(2, 32))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with offload.enable(
+        model, opt, topology=topology, budgets=BUDGETS, activation_min_nbytes=0
+    ) as sess:
+        handle = model[2].register_forward_hook(hold_the_evaluation)
+        evaluation = threading.Thread(target=evaluate)
+        evaluation.start()
+        inside.wait(timeout=600)
+        try:
+            losses = train(model, opt, data)
+        finally:
+            trained.set()
+            evaluation.join()
+            handle.remove()
+        offloaded = sess._activations.offloaded_count
+    assert errors == []
+    assert_close(losses, expected)
+    assert offloaded == len(data) * saves_per_step(topology)
+
+
+def saves_per_step(topology) -> int:
+    """What one training step of tiny_mlp offloads with activation_min_nbytes=0."""
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with offload.enable(
+        model, opt, topology=topology, budgets=BUDGETS, activation_min_nbytes=0
+    ) as sess:
+        train(model, opt, batches(1))
+        return sess._activations.offloaded_count

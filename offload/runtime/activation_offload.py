@@ -5,6 +5,7 @@ and bring them back in backward, prefetching the layer below. Parameters and buf
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import weakref
 from collections import defaultdict, deque
@@ -217,6 +218,10 @@ class ActivationOffloader:
         self._recent: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self._kept_storages = self._storages_of_params_and_buffers()
         self._hooks_context: torch.autograd.graph.saved_tensors_hooks | None = None
+        # The thread whose forward entered the hooks: torch keeps saved-tensor hooks per thread,
+        # so only that thread may leave them. A forward in another thread (an evaluation beside
+        # training) or one under no_grad saves nothing for backward and is left alone.
+        self._forward_thread: int | None = None
         self._depth = 0
         self._tag = -1
         self._backward_tag: int | None = None
@@ -251,10 +256,11 @@ class ActivationOffloader:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._hooks_context is not None:
+        if self._hooks_context is not None and self._forward_thread == threading.get_ident():
             # A KeyboardInterrupt in forward skips the always-call hook that would have left it.
             self._hooks_context.__exit__(None, None, None)
-            self._hooks_context = None
+        self._hooks_context = None
+        self._forward_thread = None
         self._depth = 0
         for saved in list(self._live):
             saved.drop()
@@ -282,6 +288,11 @@ class ActivationOffloader:
         return {t.untyped_storage().data_ptr() for t in tensors}
 
     def _enter_forward(self, module: nn.Module, args) -> None:
+        thread = threading.get_ident()
+        if self._forward_thread not in (None, thread):
+            return
+        if self._depth == 0 and not torch.is_grad_enabled():
+            return
         if self._depth > 0 and self._calls.running == 0:
             # The last forward was cut by a KeyboardInterrupt, which skips always-call hooks;
             # leaving the hooks installed would offload every autograd op of the process.
@@ -294,20 +305,24 @@ class ActivationOffloader:
             self._recent = {}
             self._hooks_context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks_context.__enter__()
+            self._forward_thread = thread
         self._depth += 1
 
     def _exit_forward(self, module: nn.Module, args, output, *, ended: bool = False) -> None:
+        if self._forward_thread != threading.get_ident():
+            return  # a forward _enter_forward left alone
         self._depth = 0 if ended else self._depth - 1
-        if self._depth == 0 and self._hooks_context is not None:
+        if self._depth == 0:
             self._hooks_context.__exit__(None, None, None)
             self._hooks_context = None
+            self._forward_thread = None
 
     def _layer_entered(self, index: int):
         return lambda module, args: self._set_tag(index)
 
     def _set_tag(self, tag: int) -> None:
         # Recomputation in backward (checkpointing) runs layer forwards again: leave tags alone.
-        if self._depth > 0:
+        if self._depth > 0 and self._forward_thread == threading.get_ident():
             self._tag = tag
 
     def _should_offload(self, tensor: torch.Tensor) -> bool:

@@ -535,14 +535,17 @@ class OptimizerOffload:
         self._copy_backs.append(event)
 
     def _wait_for(self, bucket: GradBucket) -> None:
-        if bucket.future is not None:
+        # Read once: a forward in another thread (before_forward) may wait for it too.
+        future = bucket.future
+        if future is not None:
             start = time.perf_counter()
             # The landing, then the step it started, if any.
-            step = bucket.future.result()
+            step = future.result()
             if step is not None:
                 step.result()
             self.wait_ms += (time.perf_counter() - start) * 1e3
-            bucket.future = None
+            if bucket.future is future:
+                bucket.future = None
 
     def step(self) -> None:
         """Finish the step: wait for buckets in flight, clip, step the rest, copy params back."""
