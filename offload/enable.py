@@ -16,6 +16,7 @@ from allocators.sysfs_topology import discover
 from allocators.tiered import DEFAULT_BUDGETS
 from allocators.topology import Topology
 from offload.config import OffloadConfig, resolve_config
+from offload.integrations.unwrap import inner_optimizer
 from offload.planning.run_plan import run_placements
 from offload.runtime.activation_offload import find_layers
 from offload.runtime.host_memory import HostMemory
@@ -55,7 +56,11 @@ def enable(
     Args:
         model: an ``nn.Module`` (Hugging Face models included, with or without their own
             gradient checkpointing); its parameters' device is the device offloaded from.
-        optimizer: the user's optimizer over ``model``'s parameters (None: activations only).
+        optimizer: the user's optimizer over ``model``'s parameters (None: activations only),
+            bare or as a library wraps it (accelerate's ``AcceleratedOptimizer``, what a
+            ``TrainerCallback`` receives, or any wrapper exposing ``.optimizer``): the inner
+            optimizer is patched, so steps through the wrapper are offloaded too. ``model`` may
+            be the one ``accelerator.prepare`` returned.
         activations: True (``"saved_tensors"``, the default), ``"checkpoint"`` (the paper's mode: keep only
             each decoder layer's input, on the host) or False.
         optimizer_offload: keep fp32 masters and optimizer state on the host, step there
@@ -98,6 +103,7 @@ def enable(
     ...     len(sess.report())
     1
     """
+    optimizer = inner_optimizer(optimizer)
     named = {
         "activations": activations,
         "optimizer_offload": optimizer_offload,

@@ -185,6 +185,8 @@ class OffloadSession:
             undo.callback(self._clip.remove)
             hook = self.model.register_forward_pre_hook(lambda *_: self._optimizer.before_forward())
             undo.callback(hook.remove)
+            hook = self.model.register_forward_pre_hook(lambda *_: self._clip.refresh())
+            undo.callback(hook.remove)
         if config.dashboard:
             self._dashboard = DashboardThread(self, self._optimizer).start()
             undo.callback(self._dashboard.stop)

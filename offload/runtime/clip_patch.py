@@ -1,15 +1,18 @@
-"""Route torch.nn.utils.clip_grad_norm_ to the host gradients while offload sessions are active,
-so an unchanged loop that clips still clips. It must not change calls on other parameters.
+"""Route gradient clipping to the host gradients while offload sessions are active, so a loop,
+a Trainer or accelerate that clips still clips. It must not change calls on other parameters.
 
 Under optimizer offload ``param.grad`` is None on the device (gradients leave in buckets), so
-torch's own function would see no gradient, return a norm of 0 and clip nothing: silently wrong.
-Code that imported the function by name before ``offload.enable()`` keeps the original; pass
-``max_grad_norm`` to ``offload.enable()`` there.
+any code that reads ``param.grad`` would see no gradient, return a norm of 0 and clip nothing:
+silently wrong. Two doors are routed: ``torch.nn.utils.clip_grad_norm_`` and accelerate's
+``Accelerator.clip_grad_norm_`` (what Trainer and TRL call; it reads ``param.grad`` itself
+instead of calling torch's function). Code that imported torch's function by name before
+``offload.enable()`` keeps the original; pass ``max_grad_norm`` to ``offload.enable()`` there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.utils.clip_grad as clip_grad_module
@@ -18,6 +21,18 @@ from offload.runtime.optimizer_offload import OptimizerOffload
 
 _active: list[OptimizerOffload] = []
 _original = torch.nn.utils.clip_grad_norm_
+# accelerate's Accelerator.clip_grad_norm_ while ours stands in its place (None: not routed).
+_accelerate_original: Callable | None = None
+# Where accelerate hands clipping to an engine that owns the gradients (FSDP shards, DeepSpeed
+# partitions, XLA): not ours to route.
+_ENGINE_CLIPS = frozenset({"FSDP", "DEEPSPEED", "XLA"})
+
+
+def _owner(params: list[torch.Tensor]) -> OptimizerOffload | None:
+    for offload in reversed(_active):
+        if offload.manages(params):
+            return offload
+    return None
 
 
 def clip_grad_norm_(
@@ -34,14 +49,51 @@ def clip_grad_norm_(
     (6.0, 1.0)
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    for offload in reversed(_active):
-        if offload.manages(params):
-            return offload.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+    offload = _owner(params)
+    if offload is not None:
+        return offload.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     return _original(params, max_norm, norm_type, error_if_nonfinite, foreach)
 
 
+def accelerator_clip_grad_norm_(
+    self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2
+) -> torch.Tensor:
+    """accelerate's ``Accelerator.clip_grad_norm_``, with offloaded params clipped on the host.
+
+    Trainer (and so TRL's trainers) clips through this with ``max_grad_norm`` and logs what it
+    returns as ``grad_norm``; it also asks for the norm alone with ``max_norm=inf``.
+    """
+    params = list(parameters)
+    offload = _owner(params)
+    engine = getattr(self.distributed_type, "value", self.distributed_type)
+    if offload is None or engine in _ENGINE_CLIPS:
+        return _accelerate_original(self, params, max_norm, norm_type)
+    self.unscale_gradients()
+    return offload.clip_grad_norm_(params, max_norm, norm_type)
+
+
+def _route_accelerate() -> None:
+    """Stand in for ``Accelerator.clip_grad_norm_`` once accelerate has been imported; a
+    session made before ``import accelerate`` routes it at the model's next forward."""
+    global _accelerate_original
+    module = sys.modules.get("accelerate.accelerator")
+    if module is None or _accelerate_original is not None or not _active:
+        return
+    _accelerate_original = module.Accelerator.clip_grad_norm_
+    module.Accelerator.clip_grad_norm_ = accelerator_clip_grad_norm_
+
+
+def _unroute_accelerate() -> None:
+    global _accelerate_original
+    module = sys.modules.get("accelerate.accelerator")
+    if module is not None and _accelerate_original is not None:
+        module.Accelerator.clip_grad_norm_ = _accelerate_original
+    _accelerate_original = None
+
+
 class ClipPatch:
-    """While installed, ``torch.nn.utils.clip_grad_norm_`` clips ``offload``'s host gradients.
+    """While installed, torch's and accelerate's ``clip_grad_norm_`` clip ``offload``'s host
+    gradients (and return their true norm).
 
     >>> from allocators.sysfs_topology import discover
     >>> from offload.runtime.host_memory import HostMemory
@@ -64,11 +116,19 @@ class ClipPatch:
         _active.append(offload)
         torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
         clip_grad_module.clip_grad_norm_ = clip_grad_norm_
+        _route_accelerate()
+
+    def refresh(self) -> None:
+        """Route accelerate too if it was imported after this session began (cheap: called
+        before every forward)."""
+        if _accelerate_original is None:
+            _route_accelerate()
 
     def remove(self) -> None:
-        """Stop routing this session's params; the last one out puts torch's function back."""
+        """Stop routing this session's params; the last one out puts the originals back."""
         if self.offload in _active:
             _active.remove(self.offload)
         if not _active:
             torch.nn.utils.clip_grad_norm_ = _original
             clip_grad_module.clip_grad_norm_ = _original
+            _unroute_accelerate()

@@ -231,8 +231,10 @@ class OptimizerOffload:
         # Steps abandoned after part of the model was already updated (see zero_grad).
         self.partial_steps = 0
         self._warned_forward_before_step = False
-        # Params the user's loop clipped this window (torch.nn.utils.clip_grad_norm_, routed).
+        # Params the user's loop clipped this window (torch.nn.utils.clip_grad_norm_, routed),
+        # and whether it read the norm at all (max_norm=inf, as Trainer does to log it).
         self._clipped_ids: set[int] = set()
+        self._norm_read = False
         self._state_blocks: list[HostBlock] = []
         refuse_unsteppable(optimizer)
         self._check_params()
@@ -578,8 +580,8 @@ class OptimizerOffload:
         for step in steps:
             step.result()
         self._wait_for_copy_backs()
-        if self._clipped_ids:
-            # The loop clips: from now on every bucket waits for optimizer.step().
+        if self._norm_read:
+            # The loop clips (or reads the norm): from now on every bucket waits for step().
             self.loop_clips = True
             self.early_step = False
         self._first_window = False
@@ -627,7 +629,10 @@ class OptimizerOffload:
             elif slot is not None and slot.arrivals > 0:
                 grads.append(slot.grad)
         total = clip_by_global_norm(grads, max_norm, norm_type, error_if_nonfinite)
-        self._clipped_ids |= {i for i in managed if self._slot_of[i].arrivals > 0}
+        self._norm_read = True
+        if max_norm != float("inf"):
+            # A norm read with max_norm=inf scales by 1 and is no clip: max_grad_norm still is.
+            self._clipped_ids |= {i for i in managed if self._slot_of[i].arrivals > 0}
         self.last_grad_norm = total
         return total
 
@@ -703,6 +708,7 @@ class OptimizerOffload:
 
     def _reset_window(self) -> None:
         self._clipped_ids = set()
+        self._norm_read = False
         for bucket in self.buckets:
             bucket.stepped = False
             bucket.read_done = None

@@ -1,5 +1,6 @@
 """Patch the user's optimizer object in place so its step, zero_grad, state_dict and
-load_state_dict run the offloaded optimizer, and put the original attributes back on remove().
+load_state_dict run the offloaded optimizer (and a DeepSpeed-style clip_grad_norm clips the host
+gradients), and put the original attributes back on remove().
 It must not change the optimizer's class, its param_groups, or anything of another object.
 """
 
@@ -12,7 +13,7 @@ import torch
 from offload.runtime.deferred_interrupt import DeferredInterrupt
 from offload.runtime.optimizer_offload import OptimizerOffload
 
-PATCHED_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
+PATCHED_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict", "clip_grad_norm")
 _ABSENT = object()
 
 
@@ -66,8 +67,14 @@ class OptimizerPatch:
         def zero_grad(set_to_none: bool = True):
             offload.zero_grad()
 
+        def clip_grad_norm(max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+            # DeepSpeed's (and fairscale's) optimizers clip themselves: code written for them
+            # calls this on the optimizer, over every parameter it steps.
+            return offload.clip_grad_norm_([s.param for s in offload.slots], max_norm, norm_type)
+
         optimizer.step = step
         optimizer.zero_grad = zero_grad
+        optimizer.clip_grad_norm = clip_grad_norm
         optimizer.state_dict = offload.state_dict
         optimizer.load_state_dict = offload.load_state_dict
 
