@@ -34,6 +34,7 @@ from offload.runtime.optimizer_offload import (
 )
 from offload.runtime.optimizer_patch import OptimizerPatch
 from offload.runtime.phase_clock import PhaseClock
+from offload.runtime.step_boundary import StepBoundary
 from offload.runtime.streams import CopyStreams
 from offload.tools.dashboard_thread import DashboardThread
 from offload.tools.run_record import record_run
@@ -113,6 +114,7 @@ class OffloadSession:
         self._optimizer: OptimizerOffload | None = None
         self._patch: OptimizerPatch | None = None
         self._clip: ClipPatch | None = None
+        self._boundary: StepBoundary | None = None
         self._chunked_loss: ChunkedLossPatch | None = None
         self._dashboard: DashboardThread | None = None
         # Every piece installed, undone in reverse by disable(), or at once if enable() fails.
@@ -187,6 +189,12 @@ class OffloadSession:
             undo.callback(hook.remove)
             hook = self.model.register_forward_pre_hook(lambda *_: self._clip.refresh())
             undo.callback(hook.remove)
+        else:
+            # Nothing patches the optimizer: its own step (or each backward) ends a row.
+            self._boundary = StepBoundary(
+                self.model, self.optimizer, self._clock.step_started, self._record_step
+            )
+            undo.callback(self._boundary.remove)
         if config.dashboard:
             self._dashboard = DashboardThread(self, self._optimizer).start()
             undo.callback(self._dashboard.stop)
@@ -223,7 +231,7 @@ class OffloadSession:
             # so the row's host bytes are those still in use.
             self._activations.reap()
         opt = self._optimizer
-        optimizer_ms = opt.optimizer_ms if opt else 0.0
+        optimizer_ms = opt.optimizer_ms if opt else self._boundary.optimizer_ms
         forward_ms, backward_ms = self._clock.phases_ms()
         host_step_ms = opt.host_step_ms if opt else 0.0
         shared_nbytes = self._activations.shared_nbytes if self._activations else 0
@@ -258,6 +266,11 @@ class OffloadSession:
         )
         self._last_totals = (host_step_ms, shared_nbytes, paced_ms)
         row = asdict(record)
+        # Columns of a part this session does not run would read as a misleading 0.
+        if opt is None:
+            del row["optimizer_host_ms"]
+        if self._activations is None:
+            del row["activation_shared_nbytes"]
         for (direction, tier), nbytes in sorted(counters.nbytes_by_tier.items()):
             row[f"{direction}_{tier}_nbytes"] = nbytes
         for tier, nbytes in self.memory.tier_nbytes().items():
@@ -273,7 +286,8 @@ class OffloadSession:
             opt.wait_ms = 0.0
 
     def report(self) -> pd.DataFrame:
-        """One row per optimizer step: phase ms, bytes and GB/s per direction (and per tier),
+        """One row per optimizer step (with no optimizer given, per backward through the model),
+        whatever the session offloads: phase ms, bytes and GB/s per direction (and per tier),
         hidden transfer fraction, peak HBM (None on CPU), host RSS and host bytes per tier.
 
         ``host_unplaced_nbytes`` and ``host_unpinned_nbytes`` add up the host buffers so far
@@ -281,6 +295,8 @@ class OffloadSession:
         (cudaHostRegister): they work, pageable or wherever the kernel put them; their counts
         and reasons are in ``sess.memory.fallbacks()``.
         On CPU every copy is synchronous, so ``hidden_transfer_fraction`` is 0 there.
+        ``optimizer_host_ms`` is there only under optimizer offload, ``activation_shared_nbytes``
+        only under activation offload.
         """
         return pd.DataFrame.from_records(self.records)
 

@@ -1,15 +1,20 @@
 """Build (once, cached) and load the fused C++ step kernel from optim_cpu/csrc.
 
-Nothing is compiled at import: :func:`load_kernel` builds on first call and returns None, with a
-warning, when no compiler or build works, so callers can fall back to torch's fused kernel.
+Nothing is compiled at import: :func:`load_kernel` builds on first call (saying so on stderr)
+and returns None, with a warning, when no compiler or build works, so callers can fall back to
+torch's fused kernel. ``python -m optim_cpu`` builds it ahead (.ci/setup does).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -52,18 +57,88 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-def _build() -> ModuleType:
+def _kernel_key() -> str:
+    # The CPU (see _cpu_tag), the sources, the flags and torch's version (its ABI) name a build:
+    # two checkouts of the same code share one, and a changed source gets a new one.
+    import torch
+
+    digest = hashlib.sha1(" ".join((*_CFLAGS, torch.__version__)).encode())
+    for source in _SOURCES:
+        digest.update((_CSRC / source).read_bytes())
+    return f"{_cpu_tag()}_{digest.hexdigest()[:8]}"
+
+
+def kernel_path() -> Path:
+    """The compiled kernel's file for this CPU, these sources and this torch (may not exist yet).
+
+    >>> kernel_path().suffix
+    '.so'
+    """
+    key = _kernel_key()
+    return build_dir() / f"optim_cpu_{key}" / f"optim_cpu_fused_{key}.so"
+
+
+def is_built() -> bool:
+    """Whether the kernel is compiled already, so :func:`load_kernel` only loads it.
+
+    >>> isinstance(is_built(), bool)
+    True
+    """
+    return kernel_path().is_file()
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(path: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
-    directory = build_dir() / f"optim_cpu_{_cpu_tag()}"
-    directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name=f"optim_cpu_fused_{_cpu_tag()}",
+        name=path.stem,
         sources=[str(_CSRC / s) for s in _SOURCES],
         extra_cflags=list(_CFLAGS),
-        build_directory=str(directory),
+        build_directory=str(path.parent),
         verbose=False,
     )
+
+
+@contextmanager
+def _build_notice(path: Path) -> Iterator[None]:
+    """Say on stderr that the kernel is compiling (a spinner on a terminal, one line otherwise),
+    and how long it took: the first optimizer step would otherwise stall about 30 s unexplained."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    message = (
+        "Building the optim_cpu C++ kernel, once for this CPU and torch (about 30 s; cached in "
+        f"{path.parent})"
+    )
+    start = time.perf_counter()
+    if console.is_terminal:
+        with console.status(message + "..."):
+            yield
+    else:
+        console.print(message + "...", markup=False, soft_wrap=True)
+        yield
+    console.print(f"optim_cpu kernel built in {time.perf_counter() - start:.0f} s", markup=False)
+
+
+def _build() -> ModuleType:
+    path = kernel_path()
+    if path.is_file():
+        # Loaded directly: torch's loader runs ninja, which rebuilds whenever the sources' path
+        # differs from the last build's (another checkout of the same code), about 30 s each.
+        try:
+            return _import(path)
+        except ImportError:
+            pass  # half written by a build running now: torch's loader waits for its lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _build_notice(path):
+        return _compile(path)
 
 
 def load_kernel() -> ModuleType | None:
@@ -105,3 +180,4 @@ def forget_kernel() -> None:
     """
     with _lock:
         _loaded.clear()
+

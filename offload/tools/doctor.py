@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from allocators.sysfs_files import is_live, read_text
 from allocators.sysfs_topology import discover
 from allocators.topology import Topology
 from allocators.units import format_bytes
+from optim_cpu import native
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 PROBE_NBYTES = 4 << 20
@@ -384,6 +386,33 @@ def check_budgets(topo: Topology, budgets: Budgets | Mapping[str, int | str] | N
     return CheckResult("budgets", "ok", f"fit in free memory: {parsed.describe()}")
 
 
+def check_kernel(built: bool, path: Path, compiler: str | None) -> CheckResult:
+    """Whether the optim_cpu C++ step kernel is compiled: if not, the first ``optimizer.step()``
+    compiles it (about 30 s), or falls back to torch's slower kernel without a compiler.
+
+    >>> check_kernel(True, Path("/k.so"), "c++").finding
+    'optim_cpu C++ kernel built: /k.so'
+    >>> check_kernel(False, Path("/k.so"), None).status
+    'warn'
+    """
+    if built:
+        return CheckResult("cpu kernel", "ok", f"optim_cpu C++ kernel built: {path}")
+    if compiler is None:
+        return CheckResult(
+            "cpu kernel",
+            "warn",
+            "optim_cpu C++ kernel not built and no C++ compiler found: the CPU optimizer uses "
+            "torch's fused AdamW (slower)",
+            "install g++ and ninja, then run: python -m optim_cpu",
+        )
+    return CheckResult(
+        "cpu kernel",
+        "ok",
+        f"optim_cpu C++ kernel not built yet: the first optimizer.step() compiles it (about 30 s) with {compiler}",
+        "build it ahead: python -m optim_cpu",
+    )
+
+
 def run_checks(
     sysfs_root: str | Path = "/sys", budgets: Mapping[str, int | str] | None = None
 ) -> list[CheckResult]:
@@ -409,4 +438,6 @@ def run_checks(
     results.append(check_memlock(read_memlock_limit(), cap_eff, os.getuid(), needed))
     results += check_gpus(nvml_gpu_count(), cuda, os.environ.get("CUDA_VISIBLE_DEVICES"))
     results.append(check_budgets(topo, parsed))
+    path = native.kernel_path()
+    results.append(check_kernel(path.is_file(), path, shutil.which("c++") or shutil.which("g++")))
     return results
