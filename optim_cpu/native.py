@@ -180,4 +180,3 @@ def forget_kernel() -> None:
     """
     with _lock:
         _loaded.clear()
-

@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from optim_cpu import native
 from offload.tools import doctor
+from optim_cpu import native
 
 
 @pytest.fixture
