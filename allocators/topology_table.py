@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from allocators.cpu_lists import format_cpu_list
+from allocators.table_width import wrap_not_cut
 from allocators.topology import NodeRates, Topology
 from allocators.units import format_bytes
 
@@ -63,7 +64,7 @@ def topology_table(topo: Topology) -> Table:
             "-" if node.memory_tier is None else str(node.memory_tier),
             " ".join(str(topo.distance(node.id, other)) for other in topo.node_ids),
         )
-    return table
+    return wrap_not_cut(table)
 
 
 def rates_table(topo: Topology) -> Table | None:
@@ -83,7 +84,7 @@ def rates_table(topo: Topology) -> Table | None:
             table.add_column(header, justify="right")
     for node in topo.nodes:
         table.add_row(str(node.id), *(_format_rate(_rate(node.rates, key)) for key in keys))
-    return table
+    return wrap_not_cut(table)
 
 
 def gpu_table(topo: Topology) -> Table:
@@ -105,7 +106,7 @@ def gpu_table(topo: Topology) -> Table:
             format_bytes(gpu.total_bytes) if gpu.total_bytes else "unknown",
             gpu.source,
         )
-    return table
+    return wrap_not_cut(table)
 
 
 def print_topology(topo: Topology, console: Console) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
+from allocators.table_width import wrap_not_cut
 from allocators.units import format_bytes
 from profilers.machine_profile import RATE_KEYS, MachineProfile
 from profilers.result_row import ResultRow
@@ -71,7 +72,7 @@ def rows_table(rows: Sequence[ResultRow], title: str) -> Table:
         )
     for line in lines:
         table.add_row(*(line[i] for i in keep))
-    return table
+    return wrap_not_cut(table)
 
 
 def profile_table(profile: MachineProfile) -> Table:
@@ -112,4 +113,4 @@ def profile_table(profile: MachineProfile) -> Table:
     for key in RATE_KEYS:
         values = [getattr(rates, key) for _, rates in nodes]
         table.add_row(key, *("-" if v is None else f"{v:.4g}" for v in values))
-    return table
+    return wrap_not_cut(table)

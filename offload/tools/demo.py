@@ -14,6 +14,7 @@ from rich.table import Table
 from allocators.errors import ConfigError
 from allocators.host_buffer import HostBuffer, check_fits_machine
 from allocators.sysfs_topology import discover
+from allocators.table_width import wrap_not_cut
 from allocators.topology import Topology
 from allocators.topology_table import print_topology
 from allocators.units import format_bytes, parse_size
@@ -70,7 +71,7 @@ def placed_buffer_table(topo: Topology, nbytes: int) -> Table:
             "yes" if buf.pinned else f"no ({buf.pin_reason})",
             f"{seconds / (buf.nbytes / 2**30):.3f}",
         )
-        return table
+        return wrap_not_cut(table)
     finally:
         buf.free()
 
@@ -107,7 +108,7 @@ def finetune_table(result: TinyFinetuneResult) -> Table:
             format_bytes(row["h2d_nbytes"]),
         )
     table.caption = f"largest loss difference plain vs offload: {result.max_loss_diff:.2e}"
-    return table
+    return wrap_not_cut(table)
 
 
 def check_demo_args(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from allocators.errors import ConfigError
 from allocators.policies import parse_budget_args
+from allocators.table_width import wrap_not_cut
 from offload.config import OffloadConfig, resolve_config
 from offload.planning.activation_bytes import ACTIVATION_MODES
 from offload.tools.doctor import CheckResult, run_checks
@@ -145,4 +146,4 @@ def _table(results: list[CheckResult]) -> Table:
         table.add_column(header)
     for r in results:
         table.add_row(r.check, f"[{_STYLES[r.status]}]{r.status}[/]", r.finding, r.fix)
-    return table
+    return wrap_not_cut(table)

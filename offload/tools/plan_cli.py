@@ -16,6 +16,7 @@ from rich.table import Table
 
 from allocators.errors import OffloadError
 from allocators.policies import POLICY_NAMES, parse_budget_args
+from allocators.table_width import wrap_not_cut
 from allocators.topology import Topology
 from allocators.topology_command import load_topology
 from allocators.units import format_bytes
@@ -187,7 +188,7 @@ def _placement_table(groups, rates: SimRates, title: str, caption: str) -> Table
             format_bytes(item.group.nbytes),
             *cells,
         )
-    return table
+    return wrap_not_cut(table)
 
 
 def plan_to_dict(result: Plan, rates: SimRates) -> dict:
@@ -218,7 +219,7 @@ def print_plan(result: Plan, rates: SimRates, console: Console) -> None:
     for phase, seconds in predicted_phases(result.prediction).items():
         phases.add_row(phase, f"{seconds:.3f}", result.prediction.bottlenecks.get(phase, ""))
     phases.add_row("tokens/s", f"{result.prediction.tokens_per_s:,.0f}", "")
-    console.print(phases)
+    console.print(wrap_not_cut(phases))
     for note in rates.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
 
@@ -326,7 +327,7 @@ def print_decode_plan(result: DecodePlan, rates: SimRates, console: Console) -> 
     step.add_row("copy latency seconds", f"{p.latency_s:.4f}")
     step.add_row("step seconds", f"{p.step_s:.4f}")
     step.add_row("tokens/s bound by DMA", f"{p.tokens_per_s:,.2f}")
-    console.print(step)
+    console.print(wrap_not_cut(step))
     for note in rates.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from allocators.errors import OffloadError
+from allocators.table_width import wrap_not_cut
 from allocators.units import format_bytes
 from offload.tools.run_record import SCHEMA, RunRecord, load_run, read_json, run_summary
 
@@ -78,7 +79,7 @@ def comparison_table(frame: pd.DataFrame) -> Table:
         if column == "run":
             continue
         table.add_row(column, *(_cell(column, v) for v in frame[column].tolist()))
-    return table
+    return wrap_not_cut(table)
 
 
 def _run_name(path: Path, taken: Mapping[str, RunRecord]) -> str:
