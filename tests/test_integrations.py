@@ -276,3 +276,29 @@ def test_deepspeed_style_clip_on_the_optimizer_returns_the_true_norm():
         opt.step()
     assert float(norm) == pytest.approx(float(expected), rel=1e-6) and float(norm) > 1.0
     assert not hasattr(opt, "clip_grad_norm")  # gone with the session
+
+
+def test_clip_grad_value_clamps_the_host_gradients_as_plain_does():
+    import offload
+
+    def run(offloaded: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sess = offload.enable(model, opt, budgets=BUDGETS) if offloaded else None
+        gen = torch.Generator().manual_seed(3)
+        losses = []
+        for _ in range(4):
+            loss = model(torch.randn(16, 8, generator=gen)).pow(2).mean() * 100
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.05)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        if sess is not None:
+            sess.disable()
+        return losses
+
+    plain = run(False)
+    assert run(True) == pytest.approx(plain, abs=1e-5)
+    assert len(set(plain)) > 1

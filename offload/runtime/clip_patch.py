@@ -3,9 +3,9 @@ a Trainer or accelerate that clips still clips. It must not change calls on othe
 
 Under optimizer offload ``param.grad`` is None on the device (gradients leave in buckets), so
 any code that reads ``param.grad`` would see no gradient, return a norm of 0 and clip nothing:
-silently wrong. Two doors are routed: ``torch.nn.utils.clip_grad_norm_`` and accelerate's
-``Accelerator.clip_grad_norm_`` (what Trainer and TRL call; it reads ``param.grad`` itself
-instead of calling torch's function). Code that imported torch's function by name before
+silently wrong. Routed: ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_``, and
+accelerate's ``Accelerator.clip_grad_norm_`` (what Trainer and TRL call; it reads
+``param.grad`` itself instead of calling torch's function). Code that imported torch's function by name before
 ``offload.enable()`` keeps the original; pass ``max_grad_norm`` to ``offload.enable()`` there.
 """
 
@@ -21,6 +21,7 @@ from offload.runtime.optimizer_offload import OptimizerOffload
 
 _active: list[OptimizerOffload] = []
 _original = torch.nn.utils.clip_grad_norm_
+_original_value = torch.nn.utils.clip_grad_value_
 # accelerate's Accelerator.clip_grad_norm_ while ours stands in its place (None: not routed).
 _accelerate_original: Callable | None = None
 # Where accelerate hands clipping to an engine that owns the gradients (FSDP shards, DeepSpeed
@@ -53,6 +54,25 @@ def clip_grad_norm_(
     if offload is not None:
         return offload.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     return _original(params, max_norm, norm_type, error_if_nonfinite, foreach)
+
+
+def clip_grad_value_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    clip_value: float,
+    foreach: bool | None = None,
+) -> None:
+    """``torch.nn.utils.clip_grad_value_``, with the gradients of offloaded params clamped on
+    the host (accelerate's ``Accelerator.clip_grad_value_`` calls it too).
+
+    >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.tensor([3.0, -0.5])
+    >>> clip_grad_value_([p], 1.0); p.grad.tolist()
+    [1.0, -0.5]
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    offload = _owner(params)
+    if offload is not None:
+        return offload.clip_grad_value_(params, clip_value)
+    return _original_value(params, clip_value, foreach)
 
 
 def accelerator_clip_grad_norm_(
@@ -116,6 +136,8 @@ class ClipPatch:
         _active.append(offload)
         torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
         clip_grad_module.clip_grad_norm_ = clip_grad_norm_
+        torch.nn.utils.clip_grad_value_ = clip_grad_value_
+        clip_grad_module.clip_grad_value_ = clip_grad_value_
         _route_accelerate()
 
     def refresh(self) -> None:
@@ -131,4 +153,6 @@ class ClipPatch:
         if not _active:
             torch.nn.utils.clip_grad_norm_ = _original
             clip_grad_module.clip_grad_norm_ = _original
+            torch.nn.utils.clip_grad_value_ = _original_value
+            clip_grad_module.clip_grad_value_ = _original_value
             _unroute_accelerate()

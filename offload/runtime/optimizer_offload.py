@@ -232,9 +232,10 @@ class OptimizerOffload:
         self.partial_steps = 0
         self._warned_forward_before_step = False
         # Params the user's loop clipped this window (torch.nn.utils.clip_grad_norm_, routed),
-        # and whether it read the norm at all (max_norm=inf, as Trainer does to log it).
+        # and whether it read or changed the gradients at all (a norm read with max_norm=inf,
+        # as Trainer does to log it; clip_grad_value_).
         self._clipped_ids: set[int] = set()
-        self._norm_read = False
+        self._loop_read_grads = False
         self._state_blocks: list[HostBlock] = []
         refuse_unsteppable(optimizer)
         self._check_params()
@@ -580,7 +581,7 @@ class OptimizerOffload:
         for step in steps:
             step.result()
         self._wait_for_copy_backs()
-        if self._norm_read:
+        if self._loop_read_grads:
             # The loop clips (or reads the norm): from now on every bucket waits for step().
             self.loop_clips = True
             self.early_step = False
@@ -620,7 +621,37 @@ class OptimizerOffload:
                 "step needs nothing: early stepping turns itself off.) This step's early "
                 "buckets were applied unclipped, so start the run again with it"
             )
-        # In the caller's order, so the norm sums what torch's would, in the same order.
+        total = clip_by_global_norm(self._grads_of(params), max_norm, norm_type, error_if_nonfinite)
+        self._loop_read_grads = True
+        if max_norm != float("inf"):
+            # A norm read with max_norm=inf scales by 1 and is no clip: max_grad_norm still is.
+            self._clipped_ids |= {i for i in managed if self._slot_of[i].arrivals > 0}
+        self.last_grad_norm = total
+        return total
+
+    def clip_grad_value_(self, params: list[torch.Tensor], clip_value: float) -> None:
+        """``torch.nn.utils.clip_grad_value_(params, ...)`` for a loop under offload: the
+        managed params' host gradients are clamped to ``[-clip_value, clip_value]``, the
+        others' ``.grad`` as usual. Like clipping by norm, it needs every gradient before any
+        is applied, so it turns early stepping off from the next step (the first never steps
+        early); one that starts after buckets were stepped early is refused.
+        """
+        self._land_all()
+        if any(b.stepped for b in self.buckets):
+            raise OffloadError(
+                "torch.nn.utils.clip_grad_value_ was called on parameters offload.enable() "
+                "manages after part of this step had already been applied by the early step "
+                "that overlaps backward; clipping needs every gradient first. Pass "
+                "overlap_step=False to offload.enable() and start the run again (a loop that "
+                "clips from its first step needs nothing: early stepping turns itself off)"
+            )
+        for grad in self._grads_of(params):
+            grad.clamp_(min=-clip_value, max=clip_value)
+        self._loop_read_grads = True
+
+    def _grads_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each param's gradient where it is: the host copy for a managed one, ``.grad`` for
+        the others; in the caller's order, so a norm sums what torch's would, in that order."""
         grads = []
         for p in params:
             slot = self._slot_of.get(id(p))
@@ -628,13 +659,7 @@ class OptimizerOffload:
                 grads.append(p.grad)
             elif slot is not None and slot.arrivals > 0:
                 grads.append(slot.grad)
-        total = clip_by_global_norm(grads, max_norm, norm_type, error_if_nonfinite)
-        self._norm_read = True
-        if max_norm != float("inf"):
-            # A norm read with max_norm=inf scales by 1 and is no clip: max_grad_norm still is.
-            self._clipped_ids |= {i for i in managed if self._slot_of[i].arrivals > 0}
-        self.last_grad_norm = total
-        return total
+        return grads
 
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (none are left on the device).
@@ -708,7 +733,7 @@ class OptimizerOffload:
 
     def _reset_window(self) -> None:
         self._clipped_ids = set()
-        self._norm_read = False
+        self._loop_read_grads = False
         for bucket in self.buckets:
             bucket.stepped = False
             bucket.read_done = None
