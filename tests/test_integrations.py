@@ -302,3 +302,25 @@ def test_clip_grad_value_clamps_the_host_gradients_as_plain_does():
     plain = run(False)
     assert run(True) == pytest.approx(plain, abs=1e-5)
     assert len(set(plain)) > 1
+
+
+def test_accelerate_imported_after_enable_is_routed_from_the_next_forward():
+    import sys
+
+    import accelerate.accelerator as accelerator_module
+
+    import offload
+
+    original = accelerator_module.Accelerator.clip_grad_norm_
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    saved = sys.modules.pop("accelerate.accelerator")
+    try:
+        with offload.enable(model, opt, budgets=BUDGETS):
+            assert accelerator_module.Accelerator.clip_grad_norm_ is original
+            sys.modules["accelerate.accelerator"] = saved  # the script imports it now
+            model(torch.ones(1, 4))
+            assert accelerator_module.Accelerator.clip_grad_norm_ is not original
+    finally:
+        sys.modules["accelerate.accelerator"] = saved
+    assert accelerator_module.Accelerator.clip_grad_norm_ is original

@@ -42,6 +42,9 @@ class OffloadCallback(TrainerCallback):
                 "OffloadCallback got no optimizer at train begin; add it with "
                 "offload.integrations.offload_trainer(trainer) and call trainer.train()"
             )
+        if self.session is not None and self.session.enabled:
+            # The last train() stopped on an error before on_train_end: start afresh.
+            self.session.disable()
         settings = {"grad_accumulation_steps": args.gradient_accumulation_steps}
         settings.update(self.enable_kwargs)
         self.session = enable(model, optimizer, **settings)
