@@ -36,7 +36,7 @@ def inner_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opti
                 "bf16=True in TrainingArguments) or fp32 instead"
             )
         inner = getattr(optimizer, "optimizer", None)
-        if inner is None or not hasattr(inner, "param_groups"):
+        if inner is None or not (hasattr(inner, "param_groups") or hasattr(inner, "optimizer")):
             return optimizer
         optimizer = inner
     return optimizer
