@@ -1,17 +1,21 @@
 """Render a Topology for people: a rich table of nodes, one of GPUs, and the notes under them.
 
-Only presentation lives here; it must not discover or change the topology it is given.
+Only presentation lives here; it must not discover or change the topology it is given. rich is
+imported where a table is drawn: `import allocators` (and every training run) must not load it.
 """
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from allocators.cpu_lists import format_cpu_list
 from allocators.table_width import wrap_not_cut
 from allocators.topology import NodeRates, Topology
 from allocators.units import format_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 _RATE_COLUMNS = (
     ("latency_ns", "latency ns"),
@@ -43,6 +47,8 @@ def topology_table(topo: Topology) -> Table:
     >>> topology_table(load_declared("paper-1aic")).row_count
     2
     """
+    from rich.table import Table
+
     labels = tier_labels(topo)
     table = Table(title=f"{topo.name or 'machine'} ({topo.source})", title_justify="left")
     for header in ("node", "kind", "tier", "cpus"):
@@ -74,6 +80,8 @@ def rates_table(topo: Topology) -> Table | None:
     >>> [c.header for c in rates_table(load_declared("paper-1aic")).columns]
     ['node', 'latency ns', 'read GiB/s', 'H2D GiB/s', 'D2H GiB/s']
     """
+    from rich.table import Table
+
     keys = [key for key, _ in _RATE_COLUMNS if any(_rate(n.rates, key) for n in topo.nodes)]
     if not keys:
         return None
@@ -94,6 +102,8 @@ def gpu_table(topo: Topology) -> Table:
     >>> gpu_table(load_declared("paper-1aic")).row_count
     1
     """
+    from rich.table import Table
+
     table = Table(title="GPUs", title_justify="left")
     for header in ("gpu", "name", "pci bus id", "numa node", "hbm", "source"):
         table.add_column(header, justify="right" if header == "hbm" else "left")
@@ -115,6 +125,7 @@ def print_topology(topo: Topology, console: Console) -> None:
 
     >>> import io
     >>> from allocators.declared_topology import load_declared
+    >>> from rich.console import Console
     >>> console = Console(file=io.StringIO(), width=120)
     >>> print_topology(load_declared("paper-1aic"), console)
     >>> "CXL #1" in console.file.getvalue()

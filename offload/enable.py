@@ -1,5 +1,6 @@
 """offload.enable(): the one call a training loop adds. It reads the config, the machine and the
-plan, and builds an OffloadSession; it must not hold any offload logic of its own.
+plan, builds an OffloadSession and subscribes the tools that follow it (the run record, the
+dashboard); it must not hold any offload logic of its own.
 """
 
 from __future__ import annotations
@@ -140,13 +141,31 @@ def enable(
     )
     _check_nodes_exist(placements, topology)
     memory = HostMemory(topology, tier_budgets, placements)
+    # The tools are imported here, not with offload: pandas and rich cost a second or more.
+    from offload.tools.run_record import RunRecorder
+
     try:
         session = OffloadSession(
-            model, optimizer, settings, memory, CopyStreams(device), layers=layers, plan=run_plan
+            model,
+            optimizer,
+            settings,
+            memory,
+            CopyStreams(device),
+            layers=layers,
+            plan=run_plan,
+            run_log=RunRecorder(settings, run_plan, memory.allocator),
         )
     except BaseException:
         memory.close()
         raise
+    if settings.dashboard:
+        from offload.tools.dashboard_thread import DashboardThread
+
+        try:
+            DashboardThread(session, session.optimizer_offload).start()
+        except BaseException:
+            session.disable()
+            raise
     return session
 
 

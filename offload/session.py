@@ -1,5 +1,6 @@
 """OffloadSession: what offload.enable() returns. It owns the installed pieces, records one row per
-optimizer step, and undoes everything on disable(). It must not decide what to offload.
+optimizer step and publishes it to its subscribers (the dashboard, the run record), and undoes
+everything on disable(). It must not decide what to offload, nor draw or write anything itself.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import weakref
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import psutil
 import torch
 from torch import nn
@@ -36,9 +37,11 @@ from offload.runtime.optimizer_patch import OptimizerPatch
 from offload.runtime.phase_clock import PhaseClock
 from offload.runtime.step_boundary import StepBoundary
 from offload.runtime.streams import CopyStreams
-from offload.tools.dashboard_thread import DashboardThread
-from offload.tools.run_record import record_run
+from offload.step_subscriber import RunLog, StepRow, StepSubscriber
 from optim_cpu.numa_cores import worker_cpus
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -78,9 +81,11 @@ class StepRecord:
 class OffloadSession:
     """The running offload of one model and optimizer; use :func:`offload.enable` to make one.
 
-    ``report()`` gives a DataFrame with a row per optimizer step; ``disable()`` (or leaving a
-    ``with`` block) puts model and optimizer back as they were, keeping what training changed
-    (parameter values, optimizer state), and frees every host block.
+    ``report()`` gives a DataFrame with a row per optimizer step; each row also goes to the
+    subscribers (:meth:`subscribe`), ``run_log`` among them, which :meth:`save` writes.
+    ``disable()`` (or leaving a ``with`` block) closes the subscribers, puts model and optimizer
+    back as they were, keeping what training changed (parameter values, optimizer state), and
+    frees every host block.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class OffloadSession:
         *,
         layers: nn.ModuleList | None,
         plan: RunPlan | None = None,
+        run_log: RunLog | None = None,
     ) -> None:
         self.model = model
         # The planner's placements and predicted phases; None unless policy="planned" ran.
@@ -101,8 +107,12 @@ class OffloadSession:
         self.config = config
         self.memory = memory
         self.streams = streams
-        self.records: list[StepRecord] = []
+        self.records: list[StepRow] = []
         self.steps = 0
+        self._subscribers: list[StepSubscriber] = []
+        self._run_log = run_log
+        if run_log is not None:
+            self.subscribe(run_log)
         self._clock = PhaseClock(streams.device)
         # Running totals (CPU optimizer ms, shared activation bytes, paced ms) at the last row.
         self._last_totals: tuple[float, int, float] = (0.0, 0, 0.0)
@@ -116,7 +126,6 @@ class OffloadSession:
         self._clip: ClipPatch | None = None
         self._boundary: StepBoundary | None = None
         self._chunked_loss: ChunkedLossPatch | None = None
-        self._dashboard: DashboardThread | None = None
         # Every piece installed, undone in reverse by disable(), or at once if enable() fails.
         self._undo = ExitStack()
         try:
@@ -195,15 +204,30 @@ class OffloadSession:
                 self.model, self.optimizer, self._clock.step_started, self._record_step
             )
             undo.callback(self._boundary.remove)
-        if config.dashboard:
-            self._dashboard = DashboardThread(self, self._optimizer).start()
-            undo.callback(self._dashboard.stop)
         if self.streams.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.streams.device)
 
     @property
     def enabled(self) -> bool:
         return self._enabled
+
+    @property
+    def subscribers(self) -> tuple[StepSubscriber, ...]:
+        """What receives each step's row, in the order subscribed."""
+        return tuple(self._subscribers)
+
+    def subscribe(self, subscriber: StepSubscriber) -> StepSubscriber:
+        """Send ``subscriber`` every step's row from now on; ``disable()`` closes it.
+
+        >>> sess.subscribe(dashboard)  # doctest: +SKIP
+        """
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: StepSubscriber) -> None:
+        """Send ``subscriber`` no more rows (it is not closed); unknown ones are ignored."""
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -284,6 +308,8 @@ class OffloadSession:
         if opt:
             opt.optimizer_ms = 0.0
             opt.wait_ms = 0.0
+        for subscriber in self.subscribers:
+            subscriber.on_step(row)
 
     def report(self) -> pd.DataFrame:
         """One row per optimizer step (with no optimizer given, per backward through the model),
@@ -298,6 +324,9 @@ class OffloadSession:
         ``optimizer_host_ms`` is there only under optimizer offload, ``activation_shared_nbytes``
         only under activation offload.
         """
+        # Imported here: pandas costs a second, which the runtime should not pay to train.
+        import pandas as pd
+
         return pd.DataFrame.from_records(self.records)
 
     def save(self, path: str | Path) -> Path:
@@ -307,11 +336,12 @@ class OffloadSession:
         >>> sess.save("run.json")  # doctest: +SKIP
         PosixPath('run.json')
         """
-        allocator = self.memory.allocator
-        # The ceilings are those of the nodes this run's allocator may use.
-        nodes = [node for node, nbytes in allocator.budgets.node_nbytes.items() if nbytes > 0]
-        record = record_run(self.config, self.plan, allocator.topology, self.records, nodes)
-        return record.save(path)
+        if self._run_log is None:
+            raise OffloadError(
+                "this session keeps no run record (it was built without one); make it with "
+                "offload.enable(), which records every run"
+            )
+        return self._run_log.save(path)
 
     def state_dict(self) -> dict:
         """Steps taken, the report rows, and the (offloaded) optimizer state with fp32 masters."""
@@ -324,6 +354,8 @@ class OffloadSession:
         """Continue from :meth:`state_dict`: optimizer state and masters, step count, report."""
         self.steps = int(state["steps"])
         self.records = list(state.get("records", []))
+        for subscriber in self.subscribers:
+            subscriber.on_restore(list(self.records))
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
 
@@ -341,7 +373,13 @@ class OffloadSession:
         in_flight = sys.exc_info()[1]
         try:
             try:
-                self._undo.close()
+                # First, while everything they read is still there (the dashboard draws what
+                # is left), then every installed piece in reverse.
+                subscribers, self._subscribers = self._subscribers, []
+                with ExitStack() as closing:
+                    closing.push(self._undo)
+                    for subscriber in subscribers:
+                        closing.callback(subscriber.close)
             finally:
                 self.memory.close(abandon_busy=in_flight is not None)
         except Exception as cleanup:

@@ -80,6 +80,11 @@ def dashboard_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "offload-dashboard"]
 
 
+def dashboard_of(sess) -> DashboardThread | None:
+    """The dashboard enable() subscribed to the session, if any."""
+    return next((s for s in sess.subscribers if isinstance(s, DashboardThread)), None)
+
+
 def test_panel_shows_every_field():
     text = rendered(FULL)
     for expected in (
@@ -216,7 +221,7 @@ def test_dashboard_does_not_change_losses(topology):
             model, opt, budgets=BUDGETS, topology=topology, dashboard=dashboard
         ) as sess:
             results.append(train(model, opt, batches(4)))
-            assert (sess._dashboard is not None) == dashboard
+            assert (dashboard_of(sess) is not None) == dashboard
     assert results[0] == results[1]
 
 
@@ -259,7 +264,7 @@ def test_a_failing_dashboard_logs_and_leaves_training_alone(topology, caplog, mo
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with offload.enable(model, opt, budgets=BUDGETS, topology=topology, dashboard=True) as sess:
         losses = train(model, opt, batches(2))
-        sess._dashboard.stop()
+        dashboard_of(sess).stop()
     assert len(losses) == 2 and len(sess.report()) == 2
     assert "the offload dashboard failed and stopped" in caplog.text
     assert dashboard_threads() == []

@@ -9,8 +9,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from torch import nn
 
 from allocators.placement import Placement
@@ -23,6 +23,9 @@ from offload.planning.model_shapes import ModelShape, ModelShapeError, shape_fro
 from offload.planning.planner import Plan, plan, predicted_phases
 from offload.planning.runtime_step import runtime_step
 from offload.planning.simulator.rates import load_rates
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # What "planned" falls back to when the model's shape is unknown: the paper's policy.
 FALLBACK_POLICY = "cxl_aware"
@@ -60,6 +63,9 @@ class RunPlan:
     def table(self) -> pd.DataFrame:
         """One row per item, in the order they were placed: the paper's group it belongs to,
         bytes, rule, placement and bytes per node."""
+        # Imported here: planning draws nothing, and pandas costs a second to import.
+        import pandas as pd
+
         return pd.DataFrame.from_records(
             {
                 "item": item.group.name,

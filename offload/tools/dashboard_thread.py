@@ -1,6 +1,7 @@
-"""The dashboard's background thread: reads an offload session's counters into snapshots a few times
-a second and draws them (a rich Live panel on a terminal, one log line per step elsewhere). It must
-never slow the step: it only reads, and the training thread never waits on it or renders.
+"""The dashboard's background thread: a step subscriber of an offload session that turns the rows it
+is sent and the session's counters into snapshots a few times a second and draws them (a rich Live
+panel on a terminal, one log line per step elsewhere). It must never slow the step: the training
+thread only hands it rows, and never waits on it or renders.
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ _log = logging.getLogger(__name__)
 
 
 class ObservedSession(Protocol):
-    """What the dashboard reads of an offload.session.OffloadSession: the session starts the
-    dashboard, so the dashboard knows it by this shape rather than by importing it."""
+    """What the dashboard reads of an offload.session.OffloadSession and how it subscribes to its
+    steps: the dashboard knows the session by this shape rather than by importing it."""
 
     model: nn.Module
     config: OffloadConfig
     memory: HostMemory
     streams: CopyStreams
-    records: Sequence[Any]  # the session's StepRecords, one per finished step
+    records: Sequence[Any]  # the session's step rows, one per finished step
     steps: int
+
+    def subscribe(self, subscriber: Any) -> Any: ...
+
+    def unsubscribe(self, subscriber: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,13 @@ class _Mark:
 
 
 class SessionProbe:
-    """Reads an offload session's counters into DashboardSnapshots; owns the forward pre-hook that
-    counts tokens (``input_ids.numel()`` per forward; None when no integer ids were seen).
+    """Turns the step rows it is sent (:meth:`on_step`) and an OffloadSession's counters into
+    DashboardSnapshots; owns the forward pre-hook that counts tokens (``input_ids.numel()`` per
+    forward; None when no integer ids were seen).
 
     Rates are averaged over the last ``window`` polls that saw a new step (each such poll marks
-    the time and the counters). Only reads: the session's step rows (complete dicts once
-    appended), the allocator's usage (its lock is held for a few dict sums) and plain counters.
+    the time and the counters). Only reads: the rows (complete dicts when sent), the allocator's
+    usage (its lock is held for a few dict sums) and plain counters.
 
     >>> probe = SessionProbe(sess, optimizer=None)  # doctest: +SKIP
     >>> probe.poll()[-1].step  # doctest: +SKIP
@@ -89,10 +95,24 @@ class SessionProbe:
             if streams.is_cuda
             else None
         )
-        # Steps finished before the probe was made are history: neither drawn nor counted in rates.
-        self._seen = len(session.records)
+        # Steps finished before the probe was made are history: neither drawn nor counted in
+        # rates; only the last one is shown until a new one comes.
+        self._new_rows: deque[dict] = deque()
+        self._last_row = session.records[-1] if session.records else None
+        self._restored = False
         self._marks: deque[_Mark] = deque([self._mark(session.steps)], maxlen=window + 1)
         self._hook = session.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+
+    def on_step(self, row: dict) -> None:
+        """A finished step's row (training thread: only kept here, drawn by the poll)."""
+        self._new_rows.append(row)
+        self._last_row = row
+
+    def on_restore(self, rows: list[dict]) -> None:
+        """The session's rows were restored: they are history, like those before the probe."""
+        self._new_rows.clear()
+        self._last_row = rows[-1] if rows else None
+        self._restored = True
 
     def _count_tokens(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids")
@@ -126,14 +146,15 @@ class SessionProbe:
         return tuple(bars)
 
     def poll(self) -> list[DashboardSnapshot]:
-        """A snapshot per optimizer step finished since the last poll (oldest first)."""
-        records = self._session.records
-        count = len(records)
-        if count < self._seen:
-            # load_state_dict() replaced the rows: start over from them.
-            self._seen = 0
-        new = records[self._seen : count]
-        self._seen = count
+        """A snapshot per optimizer step sent since the last poll (oldest first)."""
+        if self._restored:
+            # The step count jumped to the restored one: rates start over from it.
+            self._restored = False
+            self._marks.clear()
+            self._marks.append(self._mark(self._session.steps))
+        new = []
+        while self._new_rows:
+            new.append(self._new_rows.popleft())
         if not new:
             return []
         self._marks.append(self._mark(self._session.steps))
@@ -142,11 +163,11 @@ class SessionProbe:
 
     def latest(self) -> DashboardSnapshot:
         """The last finished step's snapshot with the memory in use now."""
-        records = self._session.records
+        row = self._last_row
         memory = self.memory_bars()
-        if not records:
+        if row is None:
             return DashboardSnapshot(step=None, memory=memory, **self._ceiling_fields())
-        return self._snapshot(records[-1], memory)
+        return self._snapshot(row, memory)
 
     def _ceiling_fields(self) -> dict:
         return {
@@ -188,7 +209,8 @@ class SessionProbe:
 
 
 class DashboardThread:
-    """Draw a session's dashboard from a daemon thread until :meth:`stop`.
+    """Draw a session's dashboard from a daemon thread until :meth:`stop`; a step subscriber of
+    the session from :meth:`start` (``disable()`` stops it).
 
     On a terminal (``console.is_terminal``) a rich Live panel is redrawn ``refresh_per_s`` times
     a second (a frame costs rich 1-3 ms of CPU on a small loaded core, so 2 a second keeps the
@@ -213,6 +235,7 @@ class DashboardThread:
             raise ValueError(f"refresh_per_s = {refresh_per_s!r} must be > 0, e.g. 4.0")
         self.console = console or Console(stderr=True)
         self.period_s = 1.0 / refresh_per_s
+        self._session = session
         self.probe = SessionProbe(session, optimizer)
         self._stop = threading.Event()
         self.cpu_s = 0.0
@@ -234,8 +257,18 @@ class DashboardThread:
                 self._thread.join()
         return self.cpu_s
 
+    def on_step(self, row: dict) -> None:
+        self.probe.on_step(row)
+
+    def on_restore(self, rows: list[dict]) -> None:
+        self.probe.on_restore(rows)
+
+    def close(self) -> None:
+        self.stop()
+
     def start(self) -> DashboardThread:
-        """Start drawing; returns self."""
+        """Subscribe to the session's steps and start drawing; returns self."""
+        self._session.subscribe(self)
         self._thread.start()
         # Taken now, while the thread surely exists: on Linux the clock names its kernel thread,
         # so a read after it ended fails cleanly instead of touching a freed pthread handle.
@@ -243,7 +276,9 @@ class DashboardThread:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Draw what is left, end the thread and remove the tokens hook (idempotent)."""
+        """Draw what is left, end the thread, unsubscribe and remove the tokens hook
+        (idempotent)."""
+        self._session.unsubscribe(self)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)

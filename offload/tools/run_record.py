@@ -1,5 +1,6 @@
 """The versioned run record (``offload-run/1``) that ``OffloadSession.save`` writes: config, plan,
-topology, machine facts, transfer ceilings and one row per step; loaded back typed. No measuring.
+topology, machine facts, transfer ceilings and one row per step, gathered by a RunRecorder that
+subscribes to the session's steps; loaded back typed. No measuring.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from allocators.errors import OffloadError
 from allocators.policies import parse_budgets
-from allocators.tiered import DEFAULT_BUDGETS
+from allocators.tiered import DEFAULT_BUDGETS, TieredAllocator
 from allocators.topology import Topology
 from allocators.topology_json import topology_to_dict
 from offload.config import OffloadConfig
@@ -161,6 +162,45 @@ def record_run(
         steps=[dict(row) for row in steps],
         ceilings=run_ceilings(config, topology, nodes),
     )
+
+
+class RunRecorder:
+    """Keeps a session's step rows (a step subscriber) and writes them, with the run's config,
+    plan, topology and machine, as an ``offload-run/1`` record; offload.enable() subscribes one
+    and ``OffloadSession.save`` calls :meth:`save`. The ceilings are those of the nodes the
+    run's allocator budgets.
+
+    >>> from allocators.declared_topology import load_declared
+    >>> recorder = RunRecorder(OffloadConfig(), None, TieredAllocator(load_declared("paper-1aic")))
+    >>> recorder.on_step({"step": 0, "forward_ms": 1.5}); recorder.record().steps
+    [{'step': 0, 'forward_ms': 1.5}]
+    """
+
+    def __init__(
+        self, config: OffloadConfig, plan: RunPlan | None, allocator: TieredAllocator
+    ) -> None:
+        self.config = config
+        self.plan = plan
+        self.allocator = allocator
+        self.steps: list[dict[str, Any]] = []
+
+    def on_step(self, row: dict[str, Any]) -> None:
+        self.steps.append(row)
+
+    def on_restore(self, rows: list[dict[str, Any]]) -> None:
+        self.steps = list(rows)
+
+    def close(self) -> None:
+        """Nothing to finish: the rows stay, so a disabled session can still be saved."""
+
+    def record(self) -> RunRecord:
+        """The run so far as a record."""
+        nodes = [n for n, nbytes in self.allocator.budgets.node_nbytes.items() if nbytes > 0]
+        return record_run(self.config, self.plan, self.allocator.topology, self.steps, nodes)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the run so far to ``path`` (JSON) and return it."""
+        return self.record().save(path)
 
 
 def run_ceilings(
