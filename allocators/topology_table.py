@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from allocators.cpu_lists import format_cpu_list
-from allocators.table_width import wrap_not_cut
 from allocators.topology import NodeRates, Topology
 from allocators.units import format_bytes
 
@@ -49,6 +48,8 @@ def topology_table(topo: Topology) -> Table:
     """
     from rich.table import Table
 
+    from allocators.table_width import wrap_not_cut
+
     labels = tier_labels(topo)
     table = Table(title=f"{topo.name or 'machine'} ({topo.source})", title_justify="left")
     for header in ("node", "kind", "tier", "cpus"):
@@ -82,6 +83,8 @@ def rates_table(topo: Topology) -> Table | None:
     """
     from rich.table import Table
 
+    from allocators.table_width import wrap_not_cut
+
     keys = [key for key, _ in _RATE_COLUMNS if any(_rate(n.rates, key) for n in topo.nodes)]
     if not keys:
         return None
@@ -103,6 +106,8 @@ def gpu_table(topo: Topology) -> Table:
     1
     """
     from rich.table import Table
+
+    from allocators.table_width import wrap_not_cut
 
     table = Table(title="GPUs", title_justify="left")
     for header in ("gpu", "name", "pci bus id", "numa node", "hbm", "source"):
