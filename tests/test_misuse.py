@@ -194,3 +194,34 @@ def test_a_bf16_checkpoint_loaded_before_enable_is_refused_and_loads_after_it(to
         opt.load_state_dict(checkpoint["optimizer"])
         resumed = train(model, opt, data[3:])
     assert resumed == straight
+
+
+def test_a_dtype_switch_after_enable_is_refused_at_the_next_backward(topology):
+    model = tiny_mlp(0).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sess = offload.enable(model, opt, topology=topology, budgets=BUDGETS)
+    try:
+        model.float()
+        x = torch.randn(4, model[0].in_features)
+        with pytest.raises(
+            OffloadError, match="bfloat16 when offload.enable\\(\\) ran and is torch.float32 now"
+        ):
+            model(x).sum().backward()
+    finally:
+        sess.disable()
+    assert_released(sess.memory)
+
+
+def test_a_dtype_switch_between_backward_and_step_is_refused_at_step(topology):
+    model = tiny_mlp(0).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sess = offload.enable(model, opt, topology=topology, budgets=BUDGETS)
+    try:
+        x = torch.randn(4, model[0].in_features, dtype=torch.bfloat16)
+        model(x).sum().backward()
+        model.float()
+        with pytest.raises(OffloadError, match="convert the model, and enable again"):
+            opt.step()
+    finally:
+        sess.disable()
+    assert_released(sess.memory)

@@ -412,6 +412,20 @@ class OptimizerOffload:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         return [(i, self._slot_of[id(p)]) for i, p in enumerate(params) if id(p) in self._slot_of]
 
+    @staticmethod
+    def _check_dtype(slot: ParamSlot) -> None:
+        # The host gradient was laid out in the param's dtype at enable(): a model.float() or
+        # model.to(bf16) since would have its gradients cast into that layout and its updated
+        # values rounded through it, silently.
+        if slot.grad is not None and slot.param.dtype != slot.grad.dtype:
+            raise OffloadError(
+                f"a parameter of shape {list(slot.param.shape)} was {slot.grad.dtype} when "
+                f"offload.enable() ran and is {slot.param.dtype} now; its host copies keep "
+                f"the {slot.grad.dtype} layout, so the switch would be rounded away. Change "
+                "dtypes before offload.enable(), or call sess.disable(), convert the model, "
+                "and enable again"
+            )
+
     def _on_grad(self, param: nn.Parameter) -> None:
         slot = self._slot_of[id(param)]
         bucket = self._bucket_of[id(param)]
@@ -423,6 +437,7 @@ class OptimizerOffload:
                 "passes per step as grad_accumulation_steps"
             )
         self._wait_for(bucket)
+        self._check_dtype(slot)
         grad = param.grad
         if grad.layout != torch.strided:
             raise OffloadError(
@@ -560,6 +575,8 @@ class OptimizerOffload:
                     "the device and would not be stepped. Unfreeze parameters before "
                     "offload.enable(), or disable the session and enable it again"
                 )
+        for slot in self.slots:
+            self._check_dtype(slot)
         start = time.perf_counter()
         self._land_all()
         received = [s for s in self.slots if s.arrivals > 0]
@@ -788,7 +805,10 @@ class OptimizerOffload:
             for bucket in self.buckets:
                 for slot in bucket.slots:
                     if slot.arrivals > 0 and not bucket.stepped:
-                        slot.param.grad = slot.grad.to(slot.param.device, copy=True)
+                        # In the param's dtype now, which a refused dtype switch may have changed.
+                        slot.param.grad = slot.grad.to(
+                            slot.param.device, slot.param.dtype, copy=True
+                        )
 
     def close(self) -> None:
         """Give the user's optimizer its state back, and its gradients not stepped yet, remove the gradient hooks, stop the
