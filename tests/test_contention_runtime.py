@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_stream_copy_timing import FakeStream  # a CUDA stream that orders nothing
 from torch import nn
 
 import offload
@@ -42,23 +43,6 @@ class FakeEvent:
 
     def elapsed_time(self, end) -> float:
         return 1.0
-
-
-class FakeStream:
-    def __init__(self, *_):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.fixture
