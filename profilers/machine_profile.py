@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from allocators.errors import OffloadError
+from allocators.json_text import parse_json_file
 from allocators.topology import NodeRates
 from profilers.machine_info import MachineInfo, Versions
 
@@ -209,12 +210,9 @@ def load_profile(path: str | Path) -> MachineProfile:
             f"profile {path} not found; run `offload-profile all --out DIR` to write one"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the stack
-        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise ProfileError(
-            f"profile {path} is not JSON ({problem}); rerun offload-profile"
-        ) from None
+        data = parse_json_file(path)
+    except ValueError as exc:
+        raise ProfileError(f"profile {path} is not JSON ({exc}); rerun offload-profile") from None
     return profile_from_dict(data)
 
 

@@ -4,11 +4,11 @@ any transformers config.json) and the parameter counts computed from them; no we
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from allocators.errors import OffloadError
+from allocators.json_text import parse_json_file
 
 
 class ModelShapeError(OffloadError, ValueError):
@@ -242,10 +242,9 @@ def load_model_shape(spec: str) -> ModelShape:
             "transformers config.json"
         )
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the stack
-        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        config = parse_json_file(path)
+    except ValueError as exc:
         raise ModelShapeError(
-            f"{spec} is not valid JSON ({problem}); give a transformers config.json"
+            f"{spec} is not valid JSON ({exc}); give a transformers config.json"
         ) from None
     return shape_from_config(config, name=path.stem)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from allocators.errors import OffloadError
+from allocators.json_text import parse_json_file
 from allocators.policies import parse_budgets
 from allocators.tiered import DEFAULT_BUDGETS, TieredAllocator
 from allocators.topology import Topology
@@ -337,10 +338,9 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; save a run with OffloadSession.save(path)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the stack
-        problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise RunRecordError(f"{path} is not JSON ({problem}); save the run again") from None
+        return parse_json_file(path)
+    except ValueError as exc:
+        raise RunRecordError(f"{path} is not JSON ({exc}); save the run again") from None
 
 
 def load_run(path: str | Path) -> RunRecord:
