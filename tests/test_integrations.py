@@ -126,15 +126,13 @@ def train_sft(tmp_path, offloaded: bool, **overrides):
     rows = token_rows(64)
     dataset = datasets.Dataset.from_dict({"input_ids": [r["input_ids"].tolist() for r in rows]})
     settings = vars(training_args(tmp_path)).copy()
+    shared = (
+        "output_dir", "use_cpu", "bf16", "max_steps", "seed", "per_device_train_batch_size",
+        "learning_rate", "max_grad_norm", "logging_steps", "report_to", "save_strategy",
+        "disable_tqdm",
+    )  # fmt: skip
     config = SFTConfig(
-        **{k: settings[k] for k in ("output_dir", "use_cpu", "bf16", "max_steps", "seed")},
-        per_device_train_batch_size=2,
-        learning_rate=3e-3,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
+        **{k: settings[k] for k in shared},
         max_length=16,
         **overrides,
     )
